@@ -1,0 +1,329 @@
+"""Reading texts from the user's files: .txt, .csv/.tsv, .jsonl, .parquet.
+
+Every reader streams and stops after ``limit`` texts, so a 5 GB file costs no more than its first
+rows. Nothing from a file is ever executed or unpickled: text is decoded as UTF-8, JSON with the
+``json`` module, Parquet with pyarrow. Every user mistake is a one-line ``BadInput``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from engine.errors import BadInput, Cancelled
+
+#: Column names that hold the text, in order of preference (compared case-insensitively).
+TEXT_COLUMN_NAMES = ("text", "content", "sentence", "document", "body", "article", "passage",
+                     "review", "abstract", "story", "prompt", "question", "message", "input")
+SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+TXT_MODES = ("auto", "lines", "paragraphs")
+
+# Rows/records looked at to find the text column (and lines to tell lines from paragraphs).
+_SAMPLE = 500
+_TXT_PEEK_LINES = 2000
+# How often the readers report progress and check for cancel.
+_EVERY = 1000
+
+Progress = Callable[[float, str], None] | None
+ShouldStop = Callable[[], bool] | None
+
+
+class _Ticker:
+    """Counts texts; reports progress and honours cancel every ``_EVERY`` texts."""
+
+    def __init__(self, limit: int, progress: Progress, should_stop: ShouldStop) -> None:
+        self.limit, self.progress, self.should_stop = limit, progress, should_stop
+
+    def __call__(self, n: int) -> None:
+        if n % _EVERY:
+            return
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("reading the dataset cancelled")
+        if self.progress is not None:
+            self.progress(min(1.0, n / self.limit), f"read {n} texts")
+
+
+def _take(texts: Iterable[str], limit: int, tick: _Ticker) -> list[str]:
+    out: list[str] = []
+    for text in texts:
+        if len(out) >= limit:
+            break
+        out.append(text)
+        tick(len(out))
+    return out
+
+
+def read_file(path: Path, text_column: str, limit: int, txt_mode: str = "auto",
+              progress: Progress = None, should_stop: ShouldStop = None) -> list[str]:
+    """Up to ``limit`` non-empty texts of a dataset file (see ``engine.data.load_texts``)."""
+    if not path.exists():
+        raise BadInput(f"dataset file not found: {path}")
+    if path.is_dir():
+        raise BadInput(f"dataset {path} is a folder; give a .txt, .csv, .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise BadInput(f"unsupported dataset type {suffix or '(no extension)'!r} for {path.name}; "
+                       f"use builtin or a file ending in {', '.join(SUFFIXES)}")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BadInput(f"cannot read dataset {path}: {exc.strerror}") from None
+    if size == 0:
+        raise BadInput(f"dataset file {path.name} is empty")
+    if txt_mode not in TXT_MODES:
+        raise BadInput(f"txt_mode must be one of {', '.join(TXT_MODES)}; got {txt_mode!r}")
+    tick = _Ticker(limit, progress, should_stop)
+    try:
+        if suffix == ".txt":
+            texts = _read_txt(path, limit, txt_mode, tick)
+        elif suffix in (".csv", ".tsv"):
+            texts = _read_csv(path, text_column, limit, "\t" if suffix == ".tsv" else ",", tick)
+        elif suffix in (".jsonl", ".ndjson"):
+            texts = _read_jsonl(path, text_column, limit, tick)
+        else:
+            texts = _read_parquet(path, text_column, limit, tick)
+    except OSError as exc:
+        raise BadInput(f"cannot read dataset {path}: {exc.strerror or exc}") from None
+    if not texts:
+        raise BadInput(f"no text found in {path.name}")
+    return texts
+
+
+def _not_utf8(path: Path, lineno: int, exc: UnicodeDecodeError) -> BadInput:
+    return BadInput(f"{path.name} is not UTF-8 text ({exc.reason} near line {lineno}); "
+                    "convert it to UTF-8")
+
+
+# ----- .txt ---------------------------------------------------------------------------------------
+def _looks_like_paragraphs(lines: list[str]) -> bool:
+    """Blank lines separating at least one multi-line block: paragraphs (prose wrapped at a width),
+    else one text per line (a blank line here and there does not make paragraphs)."""
+    run, multi_line, blank_between = 0, False, False
+    seen_text = False
+    for line in lines:
+        if line.strip():
+            run += 1
+            multi_line |= run > 1
+            seen_text = True
+        else:
+            blank_between |= seen_text
+            run = 0
+    return multi_line and blank_between
+
+
+def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8-sig", newline=None) as fh:
+            if mode == "auto":
+                peek = []
+                for lineno, line in enumerate(fh, 1):
+                    peek.append(line)
+                    if lineno >= _TXT_PEEK_LINES:
+                        break
+                mode = "paragraphs" if _looks_like_paragraphs(peek) else "lines"
+                fh.seek(0)
+                lineno = 0
+
+            def lines() -> Iterator[str]:
+                nonlocal lineno
+                for lineno, line in enumerate(fh, 1):
+                    yield line
+
+            if mode == "lines":
+                texts = (s for s in (line.strip() for line in lines()) if s)
+            else:
+                texts = _paragraphs(lines())
+            return _take(texts, limit, tick)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, lineno + 1, exc) from None
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    block: list[str] = []
+    for line in lines:
+        if line.strip():
+            block.append(line.rstrip("\n").rstrip())
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+# ----- column detection (shared by csv, jsonl, parquet) ------------------------------------------
+def _pick_column(path: Path, columns: list[str], samples: dict[str, list[Any]],
+                 text_column: str) -> str:
+    """The named column, else a conventionally named text column, else the string column with the
+    longest average length. ``samples`` holds the first values of each column."""
+    if text_column:
+        if text_column not in columns:
+            raise BadInput(f"column {text_column!r} not found in {path.name}; available: "
+                           f"{', '.join(columns) or '(none)'}")
+        return text_column
+    stringy = [c for c in columns if _is_text(samples.get(c, []))]
+    by_lower = {c.lower(): c for c in reversed(stringy)}  # first spelling wins on duplicates
+    for name in TEXT_COLUMN_NAMES:
+        if name in by_lower:
+            return by_lower[name]
+    if not stringy:
+        raise BadInput(f"no text column in {path.name} (columns: {', '.join(columns) or '(none)'}); "
+                       "name one with text_column / --text-column")
+
+    def mean_len(c: str) -> float:
+        vals = [v for v in samples[c] if isinstance(v, str) and v]
+        return sum(map(len, vals)) / max(1, len(vals))
+
+    return max(stringy, key=mean_len)  # max keeps the first column on ties
+
+
+def _is_text(values: list[Any]) -> bool:
+    """Mostly non-empty strings that are not numbers (CSV cells are all strings)."""
+    present = [v for v in values if v not in (None, "")]
+    if not present:
+        return False
+    texty = 0
+    for v in present:
+        if isinstance(v, str):
+            try:
+                float(v)
+            except ValueError:
+                texty += 1
+    return texty * 2 > len(present)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+# ----- .csv / .tsv --------------------------------------------------------------------------------
+def _read_csv(path: Path, text_column: str, limit: int, delimiter: str, tick: _Ticker) -> list[str]:
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # long documents in one cell are normal; the default is 128 KiB
+    reader = None
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
+            header = next(reader, None)
+            if not header:
+                raise BadInput(f"{path.name} has no header row (the first row must name the columns)")
+            header = [h.strip() for h in header]
+            head_rows = [row for _, row in zip(range(_SAMPLE), reader)]
+            samples = {c: [row[i] if i < len(row) else None for row in head_rows]
+                       for i, c in enumerate(header)}
+            col = header.index(_pick_column(path, header, samples, text_column))
+
+            def rows() -> Iterator[list[str]]:
+                yield from head_rows
+                yield from reader
+
+            texts = (t for t in (row[col] if col < len(row) else None for row in rows()) if _text(t))
+            return _take(texts, limit, tick)  # type: ignore[arg-type]
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, (reader.line_num if reader else 0) + 1, exc) from None
+    except csv.Error as exc:
+        raise BadInput(f"{path.name} is not valid CSV near line {reader.line_num if reader else 1}: "
+                       f"{exc}") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+# ----- .jsonl -------------------------------------------------------------------------------------
+def _read_jsonl(path: Path, text_column: str, limit: int, tick: _Ticker) -> list[str]:
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+
+            def records() -> Iterator[Any]:
+                nonlocal lineno
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise BadInput(f"{path.name} line {lineno} is not valid JSON: {exc.msg}") from None
+                    if not isinstance(record, (dict, str)):
+                        raise BadInput(f"{path.name} line {lineno} is a JSON {type(record).__name__}; "
+                                       "each line must be an object (or a string)")
+                    yield record
+
+            stream = records()
+            head = [r for _, r in zip(range(_SAMPLE), stream)]
+            columns: list[str] = []
+            for r in head:
+                if isinstance(r, dict):
+                    columns.extend(k for k in r if k not in columns)
+            # A file of plain JSON strings has no columns: each string is a text.
+            col = None
+            if columns or text_column:
+                samples = {c: [r.get(c) for r in head if isinstance(r, dict)] for c in columns}
+                col = _pick_column(path, columns, samples, text_column)
+
+            def values() -> Iterator[str | None]:
+                for r in _chain(head, stream):
+                    if isinstance(r, str):
+                        yield None if text_column else _text(r)
+                    elif col is not None:
+                        yield _text(r.get(col))
+
+            return _take((t for t in values() if t), limit, tick)  # type: ignore[misc]
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, lineno + 1, exc) from None
+
+
+def _chain(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    yield from head
+    yield from rest
+
+
+# ----- .parquet -----------------------------------------------------------------------------------
+def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> list[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInput("reading .parquet needs pyarrow (pip install pyarrow), "
+                       "or convert the file to .jsonl or .csv") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, ValueError) as exc:
+        raise BadInput(f"{path.name} is not a valid Parquet file: {str(exc).splitlines()[0]}") from None
+    schema = pf.schema_arrow
+    columns = list(schema.names)
+
+    def is_string(t: Any) -> bool:
+        return (pa.types.is_string(t) or pa.types.is_large_string(t)
+                or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t)))
+
+    string_cols = [c for c in columns if is_string(schema.field(c).type)]
+    if text_column:
+        if text_column not in columns:
+            raise BadInput(f"column {text_column!r} not found in {path.name}; available: "
+                           f"{', '.join(columns) or '(none)'}")
+        if text_column not in string_cols:
+            raise BadInput(f"column {text_column!r} of {path.name} holds {schema.field(text_column).type}, "
+                           "not text")
+        col = text_column
+    else:
+        samples: dict[str, list[Any]] = {c: [] for c in string_cols}
+        if string_cols and pf.metadata.num_rows:
+            first = next(pf.iter_batches(batch_size=_SAMPLE, columns=string_cols), None)
+            if first is not None:
+                samples = {c: first.column(c).to_pylist() for c in string_cols}
+        if not string_cols:
+            raise BadInput(f"no text column in {path.name} (columns: {', '.join(columns) or '(none)'})")
+        col = _pick_column(path, string_cols, samples, "")
+
+    def values() -> Iterator[str]:
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=[col]):
+                for v in batch.column(0).to_pylist():
+                    if _text(v):
+                        yield v
+        except pa.ArrowException as exc:
+            raise BadInput(f"{path.name} could not be read: {str(exc).splitlines()[0]}") from None
+
+    return _take(values(), limit, tick)

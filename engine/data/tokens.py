@@ -1,0 +1,113 @@
+"""Tokenizers and tokenization: the model's own tokenizer when it has one, else Headroom's fallback.
+
+The fallback (``resources/tokenizer/fallback.json``, built by ``scripts/build_fallback_tokenizer.py``)
+is a byte-level BPE with 8192 tokens trained on the built-in corpus: presets are architecture-only,
+and token counts, not token identities, are what memory depends on.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Callable, Sequence
+
+from engine.errors import BadInput, Cancelled
+
+# resources/ sits at the repository root (packaged as data next to engine/).
+RESOURCES = Path(__file__).resolve().parent.parent.parent / "resources"
+FALLBACK_PATH = RESOURCES / "tokenizer" / "fallback.json"
+FALLBACK_VOCAB_SIZE = 8192
+#: Special tokens of the fallback tokenizer (ids 0..6 in this order).
+FALLBACK_SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+    "cls_token": "<cls>",
+    "sep_token": "<sep>",
+}
+
+# Texts per tokenizer call: large enough for the Rust side to parallelise, small enough to report
+# progress and honour cancel between calls.
+_CHUNK = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _fallback_json() -> str:
+    try:
+        return FALLBACK_PATH.read_text(encoding="utf-8")
+    except OSError:
+        raise BadInput(f"Headroom's fallback tokenizer is missing ({FALLBACK_PATH}); "
+                       "reinstall Headroom or run scripts/build_fallback_tokenizer.py") from None
+
+
+def fallback_tokenizer():
+    """A new ``PreTrainedTokenizerFast`` of the bundled byte-level BPE (no network needed).
+
+    Each call returns a fresh object (built from the cached JSON in a few milliseconds), so callers
+    may set attributes on it without affecting anyone else.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_fallback_json())
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **FALLBACK_SPECIAL_TOKENS)
+    # No model limit of its own: the profile's seq decides truncation (and silences length warnings).
+    tok.model_max_length = 1 << 30
+    return tok
+
+
+def _model_tokenizer(profile):
+    """``engine.models.load_tokenizer(profile)``, or None when that is unavailable or fails softly."""
+    try:
+        from engine import models
+        load = models.load_tokenizer
+    except (ImportError, AttributeError):
+        return None
+    return load(profile)
+
+
+def tokenizer_for(profile):
+    """The model's own tokenizer if it has one, else the fallback; always with a pad token.
+
+    A tokenizer without a pad token (GPT-2's) gets pad = eos on a copy, or a new ``<pad>`` token
+    when it has no eos either; the object returned by ``engine.models`` (possibly cached and shared)
+    is never modified.
+    """
+    tok = _model_tokenizer(profile)
+    if tok is None:
+        return fallback_tokenizer()
+    if tok.pad_token is None:
+        tok = copy.deepcopy(tok)
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def tokenize(texts: Sequence[str], tokenizer, max_length: int | None = None,
+             progress: Callable[[float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    """Token ids of each text, without padding (the batching strategy pads).
+
+    The tokenizer's own special tokens are added (BERT's [CLS]/[SEP]; none for GPT-2), as the model
+    would see them. With ``max_length`` each list is truncated to it.
+    """
+    if max_length is not None and max_length < 1:
+        raise BadInput(f"max_length must be >= 1; got {max_length}")
+    texts = list(texts)
+    out: list[list[int]] = []
+    for start in range(0, len(texts), _CHUNK):
+        if should_stop is not None and should_stop():
+            raise Cancelled("tokenization cancelled")
+        enc = tokenizer(texts[start:start + _CHUNK], add_special_tokens=True,
+                        truncation=max_length is not None, max_length=max_length,
+                        padding=False, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)
+        out.extend(list(ids) for ids in enc["input_ids"])
+        if progress is not None:
+            progress(min(1.0, (start + _CHUNK) / max(1, len(texts))), "tokenizing")
+    return out
