@@ -98,19 +98,19 @@ def _not_utf8(path: Path, lineno: int, exc: UnicodeDecodeError) -> BadInput:
 
 # ----- .txt ---------------------------------------------------------------------------------------
 def _looks_like_paragraphs(lines: list[str]) -> bool:
-    """Blank lines separating at least one multi-line block: paragraphs (prose wrapped at a width),
-    else one text per line (a blank line here and there does not make paragraphs)."""
-    run, multi_line, blank_between = 0, False, False
-    seen_text = False
+    """Paragraphs (prose hard-wrapped over several lines) when blank lines separate multi-line
+    blocks and are frequent enough for blocks of at most ~50 lines on average; otherwise one text
+    per line, so a few stray blank lines in a long one-per-line file do not merge its texts."""
+    run, multi_line, blocks, text_lines = 0, False, 0, 0
     for line in lines:
         if line.strip():
+            blocks += run == 0
             run += 1
+            text_lines += 1
             multi_line |= run > 1
-            seen_text = True
         else:
-            blank_between |= seen_text
             run = 0
-    return multi_line and blank_between
+    return multi_line and blocks >= 2 and text_lines <= 50 * blocks
 
 
 def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
