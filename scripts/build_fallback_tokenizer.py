@@ -17,10 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.data.corpus import build_corpus  # noqa: E402
-from engine.data.tokens import FALLBACK_PATH, FALLBACK_SPECIAL_TOKENS, FALLBACK_VOCAB_SIZE  # noqa: E402
+from engine.data.corpus import build_corpus
+from engine.data.tokens import FALLBACK_PATH, FALLBACK_SPECIAL_TOKENS, FALLBACK_VOCAB_SIZE
 
 
 def main() -> None:

@@ -10,8 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.batching import (BUCKET_MEGABATCHES, Batch, batch_shapes, make_batches, padding_summary,
-                             plan_batches, shapes_from_lengths, split_micro_batches, windows)
+from engine.batching import (
+    BUCKET_MEGABATCHES,
+    Batch,
+    batch_shapes,
+    make_batches,
+    padding_summary,
+    plan_batches,
+    shapes_from_lengths,
+    split_micro_batches,
+    windows,
+)
 from engine.data import builtin_corpus, fallback_tokenizer, tokenize
 from engine.errors import BadInput
 from engine.profile import Profile
@@ -226,6 +235,6 @@ def test_windows_cover_every_token(n, window, data):
     ids = list(range(n))
     out = windows(ids, window, stride)
     assert all(1 <= len(w) <= window for w in out) or n == 0
-    assert sorted(set(i for w in out for i in w)) == ids
+    assert sorted({i for w in out for i in w}) == ids
     assert out[-1][-1:] == ids[-1:]
     assert all(w == ids[w[0]:w[0] + len(w)] for w in out if w)

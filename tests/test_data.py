@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 
 import engine
-from engine.data import (DEFAULT_LIMIT, FALLBACK_SPECIAL_TOKENS, LengthStats, builtin_corpus,
-                         dataset_stats, fallback_tokenizer, length_stats, load_texts, tokenize,
-                         tokenizer_for)
+from engine.data import (
+    DEFAULT_LIMIT,
+    FALLBACK_SPECIAL_TOKENS,
+    LengthStats,
+    builtin_corpus,
+    dataset_stats,
+    fallback_tokenizer,
+    length_stats,
+    load_texts,
+    tokenize,
+    tokenizer_for,
+)
 from engine.data import corpus as corpus_mod
 from engine.errors import BadInput, Cancelled
 from engine.profile import Profile

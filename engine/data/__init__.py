@@ -8,20 +8,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from engine.data.corpus import builtin_corpus, cache_dir
 from engine.data.files import SUFFIXES, TEXT_COLUMN_NAMES, TXT_MODES, read_file
 from engine.data.stats import LengthStats, length_stats
-from engine.data.tokens import (FALLBACK_PATH, FALLBACK_SPECIAL_TOKENS, fallback_tokenizer,
-                                tokenize, tokenizer_for)
+from engine.data.tokens import (
+    FALLBACK_PATH,
+    FALLBACK_SPECIAL_TOKENS,
+    fallback_tokenizer,
+    tokenize,
+    tokenizer_for,
+)
 from engine.errors import BadInput, Cancelled
 
 __all__ = [
-    "DEFAULT_LIMIT", "FALLBACK_PATH", "FALLBACK_SPECIAL_TOKENS", "LengthStats", "SUFFIXES",
-    "TEXT_COLUMN_NAMES", "builtin_corpus", "cache_dir", "dataset_stats", "fallback_tokenizer",
-    "length_stats", "load_texts", "tokenize", "tokenizer_for",
+    "DEFAULT_LIMIT",
+    "FALLBACK_PATH",
+    "FALLBACK_SPECIAL_TOKENS",
+    "SUFFIXES",
+    "TEXT_COLUMN_NAMES",
+    "TXT_MODES",
+    "LengthStats",
+    "builtin_corpus",
+    "cache_dir",
+    "dataset_stats",
+    "fallback_tokenizer",
+    "length_stats",
+    "load_texts",
+    "tokenize",
+    "tokenizer_for",
 ]
 
 #: Texts read from a dataset unless asked otherwise: plenty for length statistics and a few

@@ -22,8 +22,8 @@ import platform
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 #: Bump when the way texts are extracted changes, so stale disk caches are ignored.
 CORPUS_FORMAT = 2

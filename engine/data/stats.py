@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from engine.errors import BadInput
 
@@ -30,7 +31,7 @@ class LengthStats:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LengthStats":
+    def from_dict(cls, d: dict[str, Any]) -> LengthStats:
         d = dict(d)
         d["histogram_edges"] = tuple(d.get("histogram_edges", ()))
         d["histogram_counts"] = tuple(d.get("histogram_counts", ()))
