@@ -397,6 +397,8 @@ def test_dataset_stats_builtin(no_models):
     assert s.count == len(builtin_corpus())
     assert s.min >= 1 and s.max > 5000 and s.mean > 2 * s.median  # heavy-tailed
     assert sum(s.histogram_counts) == s.count
+    log = dataset_stats(Profile(), bins=10, log_bins=True)
+    assert len(log.histogram_counts) == 10 and sum(log.histogram_counts) == s.count
 
 
 def test_dataset_stats_of_a_file(no_models, tmp_path):

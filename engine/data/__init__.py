@@ -76,8 +76,12 @@ def load_texts(dataset: str = "builtin", text_column: str = "", limit: int | Non
 
 
 def dataset_stats(profile, progress: Callable[[float, str], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> LengthStats:
-    """Token-length statistics of the profile's dataset with its model's tokenizer (untruncated)."""
+                  should_stop: Callable[[], bool] | None = None, *, bins: int = 32,
+                  log_bins: bool = False) -> LengthStats:
+    """Token-length statistics of the profile's dataset with its model's tokenizer (untruncated).
+
+    Lengths are heavy-tailed; ``log_bins=True`` gives a histogram that shows the tail.
+    """
     def part(lo: float, hi: float):
         if progress is None:
             return None
@@ -87,4 +91,4 @@ def dataset_stats(profile, progress: Callable[[float, str], None] | None = None,
                        should_stop=should_stop)
     tok = tokenizer_for(profile)
     ids = tokenize(texts, tok, progress=part(0.3, 1.0), should_stop=should_stop)
-    return length_stats([len(x) for x in ids])
+    return length_stats([len(x) for x in ids], bins=bins, log_bins=log_bins)
