@@ -235,8 +235,10 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         raise BadInput(f"cannot build {name} as {task}: {msg}") from None
+    # transformers builds in the config's own `torch_dtype` (bf16 for Qwen/Llama configs); the
+    # measured protocol is fp32 weights unless the profile asks for pure bf16/fp16.
     dtype = dtype_of(profile)
-    if dtype != torch.float32:
+    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
         model.to(dtype)
     if apply_techniques:
         from engine.techniques import apply_model_techniques

@@ -109,3 +109,11 @@ def test_checkpointing_every_k_layers():
     model = models.build_model(p, "cpu")
     _, layers = models.find_layers(model)
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+
+
+def test_weights_are_fp32_unless_pure_precision():
+    # Qwen's config says torch_dtype bfloat16; measured runs still start from fp32 weights.
+    m = models.build_model(Profile(model="Qwen2.5-0.5B"), "meta")
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    m = models.build_model(Profile(model="Qwen2.5-0.5B", precision="bf16"), "meta")
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
