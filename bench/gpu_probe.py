@@ -41,8 +41,8 @@ def run_one(cfg: dict) -> dict:
     with torch.device(dev):
         model = cls.from_config(config, attn_implementation=cfg.get("attn", "sdpa"))
     prec = cfg.get("precision", "fp32")
-    if prec in ("bf16", "fp16"):
-        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[prec])
+    # from_config builds in the config's torch_dtype (bf16 for Qwen/Llama): the protocol is fp32.
+    model.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32))
     train = cfg.get("mode", "train") == "train"
     if train and cfg.get("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
