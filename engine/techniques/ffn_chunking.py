@@ -1,0 +1,79 @@
+"""Feed-forward chunking: apply each block's feed-forward to N slices of the sequence in turn.
+
+The feed-forward acts on every token independently, so running it on T/N tokens at a time gives
+the same output while only one chunk's (B, T/N, 4d) intermediate is alive at once (inference).
+The module's own ``forward`` (``feed_forward_chunk`` for BERT) is wrapped on the instance, so
+parameter names and state dicts are unchanged. Same idea as transformers'
+``apply_chunking_to_forward`` / ``chunk_size_feed_forward``, but with a chunk *count*.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.profile import Profile
+
+EXPLANATION = (
+    "Feed-forward chunking runs each block's feed-forward network on N slices of the sequence one "
+    "after another instead of all tokens at once. The output is identical (the feed-forward treats "
+    "tokens independently). At inference only one slice's wide intermediate (batch x length/N x "
+    "4·width) exists at a time, which lowers the peak for long sequences. In training without "
+    "gradient checkpointing autograd still keeps every slice's intermediates for backward, so the "
+    "saving is small (only temporaries); with checkpointing the recomputed block is chunked too. "
+    "The cost is N smaller matrix multiplications instead of one: slightly slower, more so for "
+    "small batches on a GPU."
+)
+
+
+def applies(profile: "Profile") -> bool:
+    return profile.ffn_chunks > 1
+
+
+def chunked_call(fn, chunks: int, hidden, *rest):
+    """fn over ``chunks`` slices of ``hidden`` along the sequence (dim 1), concatenated."""
+    import torch
+
+    if hidden.dim() < 3 or hidden.shape[1] < 2 or chunks <= 1:
+        return fn(hidden, *rest)
+    # contiguous: GPT-2's Conv1D views its input; a dim-1 slice of (B, T, d) is strided
+    parts = [fn(piece.contiguous(), *rest) for piece in torch.chunk(hidden, chunks, dim=1)]
+    return torch.cat(parts, dim=1)  # (B, T, d)
+
+
+def _wrap(owner, attr: str, chunks: int) -> None:
+    original = getattr(owner, attr)
+    if getattr(original, "_headroom_chunks", None):
+        original = original._headroom_original
+
+    def chunked(hidden):  # one parameter: BERT's apply_chunking_to_forward counts them
+        return chunked_call(original, chunks, hidden)
+
+    chunked._headroom_chunks = chunks
+    chunked._headroom_original = original
+    setattr(owner, attr, chunked)  # instance attribute shadows the class method
+
+
+def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
+    from engine.models import find_layers
+
+    chunks = profile.ffn_chunks
+    _, layers = find_layers(model)
+    for block in layers:
+        if getattr(block, "mlp", None) is not None:  # GPT-2, Llama, Qwen2, Mistral
+            _wrap(block.mlp, "forward", chunks)
+        elif hasattr(block, "feed_forward_chunk"):  # BERT: intermediate + output (residual, LN)
+            _wrap(block, "feed_forward_chunk", chunks)
+        elif getattr(block, "ffn", None) is not None:  # DistilBERT
+            _wrap(block.ffn, "forward", chunks)
+        else:
+            raise BadInput(f"feed-forward chunking: the feed-forward of {type(block).__name__} "
+                           f"is not recognised")
+    if profile.is_training and not profile.checkpointing:
+        return (f"feed-forward in {chunks} sequence chunks: same output; in training without "
+                f"checkpointing autograd still saves every chunk's intermediates, so it saves little")
+    return f"feed-forward in {chunks} sequence chunks: same output, smaller inference peak"
