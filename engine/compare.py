@@ -1,0 +1,89 @@
+"""Compare profiles side by side: the estimate of each and, optionally, a measured run of each.
+
+Rows are plain dicts (they go to JSON, CSV and the app's plots unchanged).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Callable, Sequence
+
+from engine.profile import Profile, atomic_write_text
+from engine.results import ALLOCATED_CATEGORIES
+
+CSV_COLUMNS = (
+    ["name", "model", "mode", "batch", "seq", "precision",
+     "estimate_peak_allocated_bytes", "estimate_peak_reserved_bytes", "estimate_device_used_bytes"]
+    + [f"estimate_{c.value}_bytes" for c in ALLOCATED_CATEGORIES]
+    + ["measured_peak_allocated_bytes", "measured_peak_reserved_bytes", "measured_device_used_bytes",
+       "tokens_per_s", "useful_tokens_per_s", "oom", "error_percent"]
+)
+
+
+def compare_row(profile: Profile, estimate: Any, measured: Any | None = None) -> dict[str, Any]:
+    """One comparison row from an EstimateResult and an optional MeasureResult."""
+    row: dict[str, Any] = {
+        "name": profile.name, "model": profile.model, "mode": profile.mode, "batch": profile.batch,
+        "seq": profile.seq, "precision": profile.precision,
+        "estimate_peak_allocated_bytes": estimate.peak_allocated_bytes,
+        "estimate_peak_reserved_bytes": estimate.peak_reserved_bytes,
+        "estimate_device_used_bytes": estimate.device_used_bytes,
+        "estimate_breakdown": dict(estimate.breakdown),
+    }
+    for c in ALLOCATED_CATEGORIES:
+        row[f"estimate_{c.value}_bytes"] = estimate.breakdown.get(c.value, 0)
+    row.update({"measured_peak_allocated_bytes": None, "measured_peak_reserved_bytes": None,
+                "measured_device_used_bytes": None, "measured_breakdown": None,
+                "tokens_per_s": None, "useful_tokens_per_s": None, "oom": None, "error_percent": None})
+    if measured is not None:
+        row.update({
+            "measured_peak_allocated_bytes": measured.peak_allocated_bytes,
+            "measured_peak_reserved_bytes": measured.peak_reserved_bytes,
+            "measured_device_used_bytes": measured.device_used_bytes,
+            "measured_breakdown": dict(measured.breakdown),
+            "tokens_per_s": measured.tokens_per_s,
+            "useful_tokens_per_s": measured.useful_tokens_per_s,
+            "oom": measured.oom,
+        })
+        if measured.peak_allocated_bytes and not measured.oom:
+            row["error_percent"] = 100.0 * (estimate.peak_allocated_bytes - measured.peak_allocated_bytes) \
+                / measured.peak_allocated_bytes
+    return row
+
+
+def compare_profiles(profiles: Sequence[Profile], measure: bool = False,
+                     progress: Callable[[float, str], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+    """Estimate (and with ``measure`` run, each in a clean child process) every profile."""
+    from engine.estimate import estimate
+
+    rows = []
+    for i, profile in enumerate(profiles):
+        if progress:
+            progress(i / len(profiles), f"{profile.name}: estimating")
+        est = estimate(profile)
+        measured = None
+        if measure:
+            from engine.measure_process import measure_in_child
+
+            if progress:
+                progress((i + 0.5) / len(profiles), f"{profile.name}: measuring")
+            measured = measure_in_child(profile, should_stop=should_stop)
+        rows.append(compare_row(profile, est, measured))
+    if progress:
+        progress(1.0, "done")
+    return rows
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+    atomic_write_text(path, rows_to_csv(rows))
