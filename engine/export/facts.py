@@ -1,0 +1,149 @@
+"""What an exported script needs to know that a profile only names: resolved at export time.
+
+The model's config (presets are inlined as a dict literal), the folder of a local model and
+whether it holds safetensors weights and a tokenizer, the task head, the fallback tokenizer's path,
+the dataset's kind, its text column and the .txt layout. Reading these here keeps the script free of
+Headroom: it carries the answers, not the code that found them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import BadInput
+from engine.profile import Profile
+
+#: Texts read from the dataset (as ``engine.data.DEFAULT_LIMIT``).
+TEXT_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str  # what the profile says (preset, "minilm", folder)
+    kind: str  # preset | folder | minilm
+    folder: str  # absolute folder (for folders and minilm)
+    model_type: str  # transformers model_type
+    config: dict[str, Any]  # config.json without model_type (presets: inlined in the script)
+    task: str  # causal-lm | masked-lm | classification
+    has_weights: bool  # safetensors present: from_pretrained, else random init
+    has_tokenizer: bool  # the folder's own tokenizer, else Headroom's fallback
+    max_positions: int  # position limit (0 = none)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    kind: str  # builtin | txt | csv | tsv | jsonl | parquet
+    path: str  # absolute path of the file ("" for builtin)
+    column: str | None  # text column (None: .txt, builtin, or a .jsonl of plain strings)
+    txt_mode: str  # lines | paragraphs (.txt only)
+    limit: int  # texts read
+
+
+def model_facts(profile: Profile, name: str | None = None) -> ModelFacts:
+    from engine import models
+
+    name = name or profile.model
+    source = models.resolve(name)
+    config_path = source.folder / "config.json"
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise BadInput(f"cannot read {config_path}") from None
+    config = models.load_config(name, profile.trust_remote_code)
+    model_type = data.pop("model_type", config.model_type)
+    task = models.resolve_task(profile, config)
+    return ModelFacts(name=name, kind=source.kind, folder=str(source.folder.resolve()),
+                      model_type=model_type, config=data, task=task,
+                      has_weights=source.has_weights, has_tokenizer=source.has_tokenizer,
+                      max_positions=int(models.max_positions(config) or 0))
+
+
+def data_facts(profile: Profile) -> DataFacts:
+    name = profile.dataset.strip()
+    if name.lower() == "builtin":
+        return DataFacts("builtin", "", None, "", TEXT_LIMIT)
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    kinds = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+             ".parquet": "parquet"}
+    if suffix not in kinds:
+        raise BadInput(f"unsupported dataset type {suffix or '(no extension)'!r}; use builtin or a "
+                       f"file ending in {', '.join(kinds)}")
+    kind = kinds[suffix]
+    column = profile.text_column.strip() or None
+    txt_mode = ""
+    exists = path.is_file()
+    if kind == "txt":
+        if not exists:
+            raise BadInput(f"dataset file not found: {path} (export reads it to tell lines from paragraphs)")
+        txt_mode = _txt_mode(path)
+        column = None
+    elif column is None:
+        if not exists:
+            raise BadInput(f"dataset file not found: {path} (export reads it to find the text column; "
+                           "or name the column with --text-column)")
+        column = _find_column(path, kind)
+    return DataFacts(kind, str(path.resolve()), column, txt_mode, TEXT_LIMIT)
+
+
+def _txt_mode(path: Path) -> str:
+    from engine.data import files
+
+    peek = []
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        for i, line in enumerate(fh):
+            if i >= files._TXT_PEEK_LINES:
+                break
+            peek.append(line)
+    return "paragraphs" if files._looks_like_paragraphs(peek) else "lines"
+
+
+def _find_column(path: Path, kind: str) -> str | None:
+    """The column ``engine.data`` would pick from the file's first rows."""
+    from engine.data import files
+
+    sample = files._SAMPLE
+    if kind in ("csv", "tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter="\t" if kind == "tsv" else ",")
+            header = [h.strip() for h in next(reader, None) or []]
+            if not header:
+                raise BadInput(f"{path.name} has no header row (the first row must name the columns)")
+            rows = [row for _, row in zip(range(sample), reader)]
+        samples = {c: [row[i] if i < len(row) else None for row in rows] for i, c in enumerate(header)}
+        return files._pick_column(path, header, samples, "")
+    if kind == "jsonl":
+        head: list[Any] = []
+        with path.open(encoding="utf-8-sig") as fh:
+            for line in fh:
+                if len(head) >= sample:
+                    break
+                if line.strip():
+                    try:
+                        head.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise BadInput(f"{path.name} holds a line that is not valid JSON") from None
+        columns: list[str] = []
+        for record in head:
+            if isinstance(record, dict):
+                columns.extend(k for k in record if k not in columns)
+        if not columns:
+            return None  # plain JSON strings: each line is a text
+        samples = {c: [r.get(c) for r in head if isinstance(r, dict)] for c in columns}
+        return files._pick_column(path, columns, samples, "")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInput("reading .parquet needs pyarrow (pip install pyarrow)") from None
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    strings = [f.name for f in schema if str(f.type) in ("string", "large_string", "string_view")]
+    if not strings:
+        raise BadInput(f"no text column in {path.name}")
+    first = next(pf.iter_batches(batch_size=sample, columns=strings), None)
+    samples = {c: first.column(c).to_pylist() for c in strings} if first is not None else {}
+    return files._pick_column(path, strings, samples, "")

@@ -1,0 +1,550 @@
+"""Assemble a standalone training/inference script from a profile (torch + transformers only).
+
+The script follows DESIGN.md's measured protocol: model built (fp32, or cast for pure bf16/fp16)
+on the device, the optimizer with its defaults, N steps of forward + loss + backward + step +
+zero_grad(set_to_none=True), peak = max_memory_allocated minus what was allocated before the model,
+timings without the first step and with synchronize. It prints one JSON line with the keys of
+``headroom measure --json``. Only the code of the techniques the profile selects is written, and
+only non-default settings (plus what every run needs) appear as constants.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+import engine
+from engine.errors import BadInput
+from engine.export import snippets
+from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
+from engine.export.literals import dict_block, docstring_safe, literal, noqa_long_lines
+from engine.profile import Profile
+
+#: Techniques whose engine module is written by another part of the project; export refuses them
+#: until a standalone port exists here (``_PORTED``).
+_MODEL_TECHNIQUES = {
+    "prune": "pruning", "local attention": "local_attention", "mlp": "geglu",
+    "ffn_chunks": "ffn_chunking", "distill_from": "distillation", "alloc": "memory_pool",
+}
+_PORTED: set[str] = set()
+
+_AUTOCAST = {"bf16-amp": "torch.bfloat16", "fp16-amp": "torch.float16"}
+_PURE = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
+_AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+               "classification": "AutoModelForSequenceClassification"}
+
+#: Comments for constants (nanoGPT style: one line saying what the value means).
+_COMMENTS = {
+    "BATCH": "sequences per optimizer step",
+    "SEQ": "longest sequence in tokens (longer texts are truncated)",
+    "STEPS": "steps to run; the first is warm-up and left out of the timings",
+    "SEED": "data order and initialisation",
+    "TEXT_LIMIT": "texts read from the dataset",
+    "PAD_MULTIPLE": "pad batch lengths up to a multiple of this",
+    "MAX_TOKENS": "token-budget batching: tokens per batch, padding included",
+    "BUCKET_MEGABATCHES": "batches per sorted mega-batch (Hugging Face uses 50)",
+    "MICRO_BATCHES": "each batch runs as this many micro-batches, gradients accumulated",
+    "CHUNK_INPUT": "inference: long inputs run in windows of this many tokens",
+    "CHECKPOINT_EVERY": "gradient checkpointing on every k-th transformer block",
+    "MLM_PROBABILITY": "fraction of real tokens the masked-LM loss predicts",
+}
+
+
+def _section(title: str) -> str:
+    return f"# ----- {title} " + "-" * max(3, 96 - len(title))
+
+
+@dataclass
+class _Script:
+    """The pieces of one script, gathered while walking the profile."""
+
+    imports: set[str] = field(default_factory=set)  # "import x" / "from x import y"
+    constants: list[str] = field(default_factory=list)  # lines of the settings block
+    blocks: list[tuple[str, str]] = field(default_factory=list)  # (section title, code)
+
+    def const(self, name: str, value: Any, comment: str | None = None, *, raw: str | None = None) -> None:
+        comment = _COMMENTS.get(name) if comment is None else comment
+        line = f"{name} = {raw if raw is not None else literal(value)}"
+        if comment:
+            line += f"  # {comment}"
+        self.constants.append(line)
+
+    def add(self, title: str, code: str) -> None:
+        self.blocks.append((title, textwrap.dedent(code).strip("\n")))
+
+
+def _check_available(profile: Profile) -> None:
+    selected = {
+        "prune": bool(profile.prune), "local attention": profile.local_window > 0,
+        "mlp": profile.mlp != "default", "ffn_chunks": profile.ffn_chunks > 1,
+        "distill_from": bool(profile.distill_from), "alloc": profile.alloc != "default",
+    }
+    for key, on in selected.items():
+        if not on:
+            continue
+        module = _MODEL_TECHNIQUES[key]
+        if module in _PORTED:
+            continue
+        name = module.replace("_", " ")
+        if importlib.util.find_spec(f"engine.techniques.{module}") is None:
+            raise BadInput(f"export of {name} is not available yet (the technique is not in this build)")
+        raise BadInput(f"export of {name} is not available yet")
+
+
+def export_script(profile: Profile, estimate: Any = None, measured: Any = None) -> str:
+    """The text of a runnable Python script reproducing ``profile`` (see the module docstring).
+
+    ``estimate`` (EstimateResult or dict) and ``measured`` (MeasureResult or dict) only add their
+    peaks to the header.
+    """
+    _check_available(profile)
+    model = model_facts(profile)
+    data = data_facts(profile)
+    s = _Script()
+    s.imports |= {"import argparse", "import gc", "import json", "import os", "import statistics",
+                  "import sys", "import time", "import torch", "import transformers",
+                  "import weakref", "from torch.utils._python_dispatch import TorchDispatchMode"}
+    _constants(s, profile, model, data)
+    _data_section(s, profile, model, data)
+    _model_section(s, profile, model)
+    s.add("memory", snippets.LIVE_BYTES + "\n" + snippets.PEAK_MEMORY)
+    _step_section(s, profile, model)
+    _main_section(s, profile, model)
+    text = _header(profile, model, estimate, measured) + _imports(s, profile) + "\n"
+    text += _section("settings from the Headroom profile (non-defaults, and what every run needs)")
+    text += "\n" + "\n".join(s.constants) + "\n"
+    for title, code in s.blocks:
+        text += "\n\n" + _section(title) + "\n" + code + "\n"
+    text += '\n\nif __name__ == "__main__":\n    main()\n'
+    return noqa_long_lines(text)
+
+
+# ----- header and imports ------------------------------------------------------------------------
+def _peak_of(result: Any) -> int | None:
+    if result is None:
+        return None
+    if isinstance(result, dict):
+        value = result.get("peak_allocated_bytes")
+    else:
+        value = getattr(result, "peak_allocated_bytes", None)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any) -> str:
+    from engine.units import format_bytes
+
+    what = "Train" if profile.is_training else "Run inference with"
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    lines = [f"{what} {docstring_safe(model.name if model.kind == 'preset' else _short(model.name))} "
+             f"as planned by Headroom (profile {docstring_safe(profile.name, 40)}).",
+             "",
+             f"Generated {today} (UTC) by Headroom {engine.__version__}.",
+             f"Settings: {_summary_line(profile)}."]
+    est, meas = _peak_of(estimate), _peak_of(measured)
+    if est is not None:
+        lines.append(f"Estimated peak allocated memory: {format_bytes(est)}.")
+    if meas is not None:
+        lines.append(f"Measured peak allocated memory: {format_bytes(meas)}.")
+    lines += ["Needs only torch and transformers; Headroom itself is not imported.", "",
+              "    python train.py [--steps N] [--device cuda|cpu] [--output-dir DIR] [--dry-run]", "",
+              "The last line printed is one JSON object with the keys of `headroom measure --json`",
+              "(peak_allocated_bytes, peak_reserved_bytes, device_used_bytes, tokens_per_s, ...)."]
+    return '#!/usr/bin/env python3\n"""' + "\n".join(lines) + '\n"""\n\n'
+
+
+def _short(path: str) -> str:
+    return path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "model"
+
+
+def _summary_line(profile: Profile) -> str:
+    parts = [f"batch {profile.batch}", f"seq {profile.seq}", profile.precision, f"{profile.padding} padding"]
+    if profile.checkpointing and profile.is_training:
+        parts.append("checkpointing" + (f" every {profile.checkpoint_every}" if profile.checkpoint_every > 1
+                                        else ""))
+    if profile.micro_batches > 1:
+        parts.append(f"{profile.micro_batches} micro-batches")
+    if profile.chunk_input:
+        parts.append(f"windows of {profile.chunk_input}")
+    if profile.attn != "sdpa":
+        parts.append(f"{docstring_safe(profile.attn)} attention")
+    return ", ".join(parts)
+
+
+def _imports(s: _Script, profile: Profile) -> str:
+    def key(line: str) -> tuple[bool, str]:
+        return (line.startswith("from "), line.split()[1])
+
+    std = sorted((i for i in s.imports if i.split()[1].split(".")[0] not in ("torch", "transformers")),
+                 key=key)
+    third = sorted((i for i in s.imports if i not in std), key=key)
+    out = ""
+    if profile.alloc != "default":
+        # The allocator reads its configuration once, when CUDA starts: set it before torch loads.
+        std = [i for i in std if i != "import os"]
+        out += "import os\n\n" + _alloc_lines(profile) + "\n\n"
+        noqa = "  # noqa: E402"
+        return out + "\n".join(i + noqa for i in std) + "\n\n" + "\n".join(i + noqa for i in third) + "\n"
+    return out + "\n".join(std) + "\n\n" + "\n".join(third) + "\n"
+
+
+def _alloc_lines(profile: Profile) -> str:  # pragma: no cover - refused until memory_pool lands
+    raise BadInput("export of memory pool is not available yet")
+
+
+# ----- settings ----------------------------------------------------------------------------------
+def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts) -> None:
+    nd = profile.non_defaults()
+    if "name" in nd:
+        s.const("PROFILE_NAME", profile.name, "")
+    s.const("BATCH", profile.batch)
+    s.const("SEQ", profile.seq)
+    s.const("STEPS", profile.steps)
+    s.const("SEED", profile.seed)
+    if data.kind == "builtin":
+        s.const("TEXT_LIMIT", data.limit, raw=f"{data.limit:_}")
+    else:
+        s.const("DATASET", data.path, f"{data.kind} file")
+        if data.kind in ("csv", "tsv", "jsonl", "parquet"):
+            s.const("TEXT_COLUMN", data.column, "the column holding the text" if data.column is not None
+                    else "the file holds plain JSON strings")
+        if data.kind in ("csv", "tsv"):
+            s.const("DELIMITER", "\t" if data.kind == "tsv" else ",", "")
+        s.const("TEXT_LIMIT", data.limit, raw=f"{data.limit:_}")
+    if profile.padding != "fixed" and profile.pad_multiple > 1:
+        s.const("PAD_MULTIPLE", profile.pad_multiple)
+    if profile.padding == "bucketed":
+        from engine.batching import BUCKET_MEGABATCHES
+
+        s.const("BUCKET_MEGABATCHES", BUCKET_MEGABATCHES)
+    if profile.padding == "token-budget":
+        budget = profile.max_tokens or profile.batch * profile.seq
+        if budget < profile.seq:
+            raise BadInput(f"max_tokens ({budget}) is below seq ({profile.seq}): a full-length sequence "
+                           "would not fit in any batch")
+        if profile.max_tokens:
+            s.const("MAX_TOKENS", budget)
+        else:
+            s.const("MAX_TOKENS", None, "the default budget: BATCH * SEQ", raw="BATCH * SEQ")
+    if profile.is_training and profile.micro_batches > 1:
+        s.const("MICRO_BATCHES", profile.micro_batches)
+    if not profile.is_training and profile.chunk_input:
+        s.const("CHUNK_INPUT", profile.chunk_input)
+    if profile.is_training and profile.checkpointing and profile.checkpoint_every > 1:
+        s.const("CHECKPOINT_EVERY", profile.checkpoint_every)
+    if profile.precision in _AUTOCAST:
+        s.const("AUTOCAST_DTYPE", None, f"{profile.precision}: matmuls in reduced precision, fp32 weights",
+                raw=_AUTOCAST[profile.precision])
+    if profile.precision in _PURE:
+        s.const("WEIGHT_DTYPE", None, f"pure {profile.precision}: weights, gradients and optimizer state",
+                raw=_PURE[profile.precision])
+    if profile.attn != "sdpa":
+        s.const("ATTENTION", profile.attn, "attention implementation")
+    if profile.is_training and profile.optimizer != "adamw":
+        s.const("OPTIMIZER", profile.optimizer, "torch's defaults for it")
+    if profile.is_training and model.task == "masked-lm":
+        s.const("MLM_PROBABILITY", 0.15)
+    if model.kind == "preset":
+        s.const("MODEL_TYPE", model.model_type, "")
+        s.constants.append(dict_block("MODEL_CONFIG", model.config,
+                                      f"{docstring_safe(model.name)}'s config.json: architecture "
+                                      "only, the weights start random"))
+    else:
+        s.const("MODEL_DIR", model.folder, "a local model folder" + (" with safetensors weights"
+                                                                     if model.has_weights else
+                                                                     " (config only: random weights)"))
+    if not model.has_tokenizer:
+        from engine.data import FALLBACK_PATH
+
+        s.const("TOKENIZER_FILE", str(FALLBACK_PATH.resolve()), "Headroom's fallback BPE tokenizer")
+
+
+# ----- data --------------------------------------------------------------------------------------
+def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts) -> None:
+    if data.kind == "builtin":
+        s.imports |= {"import ast", "import sysconfig", "import warnings", "from pathlib import Path"}
+        s.constants.append(snippets.BUILTIN_CONSTANTS.strip("\n"))
+        s.add("data: the built-in sample corpus", snippets.BUILTIN_CORPUS)
+    elif data.kind == "txt":
+        s.add("data", snippets.TXT_PARAGRAPHS if data.txt_mode == "paragraphs" else snippets.TXT_LINES)
+    elif data.kind in ("csv", "tsv"):
+        s.imports.add("import csv")
+        s.add("data", snippets.CSV)
+    elif data.kind == "jsonl":
+        s.add("data", snippets.JSONL)
+    else:
+        s.add("data", snippets.PARQUET)
+    if model.has_tokenizer:
+        trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
+        s.add("tokenizer", snippets.FOLDER_TOKENIZER.format(trust=trust))
+    else:
+        s.add("tokenizer", snippets.FALLBACK_TOKENIZER)
+    plan = {"fixed": snippets.PLAN_FIXED, "dynamic": snippets.PLAN_DYNAMIC,
+            "bucketed": snippets.PLAN_BUCKETED, "token-budget": snippets.PLAN_TOKEN_BUDGET}[profile.padding]
+    code = ""
+    if profile.padding != "fixed":
+        multiple = profile.pad_multiple > 1
+        code += snippets.PADDED_LENGTH_MULTIPLE if multiple else snippets.PADDED_LENGTH_PLAIN
+        code += "\n"
+    code += plan + "\n" + snippets.MAKE_BATCHES
+    s.add(f"batching: {profile.padding} padding", code)
+
+
+# ----- model -------------------------------------------------------------------------------------
+def _model_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
+    cls = _AUTO_CLASS[model.task]
+    attn = "ATTENTION" if profile.attn != "sdpa" else '"sdpa"'
+    trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
+    lines = ["def build_model(device):",
+             '    """The model with its task head, built directly on the device."""']
+    if model.kind == "preset":
+        lines.append("    config = transformers.CONFIG_MAPPING[MODEL_TYPE].from_dict(MODEL_CONFIG)")
+    else:
+        lines.append("    config = transformers.AutoConfig.from_pretrained(MODEL_DIR, "
+                     f"local_files_only=True{trust})")
+    if model.task == "classification":
+        lines.append("    config.num_labels = 2")
+        lines.append("    if config.pad_token_id is None:")
+        lines.append("        config.pad_token_id = config.eos_token_id or 0")
+    if model.has_weights:
+        lines += [f"    model = transformers.{cls}.from_pretrained(",
+                  "        MODEL_DIR, config=config, local_files_only=True, use_safetensors=True,",
+                  f"        attn_implementation={attn}{trust}).to(device)"]
+    else:
+        lines += ["    with torch.device(device):",
+                  f"        model = transformers.{cls}.from_config(config, "
+                  f"attn_implementation={attn}{trust})"]
+    if profile.precision in _PURE:
+        lines.append("    model.to(WEIGHT_DTYPE)")
+    if profile.is_training and profile.checkpointing:
+        lines.append("    enable_checkpointing(model)")
+    lines.append("    model.config.use_cache = False  # a scoring forward: no key/value cache is kept")
+    lines.append("    model.train()" if profile.is_training else "    model.eval()")
+    lines.append("    return model")
+    code = "\n".join(lines)
+    if profile.is_training and profile.checkpointing:
+        code = _checkpointing_code(profile) + "\n\n\n" + code
+    s.add("model", code)
+
+
+def _checkpointing_code(profile: Profile) -> str:
+    if profile.checkpoint_every == 1:
+        return textwrap.dedent('''
+            def enable_checkpointing(model):
+                """Gradient checkpointing: keep each block's input, recompute its activations in backward."""
+                kwargs = {"use_reentrant": False}
+                if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        ''').strip("\n")
+    return textwrap.dedent('''
+        def enable_checkpointing(model):
+            """Gradient checkpointing on every CHECKPOINT_EVERY-th transformer block only: the others
+            keep their activations (a dial between memory and speed)."""
+            kwargs = {"use_reentrant": False}
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
+                enable(activation_checkpointing_kwargs=kwargs, every_n_layers=CHECKPOINT_EVERY)
+                return
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+            blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+            for i, block in enumerate(blocks):
+                if hasattr(block, "gradient_checkpointing"):
+                    block.gradient_checkpointing = i % CHECKPOINT_EVERY == 0
+    ''').strip("\n")
+
+
+# ----- one step ----------------------------------------------------------------------------------
+def _targets_code(profile: Profile, model: ModelFacts) -> str:
+    if not profile.is_training:
+        return ""
+    if model.task == "causal-lm":
+        return textwrap.dedent('''
+            def add_targets(input_ids, attention_mask, index):
+                """Next-token targets (the model shifts them); padding ignored (-100)."""
+                return input_ids, attention_mask, input_ids.masked_fill(attention_mask == 0, -100)  # (B, T)
+        ''').strip("\n")
+    if model.task == "masked-lm":
+        return textwrap.dedent('''
+            def add_targets(input_ids, attention_mask, index, mask_token_id):
+                """Masked-LM: a seeded MLM_PROBABILITY of the real tokens become the mask token and are
+                predicted; everything else is ignored (-100)."""
+                generator = torch.Generator().manual_seed(SEED * 1_000_003 + index)
+                draw = torch.rand(input_ids.shape, generator=generator)  # (B, T)
+                chosen = (draw < MLM_PROBABILITY) & (attention_mask == 1)
+                if not chosen.any():
+                    chosen[0, 0] = True  # at least one target, or the loss is undefined
+                labels = input_ids.masked_fill(~chosen, -100)  # (B, T)
+                return input_ids.masked_fill(chosen, mask_token_id), attention_mask, labels
+        ''').strip("\n")
+    return textwrap.dedent('''
+        def add_targets(input_ids, attention_mask, index):
+            """Sequence classification: a seeded random class (of 2) per sequence."""
+            generator = torch.Generator().manual_seed(SEED * 1_000_003 + index)
+            return input_ids, attention_mask, torch.randint(0, 2, (input_ids.shape[0],), generator=generator)
+    ''').strip("\n")
+
+
+def _step_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
+    amp = profile.precision in _AUTOCAST
+    scaler = profile.precision == "fp16-amp" and profile.is_training
+    autocast = "torch.autocast(device.type, dtype=AUTOCAST_DTYPE)"
+    if profile.is_training:
+        code = _targets_code(profile, model) + "\n\n\n"
+        args = "model, optimizer, scaler, batch, device" if scaler else "model, optimizer, batch, device"
+        if profile.micro_batches > 1:
+            doc = ("One optimizer step over MICRO_BATCHES micro-batches (row slices of the batch),\n"
+                   "    gradients accumulated. Inputs are copied to the device inside the step.")
+            body = ["    parts = list(zip(*(t.tensor_split(min(MICRO_BATCHES, len(t))) for t in batch)))",
+                    "    total = 0.0",
+                    "    for input_ids, attention_mask, labels in parts:"]
+            indent = "        "
+            divide = " / len(parts)"
+        else:
+            doc = ("One training step: forward, loss, backward, optimizer step, gradients freed.\n"
+                   "    Inputs are copied to the device inside the step, as in a real loop.")
+            body = ["    input_ids, attention_mask, labels = batch"]
+            indent = "    "
+            divide = ""
+        body.append(f"{indent}input_ids, attention_mask, labels = (t.to(device) for t in "
+                    "(input_ids, attention_mask, labels))")
+        call = "model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)"
+        if amp:
+            body += [f"{indent}with {autocast}:", f"{indent}    outputs = {call}"]
+        else:
+            body.append(f"{indent}outputs = {call}")
+        body.append(f"{indent}loss = outputs.loss{divide}")
+        body.append(f"{indent}{'scaler.scale(loss)' if scaler else 'loss'}.backward()")
+        body.append(f"{indent}del outputs  # the logits live until here, as in the measured run")
+        if profile.micro_batches > 1:
+            body.append(f"{indent}total += loss.item()")
+        if scaler:
+            body += ["    scaler.step(optimizer)", "    scaler.update()"]
+        else:
+            body.append("    optimizer.step()")
+        body.append("    optimizer.zero_grad(set_to_none=True)")
+        body.append("    return total" if profile.micro_batches > 1 else "    return loss.item()")
+        code += f"def train_step({args}):\n    \"\"\"{doc}\"\"\"\n" + "\n".join(body)
+        s.add("one training step", code)
+        return
+    lines = ["@torch.no_grad()", "def infer_step(model, batch, device):"]
+    if profile.chunk_input:
+        lines += ['    """Forward only; long inputs run as consecutive windows of CHUNK_INPUT tokens,',
+                  '    one at a time, so only one window\'s activations are alive."""',
+                  "    input_ids, attention_mask = batch",
+                  "    for start in range(0, input_ids.shape[1], CHUNK_INPUT):",
+                  "        window = slice(start, start + CHUNK_INPUT)",
+                  "        ids = input_ids[:, window].to(device)  # (B, W)",
+                  "        mask = attention_mask[:, window].to(device)  # (B, W)"]
+        call = "model(input_ids=ids, attention_mask=mask)"
+        indent = "        "
+    else:
+        lines += ['    """Forward only: no gradients, no activations kept for backward."""',
+                  "    input_ids, attention_mask = (t.to(device) for t in batch)"]
+        call = "model(input_ids=input_ids, attention_mask=attention_mask)"
+        indent = "    "
+    if amp:
+        lines += [f"{indent}with {autocast}:", f"{indent}    outputs = {call}"]
+    else:
+        lines.append(f"{indent}outputs = {call}")
+    lines.append(f"{indent}del outputs")
+    s.add("one inference step", "\n".join(lines))
+
+
+# ----- main --------------------------------------------------------------------------------------
+def _main_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
+    train = profile.is_training
+    scaler = profile.precision == "fp16-amp" and train
+    if train and profile.checkpointing and profile.checkpoint_every > 1:
+        s.imports.add("import inspect")
+    parse = textwrap.dedent('''
+        def parse_args():
+            parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+            parser.add_argument("--steps", type=int, default=STEPS, help="steps (the first is warm-up)")
+            parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+            parser.add_argument("--output-dir", help="save the WHAT model here (safetensors)")
+            parser.add_argument("--dry-run", action="store_true", help="build everything and run one step")
+            return parser.parse_args()
+    ''').strip("\n").replace("WHAT", "trained" if train else "built")
+    lines = [
+        "def main():",
+        "    args = parse_args()",
+        "    started = time.perf_counter()",
+        "    device = torch.device(args.device)",
+        "    steps = 1 if args.dry_run else args.steps",
+        "",
+        "    tokenizer = load_tokenizer()",
+        "    encoded = tokenizer(load_texts(), add_special_tokens=True, verbose=False)[\"input_ids\"]",
+        "    batches = make_batches([ids[:SEQ] for ids in encoded], tokenizer.pad_token_id)",
+        "    batches = [batches[step % len(batches)] for step in range(steps)]  # cycled if too few",
+    ]
+    if train:
+        extra = ", tokenizer.mask_token_id" if model.task == "masked-lm" else ""
+        lines.append(f"    batches = [add_targets(*batch, step % len(batches){extra}) "
+                     "for step, batch in enumerate(batches)]")
+    lines += [
+        "",
+        "    memory = PeakMemory(device)  # the baseline: nothing of the model exists yet",
+        "    torch.manual_seed(SEED)",
+        "    model = build_model(device)",
+    ]
+    if train:
+        if profile.optimizer == "adamw":
+            lines.append("    optimizer = torch.optim.AdamW(model.parameters())  # torch's defaults "
+                         "for the device")
+        else:
+            lines.append("    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)  # plain SGD, "
+                         "no momentum")
+        if scaler:
+            lines.append("    scaler = torch.amp.GradScaler(device.type)  # fp16 gradients need loss scaling")
+    lines += [
+        "    memory.start(model)",
+        "    step_times, losses = [], []" if train else "    step_times = []",
+        "    for batch in batches:",
+        "        memory.sync()",
+        "        begin = time.perf_counter()",
+    ]
+    if train:
+        args = "model, optimizer, scaler, batch, device" if scaler else "model, optimizer, batch, device"
+        lines.append(f"        losses.append(train_step({args}))")
+    else:
+        lines.append("        infer_step(model, batch, device)")
+    lines += [
+        "        memory.sync()",
+        "        step_times.append(time.perf_counter() - begin)",
+        "    memory.stop()",
+        "",
+        "    timed = slice(1, None) if steps > 1 else slice(None)  # the first step is warm-up",
+        "    seconds = sum(step_times[timed])",
+        "    real_tokens = sum(int(batch[1].sum()) for batch in batches[timed])",
+        "    padded_tokens = sum(batch[0].numel() for batch in batches[timed])",
+        "    result = {",
+        '        "device": device.type,',
+        '        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",',
+        "        **memory.result(),",
+        '        "step_time_s": statistics.median(step_times[timed]),',
+        '        "tokens_per_s": padded_tokens / seconds,',
+        '        "useful_tokens_per_s": real_tokens / seconds,',
+        '        "real_tokens": real_tokens,',
+        '        "padded_tokens": padded_tokens,',
+        '        "steps": steps,',
+        '        "params": sum(p.numel() for p in model.parameters()),',
+        '        "first_step_s": step_times[0],',
+        '        "distinct_shapes": len({tuple(batch[0].shape) for batch in batches}),',
+    ]
+    if train:
+        lines += ['        "losses": losses,', '        "loss": losses[-1],']
+    else:
+        lines += ['        "losses": [],', '        "loss": None,']
+    lines += [
+        '        "elapsed_s": time.perf_counter() - started,',
+        "    }",
+        "    if args.output_dir:",
+        "        model.save_pretrained(args.output_dir, safe_serialization=True)",
+        "    print(json.dumps(result))",
+    ]
+    s.add("main", parse + "\n\n\n" + "\n".join(lines))

@@ -1,0 +1,326 @@
+"""Code pieces of exported scripts, as plain text. Each piece reads like hand-written code and
+refers to the script's constants by name; ``engine.export.script`` picks the pieces a profile
+needs and fills in constants. Nothing here is ever executed by Headroom itself."""
+
+BUILTIN_CORPUS = '''
+def docstrings(body, owner=None):
+    """Docstrings of `owner` and of every class/function defined in `body`, in source order."""
+    if owner is not None:
+        doc = ast.get_docstring(owner, clean=True)
+        if doc:
+            yield doc
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from docstrings(node.body, node)
+        elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+            for part in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])):
+                yield from docstrings(part)
+            for handler in getattr(node, "handlers", []):
+                yield from docstrings(handler.body)
+
+
+def load_texts():
+    """Headroom's built-in sample corpus: the standard library's docstrings (read with ast, nothing
+    is imported), then pydoc's help topics; duplicates and texts under MIN_WORDS words left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith(".")]
+        files += [Path(dirpath, name) for name in filenames if name.endswith(".py")]
+    texts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escape sequences in some stdlib sources
+        for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+            try:
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
+                continue
+            texts += [doc.strip().replace("\\r\\n", "\\n") for doc in docstrings(tree.body, tree)]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
+    texts += [topics[name].strip().replace("\\r\\n", "\\n") for name in sorted(topics)]
+    unique = dict.fromkeys(text for text in texts if len(text.split()) >= MIN_WORDS)
+    return list(unique)[:TEXT_LIMIT]
+'''
+
+BUILTIN_CONSTANTS = '''
+# The built-in corpus is made from text already on the machine (see load_texts).
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                    "lib2to3", "pydoc_data", "encodings", "ensurepip", "venv", "turtledemo"}
+MIN_WORDS = 8  # shorter docstrings are labels ("Return self."), not text
+'''
+
+TXT_LINES = '''
+def load_texts():
+    """One text per non-empty line of DATASET."""
+    texts = []
+    with open(DATASET, encoding="utf-8-sig") as fh:
+        for line in fh:
+            if line.strip():
+                texts.append(line.strip())
+                if len(texts) == TEXT_LIMIT:
+                    break
+    return texts
+'''
+
+TXT_PARAGRAPHS = '''
+def load_texts():
+    """One text per blank-line-separated paragraph of DATASET (lines joined with newlines)."""
+    texts, block = [], []
+    with open(DATASET, encoding="utf-8-sig") as fh:
+        for line in list(fh) + [""]:
+            if line.strip():
+                block.append(line.rstrip())
+            elif block:
+                texts.append("\\n".join(block))
+                block = []
+                if len(texts) == TEXT_LIMIT:
+                    break
+    return texts
+'''
+
+CSV = '''
+def load_texts():
+    """The TEXT_COLUMN cells of DATASET (a header row names the columns); empty cells skipped."""
+    csv.field_size_limit(2**31 - 1)  # long documents in one cell are normal
+    texts = []
+    with open(DATASET, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter=DELIMITER)
+        column = [name.strip() for name in next(reader)].index(TEXT_COLUMN)
+        for row in reader:
+            if column < len(row) and row[column].strip():
+                texts.append(row[column])
+                if len(texts) == TEXT_LIMIT:
+                    break
+    return texts
+'''
+
+JSONL = '''
+def load_texts():
+    """The TEXT_COLUMN field of each JSON object in DATASET (one per line); empty values skipped."""
+    texts = []
+    with open(DATASET, encoding="utf-8-sig") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            value = json.loads(line)
+            if isinstance(value, dict):
+                value = value.get(TEXT_COLUMN)
+            elif TEXT_COLUMN is not None:
+                continue
+            if isinstance(value, str) and value.strip():
+                texts.append(value)
+                if len(texts) == TEXT_LIMIT:
+                    break
+    return texts
+'''
+
+PARQUET = '''
+def load_texts():
+    """The TEXT_COLUMN values of the Parquet file DATASET (needs pyarrow); empty values skipped."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for batch in pq.ParquetFile(DATASET).iter_batches(batch_size=1024, columns=[TEXT_COLUMN]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str) and value.strip():
+                texts.append(value)
+                if len(texts) == TEXT_LIMIT:
+                    return texts
+    return texts
+'''
+
+FALLBACK_TOKENIZER = '''
+def load_tokenizer():
+    """Headroom's bundled byte-level BPE (the preset has no tokenizer; memory depends on token
+    counts, not on which tokens they are)."""
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=TOKENIZER_FILE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", mask_token="<mask>", cls_token="<cls>", sep_token="<sep>")
+    tokenizer.model_max_length = 1 << 30  # SEQ decides truncation
+    return tokenizer
+'''
+
+FOLDER_TOKENIZER = '''
+def load_tokenizer():
+    """The model folder's own tokenizer, with a pad token (GPT-2-style tokenizers have none)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True{trust})
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({{"pad_token": "<pad>"}})
+    return tokenizer
+'''
+
+# ----- batching: one plan_batches per strategy, then the shared collate ----------------------
+PADDED_LENGTH_MULTIPLE = '''
+def padded_length(longest):
+    """A batch's length: its longest sequence rounded up to PAD_MULTIPLE, never beyond SEQ."""
+    return max(1, min(SEQ, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+'''
+
+PADDED_LENGTH_PLAIN = '''
+def padded_length(longest):
+    """A batch's length: its longest sequence."""
+    return max(1, longest)
+'''
+
+PLAN_FIXED = '''
+def plan_batches(lengths, generator):
+    """Fixed padding: BATCH sequences in a seeded random order, every one padded to SEQ."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    return [(order[i:i + BATCH], SEQ) for i in range(0, len(order), BATCH)]
+'''
+
+PLAN_DYNAMIC = '''
+def plan_batches(lengths, generator):
+    """Dynamic padding: BATCH sequences in a seeded random order, each batch padded to its longest."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    groups = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
+    return [(group, padded_length(max(lengths[i] for i in group))) for group in groups]
+'''
+
+PLAN_BUCKETED = '''
+def plan_batches(lengths, generator):
+    """Length bucketing (Hugging Face's group_by_length): the seeded order is cut into mega-batches
+    of BATCH * BUCKET_MEGABATCHES sequences, each sorted longest first and cut into batches of
+    similar lengths; then the batches are shuffled."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = BATCH * BUCKET_MEGABATCHES
+    groups = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        groups += [chunk[i:i + BATCH] for i in range(0, len(chunk), BATCH)]
+    groups = [groups[j] for j in torch.randperm(len(groups), generator=generator).tolist()]
+    return [(group, padded_length(max(lengths[i] for i in group))) for group in groups]
+'''
+
+PLAN_TOKEN_BUDGET = '''
+def plan_batches(lengths, generator):
+    """Token-budget batching (fairseq's max_tokens): sequences sorted by length (seeded tie-break)
+    fill a batch while batch size * padded length stays within MAX_TOKENS; then batches are
+    shuffled. Many short sequences or a few long ones per batch."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    rank = {i: r for r, i in enumerate(order)}
+    groups, current = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], rank[i])):
+        if current and (len(current) + 1) * padded_length(lengths[i]) > MAX_TOKENS:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    groups = [groups[j] for j in torch.randperm(len(groups), generator=generator).tolist()]
+    return [(group, padded_length(max(lengths[i] for i in group))) for group in groups]
+'''
+
+MAKE_BATCHES = '''
+def make_batches(token_lists, pad_token_id):
+    """(input_ids, attention_mask) pairs, right-padded, in the order they are trained on."""
+    generator = torch.Generator().manual_seed(SEED)
+    batches = []
+    for group, length in plan_batches([len(ids) for ids in token_lists], generator):
+        input_ids = torch.full((len(group), length), pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(group), length), dtype=torch.long)  # (B, T)
+        for row, i in enumerate(group):
+            input_ids[row, :len(token_lists[i])] = torch.tensor(token_lists[i], dtype=torch.long)
+            attention_mask[row, :len(token_lists[i])] = 1
+        batches.append((input_ids, attention_mask))
+    return batches
+'''
+
+# ----- memory -------------------------------------------------------------------------------
+LIVE_BYTES = '''
+class LiveTensorBytes(TorchDispatchMode):
+    """CPU has no allocator statistics: count the bytes of distinct live tensor storages. Every
+    tensor an op returns is registered once; a weak reference subtracts it when its storage dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes = {}  # id(storage) -> (bytes, weak reference)
+
+    def track(self, tensor):
+        if tensor.device.type != "cpu" or tensor.is_sparse:
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key not in self.sizes:
+            self.sizes[key] = (storage.nbytes(), weakref.ref(storage, lambda _, key=key: self.forget(key)))
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+
+    def forget(self, key):
+        self.live -= self.sizes.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+'''
+
+PEAK_MEMORY = '''
+class PeakMemory:
+    """Peak memory of everything the run creates after the baseline (the model, gradients,
+    optimizer state, activations).
+
+    CUDA: max_memory_allocated/reserved, what was allocated before the model subtracted, and the
+    device's used memory (mem_get_info: the CUDA context included). CPU: live tensor bytes, the
+    growth of the process's resident set and its peak."""
+
+    def __init__(self, device):
+        self.device = device
+        gc.collect()
+        if device.type == "cuda":
+            torch.empty(0, device=device)  # create the CUDA context outside the measured region
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.tracker = LiveTensorBytes()
+            self.base = self.resident_peak = resident_bytes()
+
+    def start(self, model):
+        """Begin the measured steps (CPU: count the weights, then every tensor the steps make)."""
+        self.sync()
+        if self.device.type == "cpu":
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                self.tracker.track(tensor)
+            self.tracker.__enter__()
+
+    def stop(self):
+        if self.device.type == "cpu":
+            self.tracker.__exit__(None, None, None)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        else:
+            self.resident_peak = max(self.resident_peak, resident_bytes())
+
+    def result(self):
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device) - self.base,
+                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                    "device_used_bytes": total - free}
+        return {"peak_allocated_bytes": self.tracker.peak,
+                "peak_reserved_bytes": self.resident_peak - self.base,
+                "device_used_bytes": self.resident_peak}
+
+
+def resident_bytes():
+    """This process's resident set size (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+'''
