@@ -172,7 +172,8 @@ def _token_lists(profile, should_stop, progress: Progress):
             raise BadInput(f"dataset {ds!r} holds no texts")
         if len(_TOKEN_CACHE) >= 4:
             _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
-        _TOKEN_CACHE[key] = (ids, int(tok.pad_token_id), tok.mask_token_id)
+        # Tuples of ints: the garbage collector stops traversing them (the protocol's gc is quick).
+        _TOKEN_CACHE[key] = ([tuple(x) for x in ids], int(tok.pad_token_id), tok.mask_token_id)
     return _TOKEN_CACHE[key]
 
 

@@ -1,0 +1,75 @@
+"""The measured run as a child process: progress lines, OOM exit 3 as a result, cancel, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from engine.errors import BadInput
+from engine.measure import MeasureProcess, measure_in_child
+from engine.measure.process import REPO_ROOT
+from engine.profile import Profile
+
+
+def _alive(pids):
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_oom_in_the_child_is_a_result_with_progress_and_exit_3():
+    profile = Profile(model="tiny-llama", target="cpu", batch=16, seq=256, steps=2,
+                      memory_cap_bytes=12 * 2**20)
+    proc = MeasureProcess(profile)
+    events = list(proc.events())
+    progress = [e for e in events if e.kind == "progress"]
+    assert progress and progress[0].fraction == 0.0
+    assert [e.fraction for e in progress] == sorted(e.fraction for e in progress)
+    final = events[-1]
+    assert final.kind == "result", final.message
+    assert final.result.oom and final.result.oom_step == 0 and final.result.oom_phase
+    assert proc.returncode == 3
+    assert not any("Traceback" in line for line in proc.stderr_tail)
+
+
+def test_cli_oom_exit_status_and_no_traceback():
+    cmd = [sys.executable, "-m", "engine", "measure", "--model", "tiny-gpt2", "--target", "cpu",
+           "--batch", "16", "--seq", "256", "--steps", "2", "--memory-cap", "8MiB", "--json"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert '"oom": true' in done.stdout
+
+
+def test_cancel_ends_the_child_within_two_seconds_and_leaves_nothing():
+    profile = Profile(model="tiny-llama", target="cpu", batch=4, seq=128, steps=10_000)
+    proc = MeasureProcess(profile)
+    events = proc.events()
+    for event in events:  # wait until it really runs steps
+        if event.kind == "progress" and event.message.startswith("step"):
+            break
+        assert event.kind == "progress", event.message
+    pid = proc.pid
+    family = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    started = time.monotonic()
+    proc.cancel()
+    assert time.monotonic() - started < 2.0
+    assert not _alive(family)
+    assert proc.returncode is not None and proc.returncode != 0
+
+
+def test_bad_input_in_the_child_is_bad_input_here():
+    with pytest.raises(BadInput, match="exceeds tiny-gpt2's limit"):
+        measure_in_child(Profile(model="tiny-gpt2", target="cpu", seq=4096))
+
+
+def test_should_stop_cancels_measure_in_child():
+    from engine.errors import Cancelled
+
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        measure_in_child(Profile(model="tiny-llama", target="cpu", steps=10_000, batch=2, seq=32),
+                         should_stop=lambda: time.monotonic() - started > 0.5)
+    assert time.monotonic() - started < 3.0
