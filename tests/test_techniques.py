@@ -210,6 +210,12 @@ def test_distillation_trains_student_and_freezes_teacher():
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert all(p.grad is None for p in teacher.parameters())
     assert distillation.apply(student, profile) is None
+    # the traced estimator's call form: (s, t, labels, student's own loss, profile)
+    out = student(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    loss = distillation.distillation_loss(out.logits, t_logits, ids, out.loss, profile)
+    assert torch.isfinite(loss) and loss.requires_grad
 
 
 def test_distillation_rules():
@@ -234,7 +240,7 @@ def test_memory_pool_settings():
     assert memory_pool.alloc_conf(p.replace(alloc="pool:1GiB")) is None
     env = memory_pool.child_env(p.replace(alloc="expandable"), {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"})
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64,expandable_segments:True"
-    assert memory_pool.prereserve(p.replace(alloc="pool:1MiB"), "cpu") == 0
+    assert memory_pool.prereserve(p.replace(alloc="pool:1MiB"), "cpu") == ""
     assert memory_pool.fragmentation(100, 75) == pytest.approx(0.25)
     assert memory_pool.fragmentation(0, 0) == 0.0
 

@@ -98,16 +98,28 @@ def build_teacher(profile: "Profile", device: str = "cpu") -> "torch.nn.Module":
     return teacher
 
 
-def distillation_loss(student_logits, teacher_logits, labels=None, profile: "Profile | None" = None,
-                      temperature: float = TEMPERATURE, alpha: float = ALPHA):
-    """KL(softmax(t/T) || softmax(s/T)) · T² (+ alpha · cross-entropy on labels).
+def distillation_loss(student_logits, teacher_logits, labels=None, *extra,
+                      temperature: float = TEMPERATURE, alpha: float = ALPHA, profile=None,
+                      ce_loss=None):
+    """KL(softmax(t/T) || softmax(s/T)) · T² (+ alpha · hard-label loss when labels are given).
 
-    Logits are (B, T, V) (or (B, V)); labels (B, T) use -100 for ignored positions. For a causal
-    LM pass labels already shifted, or pass ``profile`` with a causal-lm task to shift here.
-    With labels the loss is (1 - alpha) · KL + alpha · CE; without, just the KL term.
+    Logits are (B, T, V) (or (B, V)); labels (B, T) in the model's own convention (-100 ignored).
+    ``extra`` positionals may be the Profile and/or the student's own hard-label loss tensor
+    (``out.loss``), in any order: ``distillation_loss(s, t, labels, profile)`` (measure) and
+    ``distillation_loss(s, t, labels, out.loss, profile)`` (traced estimate) both work. With a
+    causal-lm profile the logits are shifted against the labels (token i+1 from position i).
+    With labels the loss is (1 - alpha) · KL + alpha · CE (``ce_loss`` when given); without, KL.
     """
+    import torch
     import torch.nn.functional as F
 
+    for arg in extra:
+        if isinstance(arg, torch.Tensor):
+            ce_loss = arg
+        elif hasattr(arg, "distill_from"):
+            profile = arg
+        elif isinstance(arg, (int, float)):
+            temperature = float(arg)
     vocab = check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
     s = student_logits[..., :vocab].float()
     t = teacher_logits[..., :vocab].detach().float()
@@ -131,5 +143,6 @@ def distillation_loss(student_logits, teacher_logits, labels=None, profile: "Pro
     kl = kl * temperature ** 2
     if labels is None:
         return kl
-    ce = F.cross_entropy(s_flat, labels.reshape(-1).to(s_flat.device), ignore_index=-100)
+    ce = ce_loss if ce_loss is not None else F.cross_entropy(
+        s_flat, labels.reshape(-1).to(s_flat.device), ignore_index=-100)
     return (1.0 - alpha) * kl + alpha * ce

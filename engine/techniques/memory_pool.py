@@ -57,18 +57,24 @@ def child_env(profile: "Profile", base: dict | None = None) -> dict:
     return env
 
 
-def prereserve(profile: "Profile", device: str = "cuda") -> int:
-    """For pool:SIZE on CUDA: allocate SIZE bytes once and free them (kept reserved). Returns bytes."""
+def prereserve(profile: "Profile", device: str = "cuda") -> str:
+    """For pool:SIZE on CUDA: allocate SIZE bytes once and free them (kept reserved).
+
+    Call after CUDA is initialised and before the peak counters are reset. Returns a note for the
+    result ("" when nothing was reserved: no pool asked, or not on CUDA).
+    """
     size = profile.alloc_pool_bytes
     if not size:
-        return 0
+        return ""
     import torch
 
     if not (str(device).startswith("cuda") and torch.cuda.is_available()):
-        return 0
+        return ""
     block = torch.empty(size, dtype=torch.uint8, device=device)
     del block  # returns to the caching allocator, which keeps the segment reserved
-    return size
+    reserved = torch.cuda.memory_reserved(device)
+    return (f"pre-reserved a {size / 2**20:.0f} MiB pool (reserved now {reserved / 2**20:.0f} MiB); "
+            f"blocks under 1 MiB still use separate 2 MiB segments")
 
 
 def fragmentation(reserved: int, allocated: int) -> float:
