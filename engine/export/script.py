@@ -25,8 +25,8 @@ from engine.profile import Profile
 
 #: Techniques whose engine module is written by another part of the project; export refuses them
 #: until a standalone port exists here (``_PORTED``).
-_MODEL_TECHNIQUES = {
-    "prune": "pruning", "local attention": "local_attention", "mlp": "geglu",
+_TECHNIQUE_OF = {
+    "prune": "pruning", "attn": "local_attention", "mlp": "geglu",
     "ffn_chunks": "ffn_chunking", "distill_from": "distillation", "alloc": "memory_pool",
 }
 _PORTED: set[str] = set()
@@ -78,14 +78,14 @@ class _Script:
 
 def _check_available(profile: Profile) -> None:
     selected = {
-        "prune": bool(profile.prune), "local attention": profile.local_window > 0,
+        "prune": bool(profile.prune), "attn": profile.local_window > 0,
         "mlp": profile.mlp != "default", "ffn_chunks": profile.ffn_chunks > 1,
         "distill_from": bool(profile.distill_from), "alloc": profile.alloc != "default",
     }
     for key, on in selected.items():
         if not on:
             continue
-        module = _MODEL_TECHNIQUES[key]
+        module = _TECHNIQUE_OF[key]
         if module in _PORTED:
             continue
         name = module.replace("_", " ")
