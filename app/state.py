@@ -1,0 +1,278 @@
+"""The app's model: the profiles, the selected one, its latest estimate and measured run.
+
+Views take an ``AppState`` in their constructor, read from it, listen to its ``*_changed`` signals and
+change it only through its methods. Profiles are autosaved (debounced) as JSON files in the
+settings folder and come back on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from app.settings import make_settings, profiles_dir
+from engine import profile as profile_mod
+from engine.errors import BadInput
+from engine.profile import Profile
+
+GiB = 1024**3
+
+#: Common GPUs and their memory (what the target panel offers when none is detected).
+COMMON_GPUS: tuple[tuple[str, int], ...] = (
+    ("RTX 3090 (24 GiB)", 24 * GiB), ("RTX 4090 (24 GiB)", 24 * GiB), ("A10 (24 GiB)", 24 * GiB),
+    ("L4 (24 GiB)", 24 * GiB), ("A100 40GB", 40 * GiB), ("A100 80GB", 80 * GiB),
+    ("H100 80GB", 80 * GiB), ("H200 (141 GiB)", 141 * GiB), ("T4 (16 GiB)", 16 * GiB),
+    ("V100 16GB", 16 * GiB), ("V100 32GB", 32 * GiB),
+)
+DEFAULT_CAPACITY = 24 * GiB
+
+
+def default_profile() -> Profile:
+    """What `headroom` opens with: GPT-2 on the built-in sample, training for a 24 GiB GPU."""
+    return Profile(name="gpt2 default", model="gpt2", target="cuda", batch=8, seq=512)
+
+
+@dataclass
+class ProfileEntry:
+    profile: Profile
+    estimate: Any = None  # EstimateResult of exactly this profile, or None
+    measured: Any = None  # MeasureResult of exactly this profile, or None
+    measure_error: str = ""  # why the last run of this profile failed
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "profile"
+
+
+class AppState(QObject):
+    profiles_changed = Signal()  # entries added, removed or renamed
+    current_changed = Signal(int)  # another profile was selected
+    profile_changed = Signal(object)  # the selected profile's fields changed (the new Profile)
+    estimate_changed = Signal(object)  # the selected profile's estimate (EstimateResult | None)
+    measured_changed = Signal(object)  # the selected profile's measured run (MeasureResult | None)
+    capacity_changed = Signal(int)  # GPU capacity in bytes
+    message_changed = Signal(str, str)  # level ("info" | "warning" | "error" | ""), text
+
+    def __init__(self, profiles: list[Profile] | None = None, autosave: bool = True,
+                 parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._settings = make_settings()
+        self._autosave = autosave
+        self._save_timer = QTimer(self)
+        self._save_timer.setSingleShot(True)
+        self._save_timer.setInterval(400)
+        self._save_timer.timeout.connect(self.save_all)
+        if profiles is None:
+            profiles = self._load_autosaved() if autosave else []
+        if not profiles:
+            profiles = [default_profile()]
+        self._entries = [ProfileEntry(p) for p in self._unique(profiles)]
+        self._current = 0
+        last = self._settings.value("profiles/current", "")
+        for i, e in enumerate(self._entries):
+            if e.profile.name == last:
+                self._current = i
+        self._capacity = int(self._settings.value("target/capacity_bytes", DEFAULT_CAPACITY))
+        self._gpu_name = str(self._settings.value("target/gpu_name", "RTX 4090 (24 GiB)"))
+
+    # ----- reading ------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[ProfileEntry]:
+        return list(self._entries)
+
+    @property
+    def current_index(self) -> int:
+        return self._current
+
+    @property
+    def current(self) -> ProfileEntry:
+        return self._entries[self._current]
+
+    @property
+    def profile(self) -> Profile:
+        return self.current.profile
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def gpu_name(self) -> str:
+        return self._gpu_name
+
+    @property
+    def settings(self):
+        return self._settings
+
+    def names(self) -> list[str]:
+        return [e.profile.name for e in self._entries]
+
+    # ----- changing -----------------------------------------------------------------------
+    def update(self, **changes: Any) -> bool:
+        """Change fields of the selected profile; a BadInput goes to the status area."""
+        old = self.profile
+        try:
+            new = old.replace(**changes)
+        except BadInput as exc:
+            self.message_changed.emit("error", str(exc))
+            return False
+        if new == old:
+            return True
+        entry = self.current
+        entry.profile = new
+        if {k for k in changes if getattr(old, k) != getattr(new, k)} - {"name"}:
+            entry.measured, entry.measure_error = None, ""
+            self.measured_changed.emit(None)
+        self.message_changed.emit("", "")
+        self.profile_changed.emit(new)
+        self._schedule_save()
+        return True
+
+    def select(self, index: int) -> None:
+        if 0 <= index < len(self._entries) and index != self._current:
+            self._current = index
+            self._settings.setValue("profiles/current", self.profile.name)
+            self.current_changed.emit(index)
+            self.profile_changed.emit(self.profile)
+            self.estimate_changed.emit(self.current.estimate)
+            self.measured_changed.emit(self.current.measured)
+
+    def add(self, profile: Profile, select: bool = True) -> int:
+        profile = profile.replace(name=self._unique_name(profile.name))
+        self._entries.append(ProfileEntry(profile))
+        self.profiles_changed.emit()
+        self._schedule_save()
+        if select:
+            self.select(len(self._entries) - 1)
+        return len(self._entries) - 1
+
+    def new_profile(self) -> int:
+        return self.add(default_profile().replace(name="new profile"))
+
+    def duplicate(self, index: int | None = None) -> int:
+        index = self._current if index is None else index
+        source = self._entries[index].profile
+        return self.add(source.replace(name=f"{source.name} copy"))
+
+    def rename(self, index: int, name: str) -> bool:
+        name = name.strip()
+        if not name:
+            self.message_changed.emit("error", "a profile needs a name")
+            return False
+        if name in self.names() and self._entries[index].profile.name != name:
+            self.message_changed.emit("error", f"there is already a profile named {name!r}")
+            return False
+        entry = self._entries[index]
+        entry.profile = entry.profile.replace(name=name)
+        self.profiles_changed.emit()
+        if index == self._current:
+            self.profile_changed.emit(entry.profile)
+        self._schedule_save()
+        return True
+
+    def delete(self, index: int) -> None:
+        if len(self._entries) <= 1:
+            self.message_changed.emit("warning", "the last profile cannot be deleted")
+            return
+        del self._entries[index]
+        was_current = index == self._current
+        if self._current >= len(self._entries) or index < self._current:
+            self._current = max(0, self._current - 1)
+        self.profiles_changed.emit()
+        if was_current or True:
+            self.current_changed.emit(self._current)
+            self.profile_changed.emit(self.profile)
+            self.estimate_changed.emit(self.current.estimate)
+            self.measured_changed.emit(self.current.measured)
+        self._schedule_save()
+
+    def load_file(self, path: str | Path) -> int:
+        """Load a profile JSON as a new entry (BadInput for a bad file, shown by the caller)."""
+        return self.add(profile_mod.load(path))
+
+    def save_file(self, path: str | Path, index: int | None = None) -> None:
+        profile = self._entries[self._current if index is None else index].profile
+        profile_mod.save(profile, path)
+
+    def set_estimate(self, profile: Profile, result: Any) -> None:
+        """Attach an estimate to the entry whose profile is exactly ``profile`` (else drop it)."""
+        for entry in self._entries:
+            if entry.profile == profile:
+                entry.estimate = result
+                if entry is self.current:
+                    self.estimate_changed.emit(result)
+
+    def set_measured(self, profile: Profile, result: Any, error: str = "") -> None:
+        for entry in self._entries:
+            if entry.profile == profile:
+                entry.measured, entry.measure_error = result, error
+                if entry is self.current:
+                    self.measured_changed.emit(result)
+
+    def set_capacity(self, capacity_bytes: int, gpu_name: str) -> None:
+        if capacity_bytes != self._capacity or gpu_name != self._gpu_name:
+            self._capacity, self._gpu_name = int(capacity_bytes), gpu_name
+            self._settings.setValue("target/capacity_bytes", self._capacity)
+            self._settings.setValue("target/gpu_name", gpu_name)
+            self.capacity_changed.emit(self._capacity)
+
+    def show_message(self, level: str, text: str) -> None:
+        self.message_changed.emit(level, text)
+
+    # ----- persistence --------------------------------------------------------------------
+    def _schedule_save(self) -> None:
+        if self._autosave:
+            self._save_timer.start()
+
+    def save_all(self) -> None:
+        """Write every profile to the autosave folder (atomic per file), drop files of deleted ones."""
+        if not self._autosave:
+            return
+        folder = profiles_dir()
+        keep = set()
+        order = []
+        for i, entry in enumerate(self._entries):
+            fname = f"{i:03d}-{_slug(entry.profile.name)}.json"
+            profile_mod.save(entry.profile, folder / fname)
+            keep.add(fname)
+            order.append(entry.profile.name)
+        for old in folder.glob("*.json"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+        self._settings.setValue("profiles/last", json.dumps(order))
+        self._settings.setValue("profiles/current", self.profile.name)
+        self._settings.sync()
+
+    def _load_autosaved(self) -> list[Profile]:
+        out = []
+        for path in sorted(profiles_dir().glob("*.json")):
+            try:
+                out.append(profile_mod.load(path))
+            except BadInput:
+                continue  # a damaged autosave file is skipped, not fatal
+        return out
+
+    def _unique(self, profiles: list[Profile]) -> list[Profile]:
+        seen: set[str] = set()
+        out = []
+        for p in profiles:
+            name, n = p.name, 2
+            while name in seen:
+                name, n = f"{p.name} ({n})", n + 1
+            seen.add(name)
+            out.append(p if name == p.name else p.replace(name=name))
+        return out
+
+    def _unique_name(self, name: str) -> str:
+        names = set(self.names())
+        if name not in names:
+            return name
+        n = 2
+        while f"{name} {n}" in names:
+            n += 1
+        return f"{name} {n}"

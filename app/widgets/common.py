@@ -1,0 +1,118 @@
+"""Shared pieces of the views: category colours and labels, byte units, plot styling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyqtgraph as pg
+from PySide6.QtGui import QColor, QPalette
+from PySide6.QtWidgets import QApplication, QLabel
+
+from engine.results import MemoryCategory
+
+#: Stacking order of the memory bars (bottom to top) and their colours (colour-blind friendly).
+CATEGORIES: tuple[str, ...] = tuple(c.value for c in MemoryCategory)
+CATEGORY_LABELS = {
+    "weights": "Weights", "gradients": "Gradients", "optimizer": "Optimizer states",
+    "activations": "Activations", "temporaries": "Temporaries",
+    "allocator_overhead": "Allocator overhead", "cuda_context": "CUDA context",
+}
+CATEGORY_COLORS = {
+    "weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52",
+    "temporaries": "#8172B3", "allocator_overhead": "#B8A27A", "cuda_context": "#8C8C8C",
+}
+STATUS_COLORS = {"fits": "#2E9E44", "tight": "#D99A00", "over": "#D0342C", "": "#888888"}
+
+GiB, MiB, KiB = 1024**3, 1024**2, 1024
+
+
+def byte_unit(max_bytes: float) -> tuple[str, float]:
+    """The binary unit that shows ``max_bytes`` with a readable number: ('GiB', 2**30), ..."""
+    for name, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if max_bytes >= size:
+            return name, float(size)
+    return "B", 1.0
+
+
+def stacked_parts(result: Any) -> dict[str, int]:
+    """Bytes per category for a stacked bar: the allocated breakdown plus allocator overhead
+    (reserved - allocated) and CUDA context (device used - reserved), never negative."""
+    parts = {c: 0 for c in CATEGORIES}
+    if result is None:
+        return parts
+    for key, value in dict(getattr(result, "breakdown", {}) or {}).items():
+        if key in parts:
+            parts[key] = max(0, int(value))
+    allocated = int(getattr(result, "peak_allocated_bytes", 0) or 0)
+    reserved = int(getattr(result, "peak_reserved_bytes", 0) or 0)
+    used = int(getattr(result, "device_used_bytes", 0) or 0)
+    known = sum(parts[c.value] for c in MemoryCategory if c.value in (
+        "weights", "gradients", "optimizer", "activations", "temporaries"))
+    if known == 0 and allocated:  # no breakdown (e.g. an OOM run): one undivided bar
+        parts["activations"] = allocated
+    parts["allocator_overhead"] = max(0, reserved - allocated) if reserved else 0
+    parts["cuda_context"] = max(0, used - reserved) if used and reserved else 0
+    return parts
+
+
+def total_bytes(result: Any) -> int:
+    return sum(stacked_parts(result).values())
+
+
+def is_dark() -> bool:
+    app = QApplication.instance()
+    if app is None:
+        return False
+    return app.palette().color(QPalette.ColorRole.Window).lightness() < 128
+
+
+def style_plot(plot: pg.PlotWidget) -> None:
+    """Background and axis colours from the application palette (light or dark)."""
+    app = QApplication.instance()
+    pal = app.palette() if app is not None else QPalette()
+    plot.setBackground(pal.color(QPalette.ColorRole.Base))
+    fg = pal.color(QPalette.ColorRole.Text)
+    for name in ("left", "bottom"):
+        axis = plot.getPlotItem().getAxis(name)
+        axis.setPen(pg.mkPen(fg))
+        axis.setTextPen(pg.mkPen(fg))
+    title = plot.getPlotItem().titleLabel
+    if title is not None and title.text:
+        title.setText(title.text, color=fg.name())
+
+
+def make_plot(title: str = "", left: str = "", bottom: str = "") -> pg.PlotWidget:
+    plot = pg.PlotWidget()
+    item = plot.getPlotItem()
+    item.setMenuEnabled(False)
+    item.hideButtons()
+    plot.setMouseEnabled(x=False, y=False)
+    if title:
+        item.setTitle(title, size="11pt")
+    if left:
+        item.setLabel("left", left)
+    if bottom:
+        item.setLabel("bottom", bottom)
+    item.showGrid(x=False, y=True, alpha=0.25)
+    style_plot(plot)
+    return plot
+
+
+def note_label(text: str = "") -> QLabel:
+    """A small, wrapped, muted explanation label."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setObjectName("note")
+    pal = label.palette()
+    color = pal.color(QPalette.ColorRole.WindowText)
+    color.setAlphaF(0.7)
+    pal.setColor(QPalette.ColorRole.WindowText, color)
+    label.setPalette(pal)
+    font = label.font()
+    font.setPointSizeF(max(7.5, font.pointSizeF() * 0.9))
+    label.setFont(font)
+    return label
+
+
+def color(name: str) -> QColor:
+    return QColor(name)

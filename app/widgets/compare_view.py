@@ -1,0 +1,283 @@
+"""Compare profiles: memory by category (estimated and measured bars per profile, grouped),
+tokens/s, and memory versus throughput with the Pareto front; export as PNG and CSV.
+
+``CompareCharts`` draws a list of comparison rows (``engine.compare.compare_row`` dicts) and is
+also what ``headroom compare --png`` renders offscreen. ``CompareView`` feeds it from the AppState.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout,
+                               QWidget)
+
+from app import engine_bridge
+from app.state import AppState
+from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, byte_unit, make_plot,
+                                note_label)
+from app.worker import TaskRunner
+
+_EST_OFFSET, _MEAS_OFFSET, _WIDTH = -0.2, 0.2, 0.36
+
+
+def row_parts(row: dict[str, Any], which: str) -> dict[str, int]:
+    """Bytes per category of a comparison row's estimate ('estimate') or measurement ('measured')."""
+    parts = {c: 0 for c in CATEGORIES}
+    breakdown = row.get(f"{which}_breakdown") or {}
+    if which == "estimate" and not breakdown:
+        breakdown = {c: row.get(f"estimate_{c}_bytes") or 0 for c in CATEGORIES}
+    for k, v in breakdown.items():
+        if k in parts and v:
+            parts[k] = max(0, int(v))
+    allocated = row.get(f"{which}_peak_allocated_bytes") or 0
+    reserved = row.get(f"{which}_peak_reserved_bytes") or 0
+    used = row.get(f"{which}_device_used_bytes") or 0
+    if allocated and not any(parts.values()):
+        parts["activations"] = int(allocated)
+    if reserved:
+        parts["allocator_overhead"] = max(0, int(reserved) - int(allocated))
+        if used:
+            parts["cuda_context"] = max(0, int(used) - int(reserved))
+    return parts
+
+
+def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated by another (less memory AND more tokens/s), by memory."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+class CompareCharts(QWidget):
+    """Three plots over comparison rows; items are created once per profile count."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]] = (), parent=None) -> None:
+        super().__init__(parent)
+        self.memory_plot = make_plot(title="Peak memory by category: estimated (left) vs measured (right)")
+        self.speed_plot = make_plot(title="Throughput (measured)", left="tokens/s")
+        self.scatter_plot = make_plot(title="Memory vs throughput (Pareto front)",
+                                      left="tokens/s", bottom="peak memory")
+        self.scatter_plot.setMouseEnabled(x=False, y=False)
+        mem = self.memory_plot.getPlotItem()
+        legend = mem.addLegend(offset=(-10, 10), labelTextSize="9pt")
+        self._est_bars: dict[str, pg.BarGraphItem] = {}
+        self._meas_bars: dict[str, pg.BarGraphItem] = {}
+        for cat in CATEGORIES:
+            est = pg.BarGraphItem(x=[], height=[], y0=[], width=_WIDTH, brush=CATEGORY_COLORS[cat],
+                                  pen=pg.mkPen("#00000040"))
+            brush = pg.mkBrush(CATEGORY_COLORS[cat])
+            meas = pg.BarGraphItem(x=[], height=[], y0=[], width=_WIDTH, brush=brush,
+                                   pen=pg.mkPen("#000000", width=1.5))
+            mem.addItem(est)
+            mem.addItem(meas)
+            legend.addItem(est, CATEGORY_LABELS[cat])
+            self._est_bars[cat], self._meas_bars[cat] = est, meas
+        self._speed_bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#55A868", pen=None)
+        self.speed_plot.addItem(self._speed_bars)
+        sc = self.scatter_plot.getPlotItem()
+        self._front_curve = sc.plot([], [], pen=pg.mkPen("#2E9E44", width=2, style=Qt.PenStyle.DashLine))
+        self._points = pg.ScatterPlotItem(size=11, brush=pg.mkBrush("#4C72B0"), pen=pg.mkPen("w"))
+        self._front_points = pg.ScatterPlotItem(size=15, brush=pg.mkBrush("#2E9E44"), pen=pg.mkPen("k"))
+        sc.addItem(self._points)
+        sc.addItem(self._front_points)
+        self._labels: list[pg.TextItem] = []
+        self.empty_note = note_label()
+
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(self.memory_plot, 0, 0, 1, 2)
+        grid.addWidget(self.speed_plot, 1, 0)
+        grid.addWidget(self.scatter_plot, 1, 1)
+        grid.addWidget(self.empty_note, 2, 0, 1, 2)
+        grid.setRowStretch(0, 3)
+        grid.setRowStretch(1, 2)
+        self.rows: list[dict[str, Any]] = []
+        self.set_rows(rows)
+
+    def set_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows = list(rows)
+        n = len(self.rows)
+        est_parts = [row_parts(r, "estimate") for r in self.rows]
+        meas_parts = [row_parts(r, "measured") for r in self.rows]
+        top = max([sum(p.values()) for p in est_parts + meas_parts] + [1])
+        unit, scale = byte_unit(top)
+        xs = list(range(n))
+        est_bottom, meas_bottom = [0.0] * n, [0.0] * n
+        for cat in CATEGORIES:
+            eh = [p[cat] / scale for p in est_parts]
+            mh = [p[cat] / scale for p in meas_parts]
+            self._est_bars[cat].setOpts(x=[x + _EST_OFFSET for x in xs], height=eh, y0=list(est_bottom),
+                                        width=_WIDTH)
+            self._meas_bars[cat].setOpts(x=[x + _MEAS_OFFSET for x in xs], height=mh, y0=list(meas_bottom),
+                                         width=_WIDTH)
+            est_bottom = [a + b for a, b in zip(est_bottom, eh)]
+            meas_bottom = [a + b for a, b in zip(meas_bottom, mh)]
+        ticks = [[(i, self._tick(r)) for i, r in enumerate(self.rows)]]
+        mem = self.memory_plot.getPlotItem()
+        mem.getAxis("bottom").setTicks(ticks)
+        mem.setLabel("left", f"memory ({unit})")
+        mem.setXRange(-0.7, max(n, 1) - 0.3 + (1.2 if n else 0), padding=0)
+        mem.setYRange(0, top / scale * 1.1, padding=0)
+
+        speeds = [float(r.get("tokens_per_s") or 0.0) for r in self.rows]
+        self._speed_bars.setOpts(x=xs, height=speeds, width=0.6)
+        sp = self.speed_plot.getPlotItem()
+        sp.getAxis("bottom").setTicks(ticks)
+        sp.setXRange(-0.7, max(n, 1) - 0.3, padding=0)
+        sp.setYRange(0, max(speeds + [1]) * 1.1, padding=0)
+
+        for label in self._labels:
+            self.scatter_plot.removeItem(label)
+        self._labels = []
+        measured = [(i, r) for i, r in enumerate(self.rows) if r.get("tokens_per_s")]
+        pts = []
+        for i, r in measured:
+            memory = r.get("measured_peak_allocated_bytes") or r.get("estimate_peak_allocated_bytes") or 0
+            pts.append((memory / scale, float(r["tokens_per_s"])))
+        self._points.setData([p[0] for p in pts], [p[1] for p in pts])
+        front = pareto_indices(pts)
+        fx = [pts[i][0] for i in front]
+        fy = [pts[i][1] for i in front]
+        self._front_points.setData(fx, fy)
+        self._front_curve.setData(fx, fy)
+        for (i, r), (x, y) in zip(measured, pts):
+            label = pg.TextItem(r.get("name", ""), anchor=(0, 1), color="#666")
+            label.setPos(x, y)
+            self.scatter_plot.addItem(label)
+            self._labels.append(label)
+        sc = self.scatter_plot.getPlotItem()
+        sc.setLabel("bottom", f"peak allocated ({unit})")
+        if pts:
+            sc.setXRange(0, max(p[0] for p in pts) * 1.3, padding=0)
+            sc.setYRange(0, max(p[1] for p in pts) * 1.2, padding=0)
+        missing = [r.get("name", "") for r in self.rows if not r.get("tokens_per_s")]
+        self.empty_note.setText(
+            ("Not measured yet: " + ", ".join(missing) + ". Select a profile and run it to add "
+             "measured bars, throughput and a point on the Pareto plot.") if missing else
+            "Measured bars have a black outline. Green points: the Pareto front (no other profile "
+            "uses less memory and runs faster).")
+
+    @staticmethod
+    def _tick(row: dict[str, Any]) -> str:
+        name = str(row.get("name", ""))
+        return name if len(name) <= 22 else name[:21] + "…"
+
+
+class CompareView(QWidget):
+    def __init__(self, state: AppState, parent=None) -> None:
+        super().__init__(parent)
+        self._state = state
+        self._runner = TaskRunner("compare-estimates", self)
+        self._runner.result_ready.connect(self._on_estimates_ready)
+        self._runner.failed.connect(self._on_estimates_failed)
+        self.charts = CompareCharts()
+        self.refresh_button = QPushButton("Refresh")
+        self.png_button = QPushButton("Export PNG…")
+        self.csv_button = QPushButton("Export CSV…")
+        self.info = QLabel()
+        bar = QHBoxLayout()
+        bar.addWidget(self.info, 1)
+        bar.addWidget(self.refresh_button)
+        bar.addWidget(self.png_button)
+        bar.addWidget(self.csv_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(bar)
+        layout.addWidget(self.charts, 1)
+        self.refresh_button.clicked.connect(self.refresh)
+        self.png_button.clicked.connect(self._on_png_clicked)
+        self.csv_button.clicked.connect(self._on_csv_clicked)
+        state.profiles_changed.connect(self.refresh)
+        state.estimate_changed.connect(lambda _r: self._redraw())
+        state.measured_changed.connect(lambda _r: self._redraw())
+        self._redraw()
+
+    # ----- public -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Estimate every profile that has no estimate yet (off the GUI thread), then redraw."""
+        fn = engine_bridge.estimate_fn()
+        missing = [e.profile for e in self._state.entries if e.estimate is None]
+        if fn is None:
+            self.info.setText("The estimator is not available yet in this build.")
+            self._redraw()
+            return
+        if not missing:
+            self._redraw()
+            return
+        self.info.setText(f"Estimating {len(missing)} profile(s)…")
+
+        def job(progress, should_stop):
+            out = []
+            for i, p in enumerate(missing):
+                if should_stop():
+                    break
+                progress(i / len(missing), p.name)
+                try:
+                    out.append((p, fn(p, method="analytic"), ""))
+                except Exception as exc:  # noqa: BLE001 - one bad profile must not hide the others
+                    out.append((p, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            return out
+
+        self._runner.start(job)
+
+    def rows(self) -> list[dict[str, Any]]:
+        from engine.compare import compare_row
+
+        return [compare_row(e.profile, e.estimate, e.measured) for e in self._state.entries
+                if e.estimate is not None]
+
+    def export_png(self, path: str) -> bool:
+        from app.compare_png import render_compare_png
+
+        render_compare_png(self.rows(), path)
+        return True
+
+    def export_csv(self, path: str) -> bool:
+        from engine.compare import write_csv
+
+        write_csv(self.rows(), path)
+        return True
+
+    def shutdown(self) -> None:
+        self._runner.shutdown()
+
+    # ----- private ------------------------------------------------------------------------
+    def _on_estimates_ready(self, results) -> None:
+        errors = []
+        for profile, result, error in results:
+            if result is not None:
+                self._state.set_estimate(profile, result)
+            elif error:
+                errors.append(f"{profile.name}: {error}")
+        self.info.setText("; ".join(errors))
+        self._redraw()
+
+    def _on_estimates_failed(self, message: str) -> None:
+        self.info.setText(message)
+
+    def _redraw(self) -> None:
+        rows = self.rows()
+        self.charts.set_rows(rows)
+        n = len(self._state.entries)
+        if len(rows) < n and not self._runner.is_running:
+            self.info.setText(f"{n - len(rows)} profile(s) without an estimate yet (Refresh)")
+        enabled = bool(rows)
+        self.png_button.setEnabled(enabled)
+        self.csv_button.setEnabled(enabled)
+
+    def _on_png_clicked(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export comparison as PNG", "comparison.png", "PNG (*.png)")
+        if path:
+            self.export_png(path)
+
+    def _on_csv_clicked(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export comparison as CSV", "comparison.csv", "CSV (*.csv)")
+        if path:
+            self.export_csv(path)

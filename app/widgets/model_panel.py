@@ -1,0 +1,200 @@
+"""Model panel: presets with search, the packaged MiniLM, a local folder (button or drag-and-drop),
+recent models, and the chosen model's facts (computed off the GUI thread, cached)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+                               QListWidgetItem, QPushButton, QVBoxLayout)
+
+from app.state import AppState
+from app.widgets.common import note_label
+from app.worker import TaskRunner
+from engine import models
+
+_MAX_RECENT = 8
+_ROLE_NAME = Qt.ItemDataRole.UserRole
+
+
+def _facts_key(profile) -> tuple:
+    return (profile.model, profile.mode, profile.task, profile.mlp, profile.prune,
+            profile.trust_remote_code)
+
+
+class ModelPanel(QGroupBox):
+    facts_changed = Signal(object)  # ModelFacts | None
+
+    def __init__(self, state: AppState, parent=None) -> None:
+        super().__init__("Model", parent)
+        self._state = state
+        self._cache: dict[tuple, object] = {}
+        self._runner = TaskRunner("model-facts", self)
+        self._runner.result_ready.connect(self._on_facts_ready)
+        self._runner.failed.connect(self._on_facts_failed)
+        self.setAcceptDrops(True)
+
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("Search presets…")
+        self.search.setClearButtonEnabled(True)
+        self.presets = QListWidget()
+        self.presets.setMinimumHeight(120)
+        self.open_button = QPushButton("Open folder…")
+        self.open_button.setToolTip("A folder holding config.json (weights optional). "
+                                    "You can also drop a model folder on this panel.")
+        self.recent = QListWidget()
+        self.recent.setMaximumHeight(64)
+        self.facts = QLabel("…")
+        self.facts.setWordWrap(True)
+        self.facts.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.error = QLabel()
+        self.error.setWordWrap(True)
+        self.error.setStyleSheet("color: #D0342C;")
+        self.error.hide()
+
+        for name in models.list_presets():
+            self._add_item(self.presets, name, name)
+        self._add_item(self.presets, "minilm  (packaged all-MiniLM-L6-v2)", models.MINILM)
+
+        top = QHBoxLayout()
+        top.addWidget(self.search, 1)
+        top.addWidget(self.open_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addWidget(self.presets, 1)
+        layout.addWidget(note_label("Recent"))
+        layout.addWidget(self.recent)
+        layout.addWidget(self.facts)
+        layout.addWidget(self.error)
+
+        self._refresh_recent()
+        self.search.textChanged.connect(self._on_search_changed)
+        self.presets.currentItemChanged.connect(self._on_item_chosen)
+        self.recent.itemActivated.connect(self._on_recent_activated)
+        self.recent.itemClicked.connect(self._on_recent_activated)
+        self.open_button.clicked.connect(self._on_open_clicked)
+        state.profile_changed.connect(self._on_profile_changed)
+        self._on_profile_changed(state.profile)
+
+    # ----- public -------------------------------------------------------------------------
+    def open_folder(self, folder: str | Path) -> None:
+        """Use a local model folder (what the button and drag-and-drop do)."""
+        self._choose(str(Path(folder)))
+
+    def shutdown(self) -> None:
+        self._runner.shutdown()
+
+    @property
+    def current_facts(self):
+        return self._cache.get(_facts_key(self._state.profile))
+
+    # ----- private ------------------------------------------------------------------------
+    @staticmethod
+    def _add_item(widget: QListWidget, text: str, name: str) -> QListWidgetItem:
+        item = QListWidgetItem(text)
+        item.setData(_ROLE_NAME, name)
+        item.setToolTip(name)
+        widget.addItem(item)
+        return item
+
+    def _choose(self, name: str) -> None:
+        if name != self._state.profile.model:
+            self._state.update(model=name)
+        else:
+            self._on_profile_changed(self._state.profile)
+
+    def _on_search_changed(self, text: str) -> None:
+        needle = text.strip().lower()
+        for i in range(self.presets.count()):
+            item = self.presets.item(i)
+            item.setHidden(bool(needle) and needle not in item.text().lower())
+
+    def _on_item_chosen(self, item: QListWidgetItem | None, _previous=None) -> None:
+        if item is not None:
+            self._choose(item.data(_ROLE_NAME))
+
+    def _on_recent_activated(self, item: QListWidgetItem) -> None:
+        self._choose(item.data(_ROLE_NAME))
+
+    def _on_open_clicked(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a model folder (with config.json)")
+        if folder:
+            self.open_folder(folder)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
+        urls = event.mimeData().urls()
+        if urls and urls[0].isLocalFile() and Path(urls[0].toLocalFile()).is_dir():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 - Qt override
+        urls = event.mimeData().urls()
+        if urls and urls[0].isLocalFile():
+            self.open_folder(urls[0].toLocalFile())
+            event.acceptProposedAction()
+
+    def _on_profile_changed(self, profile) -> None:
+        self._select_in_list(profile.model)
+        key = _facts_key(profile)
+        if key in self._cache:
+            self._show_facts(self._cache[key])
+            return
+        self.facts.setText(f"<i>Reading {profile.model}…</i>")
+        self._runner.start(lambda progress, should_stop, p=profile: models.model_facts(p), context=key)
+
+    def _select_in_list(self, name: str) -> None:
+        self.presets.blockSignals(True)
+        try:
+            match = None
+            for i in range(self.presets.count()):
+                if self.presets.item(i).data(_ROLE_NAME) == name:
+                    match = self.presets.item(i)
+            self.presets.setCurrentItem(match)
+            if match is None:
+                self.presets.clearSelection()
+        finally:
+            self.presets.blockSignals(False)
+
+    def _on_facts_ready(self, facts) -> None:
+        key = self._runner.context
+        self._cache[key] = facts
+        if key == _facts_key(self._state.profile):
+            self._show_facts(facts)
+            self._remember(self._state.profile.model)
+
+    def _on_facts_failed(self, message: str) -> None:
+        self.facts.setText(f"<b>{self._state.profile.model}</b>")
+        self.error.setText(message)
+        self.error.show()
+        self._state.show_message("error", message)
+        self.facts_changed.emit(None)
+
+    def _show_facts(self, facts) -> None:
+        self.error.hide()
+        weights = "real weights" if facts.has_weights else "random init (architecture only)"
+        self.facts.setText(
+            f"<b>{facts.name}</b> · {facts.model_type} {facts.family}, head {facts.task}<br>"
+            f"<b>{facts.params / 1e6:,.1f} M</b> parameters · <b>{facts.layers}</b> layers · "
+            f"hidden {facts.hidden_size} · vocab {facts.vocab_size:,}<br>"
+            f"max positions {facts.max_positions or '—'} · {weights}")
+        self.facts_changed.emit(facts)
+
+    def _recent_list(self) -> list[str]:
+        raw = self._state.settings.value("recent/models", "[]")
+        try:
+            names = json.loads(raw) if isinstance(raw, str) else list(raw)
+        except ValueError:
+            names = []
+        return [n for n in names if isinstance(n, str)][:_MAX_RECENT]
+
+    def _remember(self, name: str) -> None:
+        names = [name] + [n for n in self._recent_list() if n != name]
+        self._state.settings.setValue("recent/models", json.dumps(names[:_MAX_RECENT]))
+        self._refresh_recent()
+
+    def _refresh_recent(self) -> None:
+        self.recent.clear()
+        for name in self._recent_list():
+            label = Path(name).name + "  (folder)" if ("/" in name or "\\" in name) else name
+            self._add_item(self.recent, label, name)

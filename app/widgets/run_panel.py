@@ -1,0 +1,248 @@
+"""Measured run: Run / Cancel, progress with step counter and elapsed / remaining time, the OOM
+banner, tokens/s, and the memory timeline (allocated and reserved after each phase of each step).
+
+The run itself happens in a child process (``engine.measure_process``) driven from a TaskRunner
+thread, so an out-of-memory error or a crash cannot take the app down; cancel kills the child.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
+                               QVBoxLayout, QWidget)
+
+from app import engine_bridge
+from app.state import AppState
+from app.widgets.common import byte_unit, make_plot
+from app.worker import TaskRunner
+from engine.units import format_bytes
+
+#: Above this many parameters a CPU run is slow enough to ask first.
+BIG_CPU_MODEL_PARAMS = 50_000_000
+
+
+class RunPanel(QWidget):
+    run_finished = Signal(object)  # MeasureResult (OOM included) or None on failure / cancel
+
+    def __init__(self, state: AppState, parent=None) -> None:
+        super().__init__(parent)
+        self._state = state
+        self._runner = TaskRunner("measure", self)
+        self._started = 0.0
+        self._fraction = 0.0
+        self._profile = None
+        self.ask_before_slow_runs = True  # tests and scripts switch the question off
+
+        self.run_button = QPushButton("Run measurement")
+        self.run_button.setToolTip("Run the profile's steps for real in a child process (Ctrl+R)")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the running measurement (Esc)")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setTextVisible(False)
+        self.step_label = QLabel("Not run yet")
+        self.time_label = QLabel()
+        self.banner = QLabel()
+        self.banner.setObjectName("oom_banner")
+        self.banner.setStyleSheet("background: #D0342C; color: white; font-weight: bold; padding: 6px;"
+                                  " border-radius: 3px;")
+        self.banner.hide()
+        self.result_label = QLabel()
+        self.result_label.setWordWrap(True)
+        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.timeline = make_plot(title="Memory timeline", left="memory", bottom="step")
+        self.timeline.setMinimumHeight(170)
+        item = self.timeline.getPlotItem()
+        item.addLegend(offset=(10, 10), labelTextSize="9pt")
+        self._allocated_curve = item.plot([], [], pen=pg.mkPen("#4C72B0", width=2), symbol="o",
+                                          symbolSize=5, symbolBrush="#4C72B0", name="allocated")
+        self._reserved_curve = item.plot([], [], pen=pg.mkPen("#DD8452", width=2, style=Qt.PenStyle.DashLine),
+                                         name="reserved / RSS")
+
+        self._clock = QTimer(self)
+        self._clock.setInterval(250)
+        self._clock.timeout.connect(self._on_clock)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress, 1)
+        info = QHBoxLayout()
+        info.addWidget(self.step_label, 1)
+        info.addWidget(self.time_label)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(buttons)
+        layout.addLayout(info)
+        layout.addWidget(self.banner)
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.timeline, 1)
+
+        self.run_button.clicked.connect(self._on_run_clicked)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._runner.progress_changed.connect(self._on_progress)
+        self._runner.result_ready.connect(self._on_result)
+        self._runner.failed.connect(self._on_failed)
+        self._runner.status_changed.connect(self._on_status)
+        self._runner.running_changed.connect(self._on_running_changed)
+        state.measured_changed.connect(self._on_measured_changed)
+        if engine_bridge.measure_fn() is None:
+            self.run_button.setEnabled(False)
+            self.run_button.setToolTip("Measuring (engine.measure_process) is not available yet in this build")
+            self.step_label.setText("Measuring is not available yet in this build")
+        self._on_measured_changed(state.current.measured)
+
+    # ----- public -------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._runner.is_running
+
+    def start(self) -> bool:
+        """Start measuring the selected profile (cancelling a running measurement first)."""
+        fn = engine_bridge.measure_fn()
+        if fn is None:
+            self._state.show_message("warning", "Measuring is not available yet in this build.")
+            return False
+        profile = self._state.profile
+        if not self._preflight(profile):
+            return False
+        self._runner.cancel()
+        self._profile = profile
+        self._started = time.monotonic()
+        self._fraction = 0.0
+        self.banner.hide()
+        self.result_label.setText("")
+        self.progress.setValue(0)
+        self.step_label.setText(f"Starting {profile.name} on {profile.target}…")
+        self._runner.start(lambda progress, should_stop:
+                           fn(profile, progress=progress, should_stop=should_stop), context=profile)
+        return True
+
+    def cancel(self) -> None:
+        if self._runner.is_running:
+            self._runner.cancel()
+
+    def shutdown(self) -> None:
+        self._runner.shutdown()
+
+    # ----- private ------------------------------------------------------------------------
+    def _preflight(self, profile) -> bool:
+        if profile.target == "cuda":
+            torch = sys.modules.get("torch")
+            if torch is not None and not torch.cuda.is_available():
+                self._state.show_message(
+                    "warning", "This machine has no CUDA GPU: switch the target to CPU to measure here, "
+                               "or run `headroom measure PROFILE.json` on the GPU machine.")
+                return False
+        est = self._state.current.estimate
+        if (profile.target == "cpu" and self.ask_before_slow_runs and est is not None
+                and est.params > BIG_CPU_MODEL_PARAMS):
+            answer = QMessageBox.question(
+                self, "Slow run on CPU",
+                f"{profile.model} has {est.params / 1e6:,.0f} M parameters; {profile.steps} steps of "
+                f"batch {profile.batch} × {profile.seq} tokens on this CPU may take minutes. Run anyway?")
+            return answer == QMessageBox.StandardButton.Yes
+        return True
+
+    def _on_run_clicked(self) -> None:
+        self.start()
+
+    def _on_running_changed(self, running: bool) -> None:
+        self.cancel_button.setEnabled(running)
+        self.run_button.setText("Restart measurement" if running else "Run measurement")
+        if running:
+            self._clock.start()
+        else:
+            self._clock.stop()
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        self._fraction = max(0.0, min(1.0, fraction))
+        self.progress.setValue(int(self._fraction * 1000))
+        steps = self._profile.steps if self._profile is not None else 0
+        m = re.search(r"step\s+(\d+)\s*(?:/|of)\s*(\d+)", message or "")
+        if m:
+            counter = f"step {m.group(1)}/{m.group(2)}"
+        elif steps:
+            counter = f"step {min(steps, int(self._fraction * steps) + 1)}/{steps}"
+        else:
+            counter = ""
+        self.step_label.setText(f"{counter} · {message}" if counter and message else (message or counter))
+        self._on_clock()
+
+    def _on_clock(self) -> None:
+        elapsed = time.monotonic() - self._started
+        text = f"elapsed {elapsed:.1f} s"
+        if 0.02 < self._fraction < 1.0:
+            text += f" · ~{elapsed * (1 - self._fraction) / self._fraction:.0f} s left"
+        self.time_label.setText(text)
+
+    def _on_status(self, status: str) -> None:
+        if status == "cancelled":
+            self.step_label.setText("Cancelled")
+            self.progress.setValue(0)
+            self.run_finished.emit(None)
+
+    def _on_result(self, result) -> None:
+        self.progress.setValue(1000)
+        self._state.set_measured(self._runner.context, result)
+        self.run_finished.emit(result)
+
+    def _on_failed(self, message: str) -> None:
+        self.progress.setValue(0)
+        self.step_label.setText("Run failed")
+        self.result_label.setText(f"<span style='color:#D0342C'>{message}</span>")
+        self._state.set_measured(self._runner.context, None, error=message)
+        self._state.show_message("error", f"Measured run failed: {message}")
+        self.run_finished.emit(None)
+
+    def _on_measured_changed(self, result) -> None:
+        if result is None:
+            self._allocated_curve.setData([], [])
+            self._reserved_curve.setData([], [])
+            if not self._runner.is_running:
+                self.banner.hide()
+                error = self._state.current.measure_error
+                self.result_label.setText(f"<span style='color:#D0342C'>{error}</span>" if error else "")
+            return
+        self.time_label.setText(f"took {result.elapsed_s:.1f} s")
+        if result.oom:
+            phase = f" ({result.oom_phase})" if result.oom_phase else ""
+            self.banner.setText(f"Out of memory at step {result.oom_step}{phase}")
+            self.banner.show()
+            self.step_label.setText("Out of memory")
+        else:
+            self.banner.hide()
+            self.step_label.setText(f"Done: {result.steps} steps on {result.device_name or result.device}")
+        lines = [f"Peak allocated <b>{format_bytes(result.peak_allocated_bytes)}</b> · reserved "
+                 f"{format_bytes(result.peak_reserved_bytes)}"
+                 + (f" · device used {format_bytes(result.device_used_bytes)}" if result.device_used_bytes else "")]
+        if not result.oom:
+            lines.append(f"<b>{result.tokens_per_s:,.0f}</b> tokens/s ({result.useful_tokens_per_s:,.0f} "
+                         f"without padding) · step {result.step_time_s * 1000:,.0f} ms")
+        self.result_label.setText("<br>".join(lines))
+        points = list(result.timeline)
+        if points:
+            top = max(max(p.allocated_bytes, p.reserved_bytes) for p in points)
+            unit, scale = byte_unit(top)
+            xs = []
+            per_step: dict[int, int] = {}
+            for p in points:
+                per_step[p.step] = per_step.get(p.step, 0) + 1
+            seen: dict[int, int] = {}
+            for p in points:  # spread a step's phases over [step, step + 1)
+                k = seen.get(p.step, 0)
+                seen[p.step] = k + 1
+                xs.append(p.step + k / max(1, per_step[p.step]))
+            self._allocated_curve.setData(xs, [p.allocated_bytes / scale for p in points])
+            self._reserved_curve.setData(xs, [p.reserved_bytes / scale for p in points])
+            self.timeline.getPlotItem().setLabel("left", f"memory ({unit})")
+        else:
+            self._allocated_curve.setData([], [])
+            self._reserved_curve.setData([], [])

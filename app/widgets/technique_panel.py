@@ -1,0 +1,249 @@
+"""Technique panel: every technique of DESIGN.md as a group of switches and parameters, each with
+the engine's own explanation (tooltip and a side note). Edits go to the AppState at once; the
+estimate is debounced downstream."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel,
+                               QScrollArea, QSpinBox, QVBoxLayout, QWidget)
+
+from app import engine_bridge
+from app.state import AppState
+from app.widgets.common import note_label
+from engine import models
+from engine.profile import PADDINGS, PRECISIONS
+
+_PRECISION_LABELS = {"fp32": "fp32 (off)", "fp16-amp": "fp16 autocast + GradScaler",
+                     "bf16-amp": "bf16 autocast", "fp16": "pure fp16 weights", "bf16": "pure bf16 weights"}
+_PADDING_LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
+                   "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
+
+
+def _spin(low: int, high: int, step: int = 1, special: str = "") -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setKeyboardTracking(False)  # commit on Enter / focus out, not on every keystroke
+    box.setAccelerated(True)
+    if special:
+        box.setSpecialValueText(special)
+    return box
+
+
+def _combo(items: dict[str, str]) -> QComboBox:
+    box = QComboBox()
+    for value, label in items.items():
+        box.addItem(label, value)
+    return box
+
+
+class TechniquePanel(QScrollArea):
+    """All run settings and techniques, grouped; one explanation per technique."""
+
+    def __init__(self, state: AppState, parent=None) -> None:
+        super().__init__(parent)
+        self._state = state
+        self._updating = False
+        self._explanations = engine_bridge.explanations()
+        self.groups: dict[str, QGroupBox] = {}
+        inner = QWidget()
+        self._layout = QVBoxLayout(inner)
+        self._layout.setContentsMargins(4, 4, 4, 4)
+        self.setWidget(inner)
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setMinimumWidth(340)
+
+        # --- the run itself -----------------------------------------------------------------
+        self.mode = _combo({"train": "Training step", "infer": "Inference (forward only)"})
+        self.batch = _spin(1, 65536)
+        self.seq = _spin(1, 1 << 20, 64)
+        self.optimizer = _combo({"adamw": "AdamW", "sgd": "SGD"})
+        self.steps = _spin(1, 1000)
+        self._group("run", "Run", None, [("Mode", self.mode), ("Batch size", self.batch),
+                                          ("Sequence length", self.seq), ("Optimizer", self.optimizer),
+                                          ("Measured steps", self.steps)])
+        # --- techniques ---------------------------------------------------------------------
+        self.padding = _combo({k: _PADDING_LABELS[k] for k in PADDINGS})
+        self.pad_multiple = _spin(1, 1024, 8, "off")
+        self.pad_multiple.setMinimum(1)
+        self.max_tokens = _spin(0, 1 << 24, 512, "batch × seq")
+        self._group("padding", "Padding and batching", "padding",
+                    [("Strategy", self.padding), ("Pad to multiple of", self.pad_multiple),
+                     ("Tokens per batch", self.max_tokens)])
+        self.precision = _combo({k: _PRECISION_LABELS[k] for k in PRECISIONS})
+        self._group("amp", "Mixed precision (AMP)", "amp", [("Precision", self.precision)])
+        self.checkpointing = QCheckBox("Recompute activations in backward")
+        self.checkpoint_every = _spin(1, 128)
+        self._group("checkpointing", "Gradient checkpointing", "checkpointing",
+                    [("", self.checkpointing), ("Every k-th layer", self.checkpoint_every)])
+        self.prune_kind = _combo({"": "off", "unstructured": "Unstructured L1 (masks only)",
+                                  "heads": "Structured: attention heads", "ffn": "Structured: FFN neurons"})
+        self.prune_fraction = QDoubleSpinBox()
+        self.prune_fraction.setRange(0.0, 0.95)
+        self.prune_fraction.setSingleStep(0.05)
+        self.prune_fraction.setDecimals(2)
+        self.prune_fraction.setKeyboardTracking(False)
+        self._group("pruning", "Pruning", "pruning",
+                    [("Kind", self.prune_kind), ("Fraction removed", self.prune_fraction)])
+        self.micro_batches = _spin(1, 4096, 1)
+        self.chunk_input = _spin(0, 1 << 20, 128, "off")
+        self.ffn_chunks = _spin(1, 1024, 1)
+        self._group("chunking", "Chunking", "chunking",
+                    [("Micro-batches (training)", self.micro_batches),
+                     ("Input windows (inference)", self.chunk_input),
+                     ("Feed-forward chunks", self.ffn_chunks)])
+        self.attn = _combo({"sdpa": "Dense SDPA", "eager": "Dense eager", "local": "Sliding window (local)"})
+        self.window = _spin(1, 1 << 20, 64)
+        self.window.setValue(256)
+        self._group("attention", "Sparse / local attention", "attention",
+                    [("Attention", self.attn), ("Window W", self.window)])
+        self.geglu = QCheckBox("Gated GeGLU MLP (matched parameters)")
+        self._group("geglu", "GeGLU", "geglu", [("", self.geglu)])
+        self.teacher = QComboBox()
+        self.teacher.setEditable(True)
+        self.teacher.addItem("")
+        self.teacher.addItems(models.list_presets())
+        self.teacher.lineEdit().setPlaceholderText("off (no teacher)")
+        self._group("distillation", "Knowledge distillation", "distillation", [("Teacher", self.teacher)])
+        self.alloc = _combo({"default": "Default caching allocator", "expandable": "Expandable segments",
+                             "pool": "Pre-reserved pool"})
+        self.pool_gib = QDoubleSpinBox()
+        self.pool_gib.setRange(0.25, 1024)
+        self.pool_gib.setSuffix(" GiB")
+        self.pool_gib.setKeyboardTracking(False)
+        self.pool_gib.setValue(4.0)
+        self._group("allocator", "Memory pooling (allocator)", "allocator",
+                    [("Allocator", self.alloc), ("Pool size", self.pool_gib)])
+        self._layout.addStretch(1)
+
+        self._connect()
+        state.profile_changed.connect(self._on_profile_changed)
+        self._on_profile_changed(state.profile)
+
+    # ----- building -------------------------------------------------------------------------
+    def _group(self, key: str, title: str, explain: str | None, rows: list[tuple[str, QWidget]]) -> None:
+        box = QGroupBox(title)
+        form = QFormLayout(box)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        for label, widget in rows:
+            if label:
+                form.addRow(label, widget)
+            else:
+                form.addRow(widget)
+        if explain:
+            text = self._explanations.get(explain, "")
+            box.setToolTip(f"<p>{text}</p>")
+            note = note_label(text)
+            note.setObjectName(f"explain_{explain}")
+            form.addRow(note)
+        self.groups[key] = box
+        self._layout.addWidget(box)
+
+    def _connect(self) -> None:
+        def edit(signal, fn: Callable[[], dict[str, Any]]) -> None:
+            signal.connect(lambda *_: self._on_edited(fn()))
+
+        edit(self.mode.currentIndexChanged, lambda: {"mode": self.mode.currentData(), **self._mode_fixes()})
+        edit(self.batch.valueChanged, lambda: {"batch": self.batch.value()})
+        edit(self.seq.valueChanged, lambda: {"seq": self.seq.value()})
+        edit(self.optimizer.currentIndexChanged, lambda: {"optimizer": self.optimizer.currentData()})
+        edit(self.steps.valueChanged, lambda: {"steps": self.steps.value()})
+        edit(self.padding.currentIndexChanged, lambda: {"padding": self.padding.currentData()})
+        edit(self.pad_multiple.valueChanged, lambda: {"pad_multiple": self.pad_multiple.value()})
+        edit(self.max_tokens.valueChanged, lambda: {"max_tokens": self.max_tokens.value()})
+        edit(self.precision.currentIndexChanged, lambda: {"precision": self.precision.currentData()})
+        edit(self.checkpointing.toggled, lambda: {"checkpointing": self.checkpointing.isChecked()})
+        edit(self.checkpoint_every.valueChanged, lambda: {"checkpoint_every": self.checkpoint_every.value()})
+        edit(self.prune_kind.currentIndexChanged, self._prune_value)
+        edit(self.prune_fraction.valueChanged, self._prune_value)
+        edit(self.micro_batches.valueChanged, lambda: {"micro_batches": self.micro_batches.value()})
+        edit(self.chunk_input.valueChanged, lambda: {"chunk_input": self.chunk_input.value()})
+        edit(self.ffn_chunks.valueChanged, lambda: {"ffn_chunks": self.ffn_chunks.value()})
+        edit(self.attn.currentIndexChanged, self._attn_value)
+        edit(self.window.valueChanged, self._attn_value)
+        edit(self.geglu.toggled, lambda: {"mlp": "geglu" if self.geglu.isChecked() else "default"})
+        self.teacher.activated.connect(lambda *_: self._on_edited({"distill_from": self.teacher.currentText().strip()}))
+        self.teacher.lineEdit().editingFinished.connect(
+            lambda: self._on_edited({"distill_from": self.teacher.currentText().strip()}))
+        edit(self.alloc.currentIndexChanged, self._alloc_value)
+        edit(self.pool_gib.valueChanged, self._alloc_value)
+
+    # ----- values ---------------------------------------------------------------------------
+    def _mode_fixes(self) -> dict[str, Any]:
+        """Switching mode turns off what the other mode cannot do, instead of refusing the switch."""
+        if self.mode.currentData() == "infer":
+            return {"micro_batches": 1, "distill_from": ""}
+        return {"chunk_input": 0}
+
+    def _prune_value(self) -> dict[str, Any]:
+        kind = self.prune_kind.currentData()
+        fraction = self.prune_fraction.value()
+        if not kind:
+            return {"prune": ""}
+        if fraction <= 0:
+            fraction = 0.25
+        return {"prune": f"{kind}:{fraction:.2f}"}
+
+    def _attn_value(self) -> dict[str, Any]:
+        kind = self.attn.currentData()
+        return {"attn": f"local:{self.window.value()}" if kind == "local" else kind}
+
+    def _alloc_value(self) -> dict[str, Any]:
+        kind = self.alloc.currentData()
+        return {"alloc": f"pool:{self.pool_gib.value():g}GiB" if kind == "pool" else kind}
+
+    def _on_edited(self, changes: dict[str, Any]) -> None:
+        if self._updating:
+            return
+        if not self._state.update(**changes):
+            self._on_profile_changed(self._state.profile)  # put the widgets back to what holds
+
+    def _on_profile_changed(self, p) -> None:
+        self._updating = True
+        try:
+            def set_combo(box: QComboBox, value: Any) -> None:
+                i = box.findData(value)
+                if i >= 0:
+                    box.setCurrentIndex(i)
+
+            set_combo(self.mode, p.mode)
+            self.batch.setValue(p.batch)
+            self.seq.setValue(p.seq)
+            set_combo(self.optimizer, p.optimizer)
+            self.steps.setValue(p.steps)
+            set_combo(self.padding, p.padding)
+            self.pad_multiple.setValue(p.pad_multiple)
+            self.max_tokens.setValue(p.max_tokens)
+            self.max_tokens.setEnabled(p.padding == "token-budget")
+            self.pad_multiple.setEnabled(p.padding != "fixed")
+            set_combo(self.precision, p.precision)
+            self.checkpointing.setChecked(p.checkpointing)
+            self.checkpoint_every.setValue(p.checkpoint_every)
+            self.checkpoint_every.setEnabled(p.checkpointing)
+            set_combo(self.prune_kind, p.prune_kind)
+            if p.prune:
+                self.prune_fraction.setValue(p.prune_fraction)
+            self.prune_fraction.setEnabled(bool(p.prune))
+            self.micro_batches.setValue(p.micro_batches)
+            self.chunk_input.setValue(p.chunk_input)
+            self.micro_batches.setEnabled(p.mode == "train")
+            self.chunk_input.setEnabled(p.mode == "infer")
+            self.ffn_chunks.setValue(p.ffn_chunks)
+            set_combo(self.attn, "local" if p.local_window else p.attn)
+            if p.local_window:
+                self.window.setValue(p.local_window)
+            self.window.setEnabled(bool(p.local_window))
+            self.geglu.setChecked(p.mlp == "geglu")
+            self.teacher.setCurrentText(p.distill_from)
+            self.teacher.setEnabled(p.mode == "train")
+            set_combo(self.alloc, "pool" if p.alloc.lower().startswith("pool:") else p.alloc)
+            if p.alloc_pool_bytes:
+                self.pool_gib.setValue(p.alloc_pool_bytes / 1024**3)
+            self.pool_gib.setEnabled(p.alloc_pool_bytes > 0)
+            self.checkpointing.setEnabled(p.mode == "train")
+        finally:
+            self._updating = False
