@@ -1,0 +1,200 @@
+"""Estimators: peak GPU memory of a profile's measured run, predicted without a GPU.
+
+    result = estimate(profile)                      # "auto": traced where fast enough, else analytic
+    result = estimate(profile, method="analytic")   # formulas, milliseconds (analytic.py)
+    result = estimate(profile, method="traced")     # one step on meta tensors, seconds (traced.py)
+
+Both predict exactly what ``engine.measure`` reports (DESIGN.md, "What measured means"):
+``torch.cuda.max_memory_allocated()`` over the steps minus what was allocated before the model
+(``peak_allocated_bytes``), ``max_memory_reserved()`` (the caching allocator model,
+``allocator.py``) and the device's used memory (reserved + CUDA context, ``device.py``).
+
+The peak comes from the largest batch the padding strategy can produce: ``fixed`` gives
+(batch, seq); the other strategies' batch shapes come from the dataset's token lengths
+(``engine.batching``), and the shape with the largest estimated memory is reported in
+``peak_batch_shape``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable
+
+from engine.errors import BadInput, Cancelled
+from engine.profile import Profile
+from engine.results import EstimateResult, LayerBytes
+
+METHODS = ("auto", "analytic", "traced")
+
+#: "auto" uses the traced estimator up to this many parameters x tokens (about 5 s on 2 cores).
+TRACED_BUDGET = 2.0e12
+
+
+def _progress(progress, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(fraction, message)
+
+
+def _check_stop(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("estimate cancelled")
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_lengths(dataset: str, text_column: str, model: str, trust: bool) -> tuple[int, ...]:
+    from engine import data
+
+    profile = Profile(dataset=dataset, text_column=text_column, model=model,
+                      trust_remote_code=trust)
+    texts = data.load_texts(dataset, text_column)
+    tok = data.tokenizer_for(profile)
+    return tuple(len(ids) for ids in data.tokenize(texts, tok))
+
+
+def batch_candidates(profile: Profile) -> tuple[list[tuple[tuple[int, int], bool]], str]:
+    """(B, T) shapes worth estimating, each with "has padding", and a note on where they come from.
+
+    ``fixed`` padding: (batch, seq), assumed padded (real text shorter than seq is padded and
+    HF then passes an attention mask, which changes the SDPA kernel). Other strategies: the
+    distinct shapes of the batches ``engine.batching`` makes from the dataset's token lengths.
+    """
+    if profile.padding == "fixed":
+        return [((profile.batch, profile.seq), True)], "fixed padding: (batch, seq)"
+    try:
+        from engine import batching
+    except ImportError:  # batching not available: fall back to the largest possible shape
+        return [((profile.batch, profile.seq), True)], "batching unavailable: (batch, seq)"
+    lengths = _dataset_lengths(profile.dataset, profile.text_column, profile.model,
+                               profile.trust_remote_code)
+    if not lengths:
+        raise BadInput(f"dataset {profile.dataset!r} has no texts")
+    plan = batching.plan_batches(lengths, profile)
+    shapes: dict[tuple[int, int], bool] = {}
+    for idx, t in plan:
+        padded = any(min(lengths[i], profile.seq) < t for i in idx)
+        shape = (len(idx), t)
+        shapes[shape] = shapes.get(shape, False) or padded
+    # Keep the Pareto-largest shapes: no other shape has both B and T at least as large.
+    items = sorted(shapes.items(), key=lambda x: (-x[0][0] * x[0][1], -x[0][1]))
+    keep = []
+    for (b, t), padded in items:
+        if not any(b2 >= b and t2 >= t and (b2, t2) != (b, t) for (b2, t2), _ in keep):
+            keep.append(((b, t), padded))
+    return keep[:16], f"{profile.padding} batches over {len(lengths)} texts: {len(plan)} batches"
+
+
+def _device_used(reserved: int, target: str) -> int:
+    from engine.estimate import device
+
+    return reserved + device.constants(target).context_bytes
+
+
+def _layers(outcome_layers: dict[str, int], profile: Profile) -> tuple[LayerBytes, ...]:
+    from engine.estimate.analytic import arch_of
+
+    arch = arch_of(profile)
+    out = []
+    for name, p in zip(arch.layer_names, arch.layer_params):
+        elt = 2 if profile.precision in ("bf16", "fp16") else 4
+        out.append(LayerBytes(name=name, params=p, weight_bytes=p * elt,
+                              activation_bytes=int(outcome_layers.get(name, 0))))
+    return tuple(out)
+
+
+def _analytic(profile: Profile, shapes, should_stop) -> tuple:
+    from engine.estimate import analytic
+
+    best = None
+    for shape, padded in shapes:
+        _check_stop(should_stop)
+        o = analytic.estimate_shape(profile, shape, padded)
+        if best is None or o.peak_allocated > best[0].peak_allocated:
+            best = (o, shape, padded)
+    return best
+
+
+def _traced_reserved(profile: Profile, events) -> int:
+    from engine.estimate import allocator, device
+
+    c = device.constants(profile.target)
+    stats = allocator.simulate(events, expandable=profile.alloc == "expandable",
+                               pool_bytes=profile.alloc_pool_bytes,
+                               small_page=c.expandable_small_page,
+                               large_page=c.expandable_large_page)
+    return stats.peak_reserved
+
+
+def estimate(profile: Profile, method: str = "auto",
+             progress: Callable[[float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> EstimateResult:
+    """Predict the peak memory of the profile's measured run (see module docstring)."""
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    from engine.models import check_profile
+
+    check_profile(profile)
+    _progress(progress, 0.05, "batch shapes")
+    shapes, shape_note = batch_candidates(profile)
+    _check_stop(should_stop)
+    _progress(progress, 0.2, "analytic estimate")
+    a_out, shape, padded = _analytic(profile, shapes, should_stop)
+    if method == "auto":
+        from engine.estimate.analytic import arch_of
+
+        arch = arch_of(profile)
+        work = arch.params * shape[0] * shape[1] * (3 if profile.mode == "train" else 1)
+        method = "traced" if work <= TRACED_BUDGET else "analytic"
+    notes = [shape_note] + list(a_out.notes)
+    from engine.estimate import device
+
+    workspace = device.workspace_bytes(profile.target, profile.mode == "train")
+    if method == "analytic":
+        peak = a_out.peak_allocated
+        result = EstimateResult(
+            method="analytic", peak_allocated_bytes=peak,
+            peak_reserved_bytes=a_out.peak_reserved,
+            device_used_bytes=_device_used(a_out.peak_reserved, profile.target),
+            breakdown=a_out.breakdown, params=a_out.params,
+            layers=_layers(a_out.layer_activations, profile), peak_batch_shape=tuple(shape),
+            peak_phase=a_out.peak_phase, notes=tuple(notes),
+            elapsed_s=time.perf_counter() - started,
+            extra={"padded": padded, "candidates": [list(s) for s, _ in shapes]})
+        _progress(progress, 1.0, "done")
+        return result
+
+    from engine.estimate import traced
+
+    _progress(progress, 0.3, f"tracing one step at {shape[0]}x{shape[1]}")
+    outcome = traced.trace_step(profile, shape, has_padding=padded, should_stop=should_stop)
+    _check_stop(should_stop)
+    _progress(progress, 0.9, "allocator model")
+    events = list(outcome.events)
+    if workspace:
+        # cuBLAS workspaces: allocated at the first matmul of forward and of backward, kept.
+        events = [("__ws0__", workspace // 2 if profile.mode == "train" else workspace)] + events
+        if profile.mode == "train":
+            events.insert(1, ("__ws1__", workspace - workspace // 2))
+    reserved = _traced_reserved(profile, events)
+    breakdown = dict(outcome.breakdown)
+    breakdown["temporaries"] = breakdown.get("temporaries", 0) + workspace
+    peak = outcome.peak_allocated + workspace
+    reserved = max(reserved, peak)
+    if outcome.backends:
+        notes.append("SDPA kernel on CUDA: " + ", ".join(outcome.backends))
+    result = EstimateResult(
+        method="traced", peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
+        device_used_bytes=_device_used(int(reserved), profile.target), breakdown=breakdown,
+        params=outcome.params, layers=_layers(outcome.layer_activations, profile),
+        peak_batch_shape=tuple(shape), peak_phase=outcome.peak_phase, notes=tuple(notes),
+        elapsed_s=time.perf_counter() - started,
+        extra={"padded": padded, "peak_step": outcome.peak_step,
+               "analytic_peak_allocated_bytes": a_out.peak_allocated,
+               "sdpa_backends": list(outcome.backends),
+               "candidates": [list(s) for s, _ in shapes]})
+    _progress(progress, 1.0, "done")
+    return result
+
+
+__all__ = ["estimate", "batch_candidates", "METHODS"]

@@ -1,0 +1,260 @@
+"""A model of PyTorch's CUDA caching allocator: reserved bytes from a sequence of allocations.
+
+Source: ``c10/cuda/CUDACachingAllocator.cpp`` (PyTorch 2.x), its constants and policies:
+
+* requests are rounded up to ``kMinBlockSize`` = 512 bytes (``round_size``);
+* requests of at most ``kSmallSize`` = 1 MiB come from the small pool, carved out of 2 MiB
+  segments (``kSmallBuffer``); larger ones from the large pool, whose new segments are 20 MiB
+  (``kLargeBuffer``) for requests below ``kMinLargeAlloc`` = 10 MiB, else the request rounded up
+  to ``kRoundLarge`` = 2 MiB (``get_allocation_size``);
+* a free cached block is reused best-fit (smallest size >= request, then lowest address); a block
+  is split when the remainder is >= 512 bytes (small pool) or > 1 MiB (large pool)
+  (``should_split``); freed blocks merge with free neighbours of the same segment;
+* nothing is returned to the driver within a run (no ``empty_cache``), so reserved never shrinks;
+* ``expandable_segments:True``: one growing segment per pool, mapped in pages (2 MiB for the small
+  pool, 20 MiB for the large pool: ``ExpandableSegment``'s segment size); blocks never straddle
+  a segment boundary, so fragmentation across segments disappears;
+* ``pool:SIZE`` (Headroom's pre-reserved pool): a SIZE-byte block is allocated and freed before
+  the model, so later large requests are carved from it.
+
+Known limitations: one stream only; ``max_split_size_mb``, ``roundup_power2_divisions`` and
+garbage-collection thresholds are not modelled; no out-of-memory retry (cache flush) is modelled,
+so reserved near the device's capacity is overestimated; the expandable page sizes are read from
+``device.py`` (calibrate there).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Iterable
+
+KMIN_BLOCK = 512
+KSMALL_SIZE = 1 << 20
+KSMALL_BUFFER = 2 << 20
+KLARGE_BUFFER = 20 << 20
+KMIN_LARGE_ALLOC = 10 << 20
+KROUND_LARGE = 2 << 20
+
+
+def round_size(n: int) -> int:
+    """Block size for a request of ``n`` bytes (``round_size``)."""
+    if n < KMIN_BLOCK:
+        return KMIN_BLOCK
+    return -(-n // KMIN_BLOCK) * KMIN_BLOCK
+
+
+def allocation_size(n: int) -> int:
+    """Segment size cudaMalloc'ed when no cached block fits (``get_allocation_size``)."""
+    if n <= KSMALL_SIZE:
+        return KSMALL_BUFFER
+    if n < KMIN_LARGE_ALLOC:
+        return KLARGE_BUFFER
+    return -(-n // KROUND_LARGE) * KROUND_LARGE
+
+
+class _Block:
+    __slots__ = ("addr", "size", "free", "prev", "next", "seg")
+
+    def __init__(self, addr, size, seg):
+        self.addr, self.size, self.seg = addr, size, seg
+        self.free = True
+        self.prev = self.next = None
+
+
+class _Pool:
+    def __init__(self, small: bool):
+        self.small = small
+        self.free: list[tuple[int, int, int]] = []  # sorted (size, addr, id)
+        self.blocks: dict[int, _Block] = {}  # id -> free block
+
+    def insert(self, b: _Block) -> None:
+        bisect.insort(self.free, (b.size, b.addr, id(b)))
+        self.blocks[id(b)] = b
+
+    def remove(self, b: _Block) -> None:
+        key = (b.size, b.addr, id(b))
+        i = bisect.bisect_left(self.free, key)
+        if i < len(self.free) and self.free[i] == key:
+            del self.free[i]
+        self.blocks.pop(id(b), None)
+
+    def best_fit(self, size: int) -> _Block | None:
+        i = bisect.bisect_left(self.free, (size, -1, -1))
+        if i == len(self.free):
+            return None
+        return self.blocks[self.free[i][2]]
+
+
+@dataclass
+class AllocatorStats:
+    peak_allocated: int  # max of sum of live block sizes
+    peak_reserved: int  # max of reserved (segments) bytes
+    segments: int  # segments created (cudaMalloc calls)
+
+
+class CachingAllocator:
+    """Replays malloc/free of a single stream; ``reserved`` is what the driver handed out."""
+
+    def __init__(self, expandable: bool = False, small_page: int = KSMALL_BUFFER,
+                 large_page: int = KLARGE_BUFFER):
+        self.expandable = expandable
+        self.pools = {True: _Pool(True), False: _Pool(False)}
+        self.next_addr = 0
+        self.reserved = 0
+        self.peak_reserved = 0
+        self.allocated = 0
+        self.peak_allocated = 0
+        self.segments = 0
+        self.live: dict[object, _Block] = {}
+        self.pages = {True: small_page, False: large_page}
+        # expandable: per pool, the last block of the growing segment and the mapped end
+        self._exp_tail: dict[bool, _Block | None] = {True: None, False: None}
+        self._exp_mapped: dict[bool, int] = {True: 0, False: 0}
+        self._exp_base: dict[bool, int] = {True: 0, False: 1 << 50}
+
+    # ----- public --------------------------------------------------------------------------
+    def malloc(self, handle: object, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        size = round_size(nbytes)
+        small = size <= KSMALL_SIZE
+        pool = self.pools[small]
+        block = pool.best_fit(size)
+        if block is None:
+            block = self._grow(small, size)
+        else:
+            pool.remove(block)
+        block = self._split(block, size, pool)
+        block.free = False
+        self.live[handle] = block
+        self.allocated += block.size
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+
+    def free(self, handle: object) -> None:
+        block = self.live.pop(handle, None)
+        if block is None:
+            return
+        self.allocated -= block.size
+        block.free = True
+        pool = self.pools[block.seg[0]]
+        for nb in (block.prev, block.next):
+            if nb is not None and nb.free:
+                pool.remove(nb)
+                block = self._merge(block, nb)
+        pool.insert(block)
+
+    def stats(self) -> AllocatorStats:
+        return AllocatorStats(self.peak_allocated, self.peak_reserved, self.segments)
+
+    # ----- internals -----------------------------------------------------------------------
+    def _note_reserved(self, delta: int) -> None:
+        self.reserved += delta
+        if self.reserved > self.peak_reserved:
+            self.peak_reserved = self.reserved
+
+    def _grow(self, small: bool, size: int) -> _Block:
+        if not self.expandable:
+            seg_size = allocation_size(size)
+            self.segments += 1
+            seg = (small, self.segments)
+            block = _Block(self.next_addr, seg_size, seg)
+            self.next_addr += seg_size + (1 << 30)  # segments are not adjacent
+            self._note_reserved(seg_size)
+            return block
+        # Expandable: extend the single segment of this pool, reusing a free tail block.
+        page = self.pages[small]
+        tail = self._exp_tail[small]
+        pool = self.pools[small]
+        seg = (small, 0)
+        if tail is not None and tail.free:
+            pool.remove(tail)
+            need = size - tail.size
+            start_block = tail
+        else:
+            need = size
+            start_block = None
+        end = self._exp_base[small] + self._exp_mapped[small]
+        new_pages = -(-need // page) * page
+        self._exp_mapped[small] += new_pages
+        self._note_reserved(new_pages)
+        if self.segments == 0:
+            self.segments = 1
+        if start_block is not None:
+            start_block.size += new_pages
+            return start_block
+        block = _Block(end, new_pages, seg)
+        block.prev = tail
+        if tail is not None:
+            tail.next = block
+        self._exp_tail[small] = block
+        return block
+
+    def _split(self, block: _Block, size: int, pool: _Pool) -> _Block:
+        remaining = block.size - size
+        small = block.seg[0]
+        if (small and remaining >= KMIN_BLOCK) or (not small and remaining > KSMALL_SIZE):
+            rest = _Block(block.addr + size, remaining, block.seg)
+            rest.prev, rest.next = block, block.next
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            if self.expandable and self._exp_tail[small] is block:
+                self._exp_tail[small] = rest
+            pool.insert(rest)
+        return block
+
+    def _merge(self, a: _Block, b: _Block) -> _Block:
+        first, second = (a, b) if a.addr < b.addr else (b, a)
+        first.size += second.size
+        first.next = second.next
+        if second.next is not None:
+            second.next.prev = first
+        small = first.seg[0]
+        if self.expandable and self._exp_tail[small] is second:
+            self._exp_tail[small] = first
+        first.free = True
+        return first
+
+
+def simulate(events: Iterable[tuple[int, int]], *, expandable: bool = False,
+             pool_bytes: int = 0, small_page: int = KSMALL_BUFFER,
+             large_page: int = KLARGE_BUFFER) -> AllocatorStats:
+    """Replay (id, +bytes) allocations and (id, -bytes) frees; return the peaks.
+
+    ``pool_bytes`` pre-reserves a block of that size (allocated and freed first).
+    """
+    alloc = CachingAllocator(expandable, small_page, large_page)
+    if pool_bytes > 0:
+        alloc.malloc("__pool__", pool_bytes)
+        alloc.free("__pool__")
+        alloc.peak_allocated = alloc.allocated = 0
+    for handle, delta in events:
+        if delta > 0:
+            alloc.malloc(handle, delta)
+        elif delta < 0:
+            alloc.free(handle)
+    return alloc.stats()
+
+
+def reserved_from_sizes(persistent: Iterable[int], transient_peak: Iterable[int], *,
+                        expandable: bool = False, pool_bytes: int = 0,
+                        small_page: int = KSMALL_BUFFER, large_page: int = KLARGE_BUFFER) -> int:
+    """Reserved bytes for the analytic estimator, which knows tensor sizes but not their order.
+
+    ``persistent`` tensors (weights, grads, states) are allocated once and kept; the
+    ``transient_peak`` tensors are those live at the peak, allocated in order after them. Frees
+    are ignored, so cache reuse between phases is assumed perfect (a lower bound for fragmentation).
+    """
+    events = []
+    i = 0
+    for n in persistent:
+        events.append((i, n))
+        i += 1
+    for n in transient_peak:
+        events.append((i, n))
+        i += 1
+    return simulate(events, expandable=expandable, pool_bytes=pool_bytes, small_page=small_page,
+                    large_page=large_page).peak_reserved

@@ -1,0 +1,496 @@
+"""Analytic estimator: peak memory from formulas over the model's shapes and the profile, in ms.
+
+What it counts, for a batch of E = B x T tokens (micro-batch rows when accumulating):
+
+* **weights, gradients, optimizer states** from the built meta model's real parameter tensors
+  (pruned / GeGLU shapes included), each rounded to the allocator's 512-byte blocks on CUDA.
+  AdamW keeps 2 states per parameter in the parameter's dtype (``torch/optim/adamw.py``, lazily
+  created at step 1); SGD (momentum 0, torch's default) keeps none. On CUDA torch defaults to
+  ``foreach=True``: ``_multi_tensor_adam`` allocates ``exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)``,
+  one parameter-group's worth, during the step; on CPU the for-loop allocates one tensor's worth.
+* **activations saved for backward per layer**, itemised tensor by tensor for each family
+  (after Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models", Sec. 4.1, whose 34·s·b·h + 5·a·s²·b per-layer count this generalises to other
+  precisions, GQA, gated MLPs, RMSNorm/LayerNorm and fused attention):
+  Llama/Qwen2-style decoders (RMSNorm upcast to fp32, q/k/v/o, RoPE outputs, SwiGLU g/u/silu/product),
+  GPT-2 (pre-LN, fused c_attn, gelu_new's five saved intermediates, 1-byte dropout masks), BERT
+  (post-LN encoder, GELU, dropout masks). Under autocast each linear saves its own low-precision
+  copy of its input (autocast casts per call; only leaf weights are cached). Attention: fused SDPA
+  (flash / memory-efficient: output + fp32 logsumexp, no T x T; a padded batch's additive mask is
+  converted per layer and kept), or eager (fp32 softmax probabilities, their low-precision copy,
+  dropout mask and output: O(a·T²) per layer).
+* **logits and loss temporaries**: ``ForCausalLMLoss`` / ``ForMaskedLMLoss``
+  (``transformers/loss/loss_utils.py``) upcast logits (``logits.float()``), cross entropy saves its
+  fp32 log-softmax; backward holds that, the nll gradient and the log-softmax gradient
+  (3 x 4·E·V bytes) — often the peak for big vocabularies.
+* **autocast weight copies**: low-precision copies of the weights, cached for the forward.
+* **gradient checkpointing** (every k-th layer): a checkpointed layer keeps its input only; its
+  activations come back during its backward.
+* the **step structure**: step 1's optimizer step (weights + grads + new states + foreach temp) vs
+  step 2's forward/backward (weights + states + activations + gradients growing layer by layer);
+  gradient accumulation keeps gradients through later micro-batches.
+* library workspaces allocated through the caching allocator (``device.py``).
+
+Known limitations: unusual architectures are mapped to the nearest family; per-op transients
+inside a layer's backward are approximated by two MLP-intermediate tensors plus the attention
+kernel's workspace; fragmentation is modelled only through per-tensor segment rounding (the
+traced estimator replays the real order); local attention is modelled as flash-like on CUDA and
+as blocked O(T·2W) on CPU; transformers versions before 4.48 copied shifted logits (not counted).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from engine.estimate import device as dev
+from engine.estimate.allocator import reserved_from_sizes, round_size
+from engine.profile import Profile
+
+_ARCH_FIELDS = ("model", "trust_remote_code", "mode", "task", "prune", "mlp", "precision",
+                "distill_from")
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str  # llama | gpt2 | bert
+    task: str  # causal-lm | masked-lm | classification
+    layers: int  # transformer blocks
+    hidden: int  # model width h
+    heads: int  # query heads a (after pruning)
+    kv_heads: int  # key/value heads
+    head_dim: int  # d
+    ffn: int  # MLP intermediate width f (after pruning; GeGLU's gate width)
+    gated: bool  # gated MLP (SwiGLU / GeGLU)
+    act: str  # silu | gelu | gelu_new
+    vocab: int  # V (classification: labels)
+    attn_dropout: float  # attention probability dropout
+    resid_dropout: float  # hidden dropout
+    params: int  # unique parameters
+    param_tensors: tuple[tuple[int, int], ...]  # (numel, element bytes) per parameter tensor
+    buffer_bytes: int  # buffers (rotary tables, position ids)
+    layer_params: tuple[int, ...]  # parameters per block
+    layer_names: tuple[str, ...]  # module path of each block
+    largest_param: int  # numel of the largest parameter tensor (embedding)
+
+
+def _family(model_type: str, config) -> str:
+    if model_type in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode", "opt", "bloom", "gpt_neox"):
+        return "gpt2"
+    if model_type in ("bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta",
+                      "deberta-v2", "albert", "camembert", "mpnet"):
+        return "bert"
+    if hasattr(config, "num_key_value_heads") or hasattr(config, "rms_norm_eps"):
+        return "llama"
+    from engine.models import family
+
+    return "bert" if family(config) == "encoder" else "gpt2"
+
+
+@functools.lru_cache(maxsize=32)
+def _arch(key: tuple) -> Arch:
+    import torch
+
+    from engine.models import build_model, count_parameters, find_layers, resolve_task
+
+    profile = Profile(**dict(zip(_ARCH_FIELDS, key)))
+    model = build_model(profile, "meta")
+    config = model.config
+    task = resolve_task(profile, config)
+    fam = _family(config.model_type, config)
+    path, layers = find_layers(model)
+    h = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+            or getattr(config, "dim"))
+    a_cfg = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head"))
+    d = int(getattr(config, "head_dim", None) or h // a_cfg)
+    kv_cfg = int(getattr(config, "num_key_value_heads", None) or a_cfg)
+    # Shapes of the first block's projections (pruning changes them).
+    q_out = kv_out = ffn = None
+    gated = False
+    for name, mod in layers[0].named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        conv1d = type(mod).__name__ == "Conv1D"
+        out_f = w.shape[1] if conv1d else w.shape[0]
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "query", "q_lin"):
+            q_out = out_f
+        elif leaf in ("k_proj", "key", "k_lin"):
+            kv_out = out_f
+        elif leaf == "c_attn":
+            q_out = out_f // 3
+            kv_out = out_f // 3
+        elif leaf in ("gate_proj", "w1", "wi_0"):
+            gated = True
+            ffn = out_f
+        elif leaf in ("up_proj", "c_fc", "fc1", "w3", "lin1") or name.endswith("intermediate.dense"):
+            ffn = ffn or out_f
+        elif "geglu" in name.lower() or "gate" in leaf:
+            gated = True
+    heads = max(1, (q_out or a_cfg * d) // d)
+    kv = max(1, (kv_out or kv_cfg * d) // d)
+    ffn = int(ffn or getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+              or 4 * h)
+    if profile.mlp == "geglu":
+        gated = True
+    act = str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "gelu"))
+    if "silu" in act or "swish" in act:
+        act = "silu"
+    elif act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        act = "gelu_new" if act == "gelu_new" else "gelu"
+    else:
+        act = "gelu"
+    if profile.mlp == "geglu":
+        act = "gelu"
+    attn_drop = float(getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", 0.0)
+                      or getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
+    resid_drop = float(getattr(config, "resid_pdrop", None) or getattr(config, "hidden_dropout_prob", 0.0)
+                       or getattr(config, "hidden_dropout", 0.0) or 0.0)
+    vocab = 2 if task == "classification" else int(getattr(config, "vocab_size", 0))
+    seen: set[int] = set()
+    tensors = []
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        tensors.append((p.numel(), p.element_size()))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    layer_params = tuple(sum(p.numel() for p in blk.parameters()) for blk in layers)
+    return Arch(family=fam, task=task, layers=len(layers), hidden=h, heads=heads, kv_heads=kv,
+                head_dim=d, ffn=ffn, gated=gated, act=act, vocab=vocab, attn_dropout=attn_drop,
+                resid_dropout=resid_drop, params=count_parameters(model),
+                param_tensors=tuple(tensors), buffer_bytes=buffers, layer_params=layer_params,
+                layer_names=tuple(f"{path}.{i}" for i in range(len(layers))),
+                largest_param=max(n for n, _ in tensors))
+
+
+def arch_of(profile: Profile, teacher: bool = False) -> Arch:
+    if teacher:
+        profile = profile.replace(model=profile.distill_from, prune="", mlp="default",
+                                  distill_from="")
+    return _arch(tuple(getattr(profile, f) for f in _ARCH_FIELDS))
+
+
+def _r(n: float, cuda: bool) -> int:
+    n = int(n)
+    return round_size(n) if (cuda and n > 0) else n
+
+
+@dataclass
+class LayerCost:
+    saved: list[int]  # tensors saved for backward (bytes, each)
+    fwd_transient: int  # extra bytes alive inside the layer's forward (beyond saved)
+    bwd_transient: int  # extra bytes alive inside the layer's backward
+
+
+def _attention(arch: Arch, b: int, t: int, e: int, cuda: bool, attn: str, padded: bool,
+               training: bool, window: int, half: bool) -> tuple[list[int], int, int]:
+    """Saved tensors, forward transient and backward workspace of one attention call."""
+    a, k, d = arch.heads, arch.kv_heads, arch.head_dim
+    E = b * t
+    drop = arch.attn_dropout if training else 0.0
+    saved: list[int] = []
+    eager = attn == "eager" or (not cuda and drop > 0)  # CPU SDPA with dropout -> math
+    kv_rep = k != a and (padded or eager)  # repeat_kv copies (mask or eager path)
+    if kv_rep:
+        saved += [E * a * d * e, E * a * d * e]  # expanded k, v
+    if window and cuda:
+        eager = False
+    if eager:
+        s = window * 2 if window else t
+        probs = b * a * t * s
+        fwd = probs * e * 2  # scores and scaled/masked scores
+        saved.append(probs * 4)  # fp32 softmax output (upcast on CUDA autocast / fp32)
+        if e != 4:
+            saved.append(probs * e)  # cast back to the value dtype
+        if drop > 0:
+            saved += [probs * 1 if cuda else probs * e, probs * e]  # mask, dropped probs
+        saved.append(E * a * d * e)  # attention output (b, T, a, d)
+        bwd = probs * 4 * 2
+        return saved, fwd, bwd
+    # fused kernels
+    flash = cuda and half and not padded
+    saved.append(E * a * d * e)  # output
+    saved.append(b * a * (t if flash else -(-t // 32) * 32) * 4)  # logsumexp
+    if not cuda:
+        saved[-1] = b * a * t * 4
+    if padded and cuda:  # additive mask in q dtype, columns padded to 16, per layer
+        saved.append(b * t * (-(-t // 16) * 16) * e)
+    elif padded:
+        saved.append(b * t * t * e)
+    if flash:
+        t128 = -(-t // 128) * 128
+        dr = -(-d // 32) * 32
+        bwd = b * t128 * a * dr * 4 + b * a * t128 * 4
+    elif cuda and half:
+        bwd = E * a * d * 4
+    else:
+        bwd = 0
+    if k != a and not kv_rep:
+        bwd += 2 * E * a * d * e  # expanded dk/dv before the group sum
+    return saved, 0, bwd
+
+
+def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str, padded: bool,
+               training: bool, window: int = 0) -> LayerCost:
+    """Bytes one transformer block saves for backward (train) and its transients."""
+    amp = precision in ("bf16-amp", "fp16-amp")
+    half = precision != "fp32"
+    e = 2 if half else 4  # compute dtype bytes
+    r = 2 if precision in ("bf16", "fp16") else 4  # residual stream bytes
+    E = b * t
+    h, f = arch.hidden, arch.ffn
+    a, k, d = arch.heads, arch.kv_heads, arch.head_dim
+    hq, hk = a * d, k * d
+    drop = arch.resid_dropout if training else 0.0
+    mask_b = 1 if cuda else r  # CUDA fused dropout saves a bool mask
+    saved: list[int] = []
+
+    def lin_in(n_linears: int, width: int = h, in_bytes: int = r) -> list[int]:
+        # Autocast: every linear saves its own low-precision copy of a float32 input.
+        if amp and in_bytes == 4:
+            return [E * width * 2] * n_linears
+        return [E * width * in_bytes]
+
+    attn_saved, attn_fwd, attn_bwd = _attention(arch, b, t, e, cuda, attn, padded, training,
+                                               window, half)
+    if arch.family == "llama":
+        def rms() -> list[int]:
+            out = [E * h * r, E * h * 4]  # input, normalised fp32
+            if r != 4:
+                out += [E * h * 4, E * h * r]  # fp32 upcast of the input, cast back
+            return out
+        saved += rms() + lin_in(3)
+        saved += [E * hq * e, E * hk * e, E * hk * e]  # q (RoPE), k (RoPE), v
+        saved += attn_saved
+        saved += rms() + lin_in(2)
+        n_mlp = 4 if arch.gated else 2
+        saved += [E * f * e] * n_mlp  # gate, up, act(gate), product
+    elif arch.family == "gpt2":
+        saved += [E * h * r] + lin_in(1)  # ln_1 input, c_attn input
+        saved.append(E * 3 * h * e)  # c_attn output (q, k, v views)
+        saved += attn_saved
+        if drop:
+            saved.append(E * h * mask_b)
+        saved += [E * h * r] + lin_in(1)  # ln_2 input, c_fc input
+        if arch.gated:
+            saved += [E * f * e] * 4
+        elif arch.act == "gelu_new":
+            per = {4: 20, 2: 10}[e] if not amp else 18  # pow/tanh/0.5x/(1+tanh)/product
+            saved.append(E * f * per)
+        else:
+            saved += [E * f * e, E * f * e]
+        if drop:
+            saved.append(E * h * mask_b)
+    else:  # bert: post-LN encoder
+        saved += lin_in(3)  # q, k, v inputs
+        saved += [E * h * e] * 3  # q, k, v
+        saved += attn_saved
+        if drop:
+            saved.append(E * h * mask_b)
+        saved += [E * h * r] + lin_in(1)  # LN1 input, intermediate input
+        if arch.gated:
+            saved += [E * f * e] * 4
+        else:
+            saved += [E * f * e, E * f * e]  # intermediate out, GELU out
+        if drop:
+            saved.append(E * h * mask_b)
+        saved.append(E * h * r)  # LN2 input
+    saved = [_r(x, cuda) for x in saved if x > 0]
+    fwd_transient = _r(attn_fwd, cuda) + _r(E * f * e, cuda) + _r(E * h * 4, cuda)
+    bwd_transient = _r(attn_bwd, cuda) + 2 * _r(E * f * e, cuda) + _r(E * h * 4, cuda)
+    return LayerCost(saved=saved, fwd_transient=fwd_transient, bwd_transient=bwd_transient)
+
+
+@dataclass
+class AnalyticOutcome:
+    peak_allocated: int
+    peak_reserved: int
+    breakdown: dict[str, int]
+    peak_phase: str
+    layer_activations: dict[str, int]
+    params: int
+    notes: list[str]
+
+
+def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training: bool):
+    """(saved for backward, forward transient at the loss, backward transient at the loss)."""
+    amp = precision in ("bf16-amp", "fp16-amp")
+    half = precision != "fp32"
+    e = 2 if half else 4
+    r = 2 if precision in ("bf16", "fp16") else 4
+    E = b * t
+    h, V = arch.hidden, arch.vocab
+    saved = []
+    # embeddings: sum of token/position embeddings, dropout mask, (bert) LayerNorm input
+    if arch.family == "gpt2" and arch.resid_dropout and training:
+        saved.append(E * h * (1 if cuda else r))
+    if arch.family == "bert":
+        saved.append(E * h * r)
+        if arch.resid_dropout and training:
+            saved.append(E * h * (1 if cuda else r))
+    # final norm + lm_head input
+    if arch.family in ("llama", "gpt2"):
+        saved += [E * h * r, E * h * 4] if arch.family == "llama" else [E * h * r]
+        saved.append(E * h * (2 if amp else r))
+    if arch.task == "masked-lm" and arch.family == "bert":
+        saved += [E * h * (2 if amp else r), E * h * e, E * h * e, E * h * 4, E * h * (2 if amp else r)]
+    if arch.task == "classification":
+        logits = b * V * 4
+        return [_r(x, cuda) for x in saved], _r(logits, cuda) * 3, _r(logits, cuda) * 3
+    logits_e = e if (amp or half) else 4
+    x1 = _r(E * V * logits_e, cuda)
+    x32 = _r(E * V * 4, cuda)
+    if not training:
+        return [_r(x, cuda) for x in saved], x1, 0
+    fwd = x1 + (x32 if logits_e != 4 else 0) + x32  # logits, fp32 upcast, log-softmax
+    bwd = 3 * x32  # saved log-softmax, nll grad, log-softmax grad
+    saved = [_r(x, cuda) for x in saved]
+    return saved, fwd, bwd
+
+
+def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool = True) -> AnalyticOutcome:
+    """Peak memory of the measured protocol for one (B, T) batch shape."""
+    cuda = profile.target == "cuda"
+    arch = arch_of(profile)
+    training = profile.mode == "train"
+    precision = profile.precision
+    amp = precision in ("bf16-amp", "fp16-amp")
+    notes: list[str] = []
+    B, T = batch_shape
+    m = max(1, min(profile.micro_batches, B)) if training else 1
+    b = -(-B // m)
+    t = T if training or not profile.chunk_input else min(profile.chunk_input, T)
+    window = profile.local_window
+    attn = "eager" if profile.attn == "eager" else "sdpa"
+
+    # ----- persistent state --------------------------------------------------------------
+    weights_list = [_r(n * s, cuda) for n, s in arch.param_tensors]
+    weights = sum(weights_list) + _r(arch.buffer_bytes, cuda)
+    if profile.prune_kind == "unstructured":
+        weights += sum(weights_list[i] for i, (n, s) in enumerate(arch.param_tensors)
+                       if n != arch.largest_param)  # weight_orig + mask per pruned weight
+        notes.append("unstructured pruning keeps dense weights plus a mask: no memory saved")
+    teacher_w = 0
+    t_arch = None
+    if profile.distill_from and training:
+        t_arch = arch_of(profile, teacher=True)
+        t_elt = 2 if precision in ("bf16", "fp16") else 4
+        teacher_w = sum(_r(n * t_elt, cuda) for n, _ in t_arch.param_tensors)
+    grads_list = weights_list
+    grads = sum(grads_list) if training else 0
+    states = 0
+    opt_temp = 0
+    if training and profile.optimizer == "adamw":
+        states = 2 * sum(weights_list)
+        opt_temp = sum(weights_list) if cuda else 2 * _r(arch.largest_param * 4, cuda)
+    inputs = 3 * _r(B * T * 8, cuda) if training else 2 * _r(B * t * 8, cuda)
+    workspace = dev.workspace_bytes(profile.target, training)
+    autocast_copies = 0
+    if amp:
+        # bf16/fp16 weight copies cached for the forward (all matmul weights).
+        autocast_copies = sum(_r(n * 2, cuda) for n, s in arch.param_tensors if s == 4)
+
+    # ----- per layer ---------------------------------------------------------------------
+    cost = layer_cost(arch, b, t, precision, cuda, attn, padded and profile.attn != "eager" or
+                      (padded and profile.attn == "eager"), training, window)
+    full_layer = sum(cost.saved)
+    ckpt = training and profile.checkpointing
+    r_bytes = 2 if precision in ("bf16", "fp16") else 4
+    layer_in = _r(b * t * arch.hidden * r_bytes, cuda)
+    per_layer_saved = []
+    for i in range(arch.layers):
+        if ckpt and i % profile.checkpoint_every == 0:
+            per_layer_saved.append(layer_in)
+        else:
+            per_layer_saved.append(full_layer)
+    head_saved, loss_fwd, loss_bwd = _head_costs(arch, b, t, precision, cuda, training)
+    head_saved_b = sum(head_saved)
+    acts = sum(per_layer_saved) + head_saved_b
+    layer_acts = {name: per_layer_saved[i] for i, name in enumerate(arch.layer_names)} \
+        if training else {}
+
+    # ----- phases ------------------------------------------------------------------------
+    candidates: list[tuple[int, str, dict]] = []
+    base = weights + teacher_w + inputs + workspace
+
+    def add(phase: str, w, g, o, a, tmp):
+        total = w + g + o + a + tmp
+        candidates.append((total, phase, {"weights": w, "gradients": g, "optimizer": o,
+                                          "activations": a, "temporaries": tmp}))
+
+    if training:
+        teacher_logits = 0
+        if t_arch is not None:
+            te = 2 if precision != "fp32" else 4
+            teacher_logits = _r(b * t * t_arch.vocab * te, cuda)
+            loss_fwd += 4 * _r(b * t * arch.vocab * 4, cuda)
+            loss_bwd += 2 * _r(b * t * arch.vocab * 4, cuda)
+        tmp_common = inputs + workspace + autocast_copies
+        w_all = weights + teacher_w
+        # Step 1 optimizer step: weights + grads + new states + foreach temporary.
+        add("optimizer", w_all, grads, states, 0, inputs + workspace + opt_temp)
+        # Gradients already present during the forward/backward of micro-batches >= 2.
+        g_prev = grads if m > 1 else 0
+        # Step 2 forward at the loss.
+        add("forward", w_all, g_prev, states, acts,
+            tmp_common + loss_fwd + teacher_logits)
+        # Step 2 backward: start (at the loss), then layer by layer.
+        layer_g = [_r(p * (4 if precision not in ("bf16", "fp16") else 2), cuda)
+                   for p in arch.layer_params]
+        head_g = grads - sum(layer_g)
+        accum_tmp = _r(arch.largest_param * 4, cuda) if m > 1 else 0
+        add("backward", w_all, g_prev + (0 if m > 1 else 0), states, acts,
+            tmp_common + loss_bwd)
+        g_so_far = head_g if m == 1 else grads
+        remaining = acts - head_saved_b
+        for i in reversed(range(arch.layers)):
+            recompute = full_layer if (ckpt and i % profile.checkpoint_every == 0) else 0
+            g_now = g_so_far + (layer_g[i] if m == 1 else 0)
+            add("backward", w_all, min(g_now, grads), states, remaining + recompute + head_saved_b,
+                tmp_common + cost.bwd_transient + accum_tmp)
+            remaining -= per_layer_saved[i]
+            g_so_far = g_now
+        add("backward", w_all, grads, states, head_saved_b, tmp_common + accum_tmp)
+    else:
+        # Inference: weights + one layer's live tensors, or the logits at the end.
+        e = 2 if precision != "fp32" else 4
+        E = b * t
+        live_layer = sum(cost.saved) + cost.fwd_transient
+        add("forward", weights, 0, 0, 0, inputs + workspace + autocast_copies + live_layer)
+        add("forward", weights, 0, 0, 0, inputs + workspace + autocast_copies +
+            _r(E * arch.hidden * 4, cuda) * 2 + loss_fwd)
+        del e
+    peak, phase, breakdown = max(candidates, key=lambda c: c[0])
+    if window and not cuda:
+        notes.append("local attention on CPU: blocked implementation, O(T*2W) per layer")
+
+    # ----- reserved ----------------------------------------------------------------------
+    c = dev.constants(profile.target)
+    if cuda:
+        persistent = list(weights_list)
+        if training:
+            persistent += list(weights_list)  # grads
+            if states:
+                persistent += list(weights_list) * 2
+        transient = [x for x in cost.saved] * arch.layers + head_saved
+        transient += [loss_bwd // 3] * 3 if training else [loss_fwd]
+        reserved_fb = reserved_from_sizes(persistent, transient,
+                                          expandable=profile.alloc == "expandable",
+                                          pool_bytes=profile.alloc_pool_bytes,
+                                          small_page=c.expandable_small_page,
+                                          large_page=c.expandable_large_page)
+        reserved = max(peak, reserved_fb)
+        if profile.alloc_pool_bytes:
+            reserved = max(reserved, -(-profile.alloc_pool_bytes // (2 << 20)) * (2 << 20))
+    else:
+        reserved = peak
+    return AnalyticOutcome(peak_allocated=int(peak), peak_reserved=int(reserved),
+                           breakdown={k: int(v) for k, v in breakdown.items()},
+                           peak_phase=phase, layer_activations=layer_acts, params=arch.params,
+                           notes=notes)
+
+
+__all__ = ["Arch", "arch_of", "estimate_shape", "layer_cost", "math"]

@@ -1,0 +1,75 @@
+"""Device overheads outside the tensors a step creates: CUDA context, library workspaces, pages.
+
+``device_used_bytes`` (what ``torch.cuda.mem_get_info`` / nvidia-smi show) is the allocator's
+reserved bytes plus the CUDA context (driver state, loaded kernels/modules, cuBLAS/cuDNN handles).
+Some library buffers are allocated *through* the caching allocator and so count in
+``max_memory_allocated``: cuBLAS keeps one workspace per (handle, stream), and autograd runs the
+backward pass on its own device thread (its own handle), so training holds two.
+
+The numbers are a table keyed by device kind, to be calibrated from measured runs (the lead's GPU
+JSON): ``context_bytes`` = measured ``device_used - peak_reserved``; ``cublas_workspace_bytes`` from
+``max_memory_allocated`` of a tiny model minus its tensors. Defaults: PyTorch >= 2.3 on Hopper
+uses ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (32 MiB per handle; ``getChosenWorkspaceSize`` in
+``aten/src/ATen/cuda/CublasHandlePool.cpp``); a CUDA 12 context with lazy module loading takes
+about 500 MiB on an H100 (measured values go here).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DeviceConstants:
+    name: str  # device kind key
+    context_bytes: int  # CUDA context + kernels + handles outside the caching allocator
+    cublas_workspace_bytes: int  # per cuBLAS handle, allocated through the caching allocator
+    workspace_handles_train: int  # handles that allocate a workspace in a training step
+    workspace_handles_infer: int  # ... in an inference forward
+    expandable_small_page: int  # expandable segments: page of the small pool
+    expandable_large_page: int  # expandable segments: page of the large pool
+    capacity_bytes: int  # total device memory (for "fits" checks)
+
+
+#: Calibrated per device kind; "default" is used when the kind is unknown.
+DEVICES: dict[str, DeviceConstants] = {
+    "h100": DeviceConstants("h100", context_bytes=520 * MiB, cublas_workspace_bytes=32 * MiB,
+                            workspace_handles_train=2, workspace_handles_infer=1,
+                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
+                            capacity_bytes=80 * 1024 * MiB),
+    "h200": DeviceConstants("h200", context_bytes=520 * MiB, cublas_workspace_bytes=32 * MiB,
+                            workspace_handles_train=2, workspace_handles_infer=1,
+                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
+                            capacity_bytes=141 * 1000 * MiB),
+    "a100": DeviceConstants("a100", context_bytes=450 * MiB, cublas_workspace_bytes=8 * MiB,
+                            workspace_handles_train=2, workspace_handles_infer=1,
+                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
+                            capacity_bytes=80 * 1024 * MiB),
+    "cpu": DeviceConstants("cpu", context_bytes=0, cublas_workspace_bytes=0,
+                           workspace_handles_train=0, workspace_handles_infer=0,
+                           expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
+                           capacity_bytes=0),
+}
+DEVICES["default"] = DEVICES["h100"]
+
+
+def device_kind() -> str:
+    """The device kind estimates are for: ``HEADROOM_DEVICE`` (h100, h200, a100), else h100."""
+    kind = os.environ.get("HEADROOM_DEVICE", "").strip().lower()
+    return kind if kind in DEVICES else "default"
+
+
+def constants(target: str, kind: str | None = None) -> DeviceConstants:
+    if target != "cuda":
+        return DEVICES["cpu"]
+    return DEVICES.get(kind or device_kind(), DEVICES["default"])
+
+
+def workspace_bytes(target: str, training: bool, kind: str | None = None) -> int:
+    """Library workspaces allocated through the caching allocator during a step."""
+    c = constants(target, kind)
+    handles = c.workspace_handles_train if training else c.workspace_handles_infer
+    return c.cublas_workspace_bytes * handles
