@@ -40,15 +40,15 @@ def pareto_fn() -> Callable[..., Any] | None:
 #: UI technique group -> keys under which the engine may explain it (explanations() keys or
 #: engine.techniques.<module> names), first match wins.
 EXPLANATION_KEYS: dict[str, tuple[str, ...]] = {
-    "padding": ("padding", "batching", "dynamic_padding", "bucketing", "token_budget"),
+    "padding": ("padding", "batching"),
     "amp": ("amp", "precision", "mixed_precision"),
     "checkpointing": ("checkpointing", "gradient_checkpointing"),
     "pruning": ("pruning", "prune"),
-    "chunking": ("chunking", "ffn_chunking", "micro_batching", "chunk_input"),
+    "chunking": ("chunking",),
     "attention": ("local_attention", "attention", "sparse_attention", "attn"),
     "geglu": ("geglu", "mlp"),
     "distillation": ("distillation", "distill", "knowledge_distillation"),
-    "allocator": ("allocator", "memory_pooling", "alloc", "pooling"),
+    "allocator": ("memory_pool", "allocator", "memory_pooling", "alloc", "pooling"),
 }
 
 #: What the UI says when the engine has no explanation yet (kept short: the engine's text wins).
@@ -72,8 +72,20 @@ FALLBACK_EXPLANATIONS: dict[str, str] = {
 }
 
 
+#: Groups whose text is the engine's texts of their parts, one paragraph each.
+COMBINED_KEYS: dict[str, tuple[str, ...]] = {
+    "chunking": ("micro_batching", "chunked_input", "ffn_chunking"),
+}
+#: Padding strategy (Profile.padding) -> the engine's explanation key.
+PADDING_KEYS = {"fixed": "fixed_padding", "dynamic": "dynamic_padding", "bucketed": "bucketing",
+                "token-budget": "token_budget"}
+
+
 def explanations() -> dict[str, str]:
-    """Technique group -> explanation text, from the engine where it has one."""
+    """Technique group -> explanation text, from the engine where it has one.
+
+    The engine's own keys (e.g. ``dynamic_padding``) are in the result too.
+    """
     found: dict[str, str] = {}
     table = _attr("engine.techniques.explanations", "explanations")
     engine_texts: dict[str, str] = {}
@@ -82,7 +94,14 @@ def explanations() -> dict[str, str]:
             engine_texts = {str(k): str(v) for k, v in dict(table()).items()}
         except Exception:  # noqa: BLE001 - a half-written module must not break the UI
             engine_texts = {}
+    found.update(engine_texts)
+    for group, parts in COMBINED_KEYS.items():
+        texts = [engine_texts[k] for k in parts if k in engine_texts]
+        if texts:
+            found[group] = "\n\n".join(texts)
     for group, keys in EXPLANATION_KEYS.items():
+        if group in found:
+            continue
         for key in keys:
             if key in engine_texts:
                 found[group] = engine_texts[key]

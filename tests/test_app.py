@@ -119,6 +119,7 @@ def test_worker_reports_result_failure_and_cancel(qtbot):
 def test_estimate_view_bars_status_and_difference(qtbot, window):
     w = window
     state = w.state
+    state.update(target="cuda")  # CUDA bars stack allocator overhead and context too
     state.set_capacity(24 * GiB, "RTX 4090 (24 GiB)")
     est = fake_estimate(10.0)
     state.set_estimate(state.profile, est)

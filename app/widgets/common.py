@@ -34,9 +34,13 @@ def byte_unit(max_bytes: float) -> tuple[str, float]:
     return "B", 1.0
 
 
-def stacked_parts(result: Any) -> dict[str, int]:
+def stacked_parts(result: Any, cpu: bool | None = None) -> dict[str, int]:
     """Bytes per category for a stacked bar: the allocated breakdown plus allocator overhead
-    (reserved - allocated) and CUDA context (device used - reserved), never negative."""
+    (reserved - allocated) and CUDA context (device used - reserved), never negative.
+
+    CPU runs have neither a caching allocator nor a CUDA context (their "reserved" is process RSS
+    growth), so for them (``cpu``, or a result whose ``device`` is "cpu") only live bytes stack.
+    """
     parts = {c: 0 for c in CATEGORIES}
     if result is None:
         return parts
@@ -50,13 +54,19 @@ def stacked_parts(result: Any) -> dict[str, int]:
         "weights", "gradients", "optimizer", "activations", "temporaries"))
     if known == 0 and allocated:  # no breakdown (e.g. an OOM run): one undivided bar
         parts["activations"] = allocated
+    if cpu is None:
+        cpu = getattr(result, "device", "") == "cpu"
+    if cpu:
+        return parts
     parts["allocator_overhead"] = max(0, reserved - allocated) if reserved else 0
     parts["cuda_context"] = max(0, used - reserved) if used and reserved else 0
     return parts
 
 
-def total_bytes(result: Any) -> int:
-    return sum(stacked_parts(result).values())
+def legend_text_color() -> str:
+    app = QApplication.instance()
+    pal = app.palette() if app is not None else QPalette()
+    return pal.color(QPalette.ColorRole.Text).name()
 
 
 def is_dark() -> bool:

@@ -16,8 +16,8 @@ from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QP
 
 from app import engine_bridge
 from app.state import AppState
-from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, byte_unit, make_plot,
-                                note_label)
+from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, byte_unit, legend_text_color,
+                                make_plot, note_label)
 from app.worker import TaskRunner
 
 _EST_OFFSET, _MEAS_OFFSET, _WIDTH = -0.2, 0.2, 0.36
@@ -37,7 +37,7 @@ def row_parts(row: dict[str, Any], which: str) -> dict[str, int]:
     used = row.get(f"{which}_device_used_bytes") or 0
     if allocated and not any(parts.values()):
         parts["activations"] = int(allocated)
-    if reserved:
+    if reserved and row.get("target", "cuda") != "cpu":
         parts["allocator_overhead"] = max(0, int(reserved) - int(allocated))
         if used:
             parts["cuda_context"] = max(0, int(used) - int(reserved))
@@ -55,6 +55,14 @@ def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+class _NoEstimate:
+    peak_allocated_bytes = peak_reserved_bytes = device_used_bytes = 0
+    breakdown: dict[str, int] = {}
+
+
+_NO_ESTIMATE = _NoEstimate()
+
+
 class CompareCharts(QWidget):
     """Three plots over comparison rows; items are created once per profile count."""
 
@@ -66,15 +74,16 @@ class CompareCharts(QWidget):
                                       left="tokens/s", bottom="peak memory")
         self.scatter_plot.setMouseEnabled(x=False, y=False)
         mem = self.memory_plot.getPlotItem()
-        legend = mem.addLegend(offset=(-10, 10), labelTextSize="9pt")
+        legend = mem.addLegend(offset=(-10, 10), labelTextSize="10pt", labelTextColor=legend_text_color())
         self._est_bars: dict[str, pg.BarGraphItem] = {}
         self._meas_bars: dict[str, pg.BarGraphItem] = {}
         for cat in CATEGORIES:
             est = pg.BarGraphItem(x=[], height=[], y0=[], width=_WIDTH, brush=CATEGORY_COLORS[cat],
                                   pen=pg.mkPen("#00000040"))
-            brush = pg.mkBrush(CATEGORY_COLORS[cat])
-            meas = pg.BarGraphItem(x=[], height=[], y0=[], width=_WIDTH, brush=brush,
-                                   pen=pg.mkPen("#000000", width=1.5))
+            light = pg.mkColor(CATEGORY_COLORS[cat])
+            light.setAlpha(140)  # measured: lighter fill, dark outline
+            meas = pg.BarGraphItem(x=[], height=[], y0=[], width=_WIDTH, brush=pg.mkBrush(light),
+                                   pen=pg.mkPen("#202020", width=1.5))
             mem.addItem(est)
             mem.addItem(meas)
             legend.addItem(est, CATEGORY_LABELS[cat])
@@ -228,10 +237,21 @@ class CompareView(QWidget):
         self._runner.start(job)
 
     def rows(self) -> list[dict[str, Any]]:
+        """Comparison rows of every profile with an estimate or a measured run."""
         from engine.compare import compare_row
 
-        return [compare_row(e.profile, e.estimate, e.measured) for e in self._state.entries
-                if e.estimate is not None]
+        rows = []
+        for e in self._state.entries:
+            if e.estimate is None and e.measured is None:
+                continue
+            row = compare_row(e.profile, e.estimate or _NO_ESTIMATE, e.measured)
+            if e.estimate is None:  # measured only: no estimated numbers rather than zeros
+                for key in list(row):
+                    if key.startswith("estimate_"):
+                        row[key] = None
+            row["target"] = e.profile.target
+            rows.append(row)
+        return rows
 
     def export_png(self, path: str) -> bool:
         from app.compare_png import render_compare_png
@@ -265,9 +285,9 @@ class CompareView(QWidget):
     def _redraw(self) -> None:
         rows = self.rows()
         self.charts.set_rows(rows)
-        n = len(self._state.entries)
-        if len(rows) < n and not self._runner.is_running:
-            self.info.setText(f"{n - len(rows)} profile(s) without an estimate yet (Refresh)")
+        missing = sum(1 for e in self._state.entries if e.estimate is None)
+        if missing and not self._runner.is_running:
+            self.info.setText(f"{missing} profile(s) without an estimate yet (Refresh)")
         enabled = bool(rows)
         self.png_button.setEnabled(enabled)
         self.csv_button.setEnabled(enabled)

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QHBoxLayout
 from app.estimator import EstimateController
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, STATUS_COLORS, byte_unit,
-                                make_plot, note_label, stacked_parts)
+                                legend_text_color, make_plot, note_label, stacked_parts)
 from engine.units import format_bytes
 
 _TIGHT_MARGIN = 0.10
@@ -85,8 +85,9 @@ class EstimateView(QWidget):
         self.plot.setMinimumHeight(260)
         item = self.plot.getPlotItem()
         item.getAxis("bottom").setTicks([[(0, "Estimated"), (1, "Measured")]])
-        item.setXRange(-0.6, 1.6, padding=0)
-        self.legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt")
+        item.setXRange(-0.6, 2.5, padding=0)  # the legend sits in the empty room on the right
+        self.legend = item.addLegend(offset=(-10, 10), labelTextSize="10pt",
+                                     labelTextColor=legend_text_color())
         self._bars: dict[str, pg.BarGraphItem] = {}
         for cat in CATEGORIES:
             bar = pg.BarGraphItem(x=[0, 1], height=[0, 0], y0=[0, 0], width=0.6,
@@ -153,7 +154,8 @@ class EstimateView(QWidget):
     def _redraw(self) -> None:
         est, meas = self._estimate, self._measured
         capacity = self._state.capacity_bytes
-        parts = [stacked_parts(est), stacked_parts(meas)]
+        cpu = self._state.profile.target == "cpu"
+        parts = [stacked_parts(est, cpu=cpu), stacked_parts(meas)]
         totals = [sum(p.values()) for p in parts]
         unit, scale = byte_unit(max(totals + [1]))
         show_capacity = capacity and capacity <= 3 * max(totals + [1])

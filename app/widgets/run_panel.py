@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, Q
 
 from app import engine_bridge
 from app.state import AppState
-from app.widgets.common import byte_unit, make_plot
+from app.widgets.common import byte_unit, legend_text_color, make_plot
 from app.worker import TaskRunner
 from engine.units import format_bytes
 
@@ -60,7 +60,7 @@ class RunPanel(QWidget):
         self.timeline = make_plot(title="Memory timeline", left="memory", bottom="step")
         self.timeline.setMinimumHeight(170)
         item = self.timeline.getPlotItem()
-        item.addLegend(offset=(10, 10), labelTextSize="9pt")
+        item.addLegend(offset=(10, 10), labelTextSize="9pt", labelTextColor=legend_text_color())
         self._allocated_curve = item.plot([], [], pen=pg.mkPen("#4C72B0", width=2), symbol="o",
                                           symbolSize=5, symbolBrush="#4C72B0", name="allocated")
         self._reserved_curve = item.plot([], [], pen=pg.mkPen("#DD8452", width=2, style=Qt.PenStyle.DashLine),

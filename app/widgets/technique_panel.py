@@ -172,6 +172,15 @@ class TechniquePanel(QScrollArea):
         edit(self.alloc.currentIndexChanged, self._alloc_value)
         edit(self.pool_gib.valueChanged, self._alloc_value)
 
+    def _show_padding_note(self, padding: str) -> None:
+        key = engine_bridge.PADDING_KEYS.get(padding, "")
+        text = self._explanations.get(key) or self._explanations.get("padding", "")
+        box = self.groups["padding"]
+        note = box.findChild(QLabel, "explain_padding")
+        if note is not None and text:
+            note.setText(text)
+            box.setToolTip(f"<p>{text}</p>")
+
     # ----- values ---------------------------------------------------------------------------
     def _mode_fixes(self) -> dict[str, Any]:
         """Switching mode turns off what the other mode cannot do, instead of refusing the switch."""
@@ -216,6 +225,7 @@ class TechniquePanel(QScrollArea):
             set_combo(self.optimizer, p.optimizer)
             self.steps.setValue(p.steps)
             set_combo(self.padding, p.padding)
+            self._show_padding_note(p.padding)
             self.pad_multiple.setValue(p.pad_multiple)
             self.max_tokens.setValue(p.max_tokens)
             self.max_tokens.setEnabled(p.padding == "token-budget")
