@@ -84,6 +84,17 @@ def batch_candidates(profile: Profile) -> tuple[list[tuple[tuple[int, int], bool
     return keep[:16], f"{profile.padding} batches over {len(lengths)} texts: {len(plan)} batches"
 
 
+@functools.lru_cache(maxsize=256)
+def _checked(key: tuple) -> bool:
+    from engine.models import check_profile
+
+    check_profile(Profile(**dict(zip(_CHECK_FIELDS, key))))
+    return True
+
+
+_CHECK_FIELDS = ("model", "trust_remote_code", "mode", "seq", "chunk_input", "distill_from")
+
+
 def _device_used(reserved: int, target: str) -> int:
     from engine.estimate import device
 
@@ -132,9 +143,7 @@ def estimate(profile: Profile, method: str = "auto",
     started = time.perf_counter()
     if method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    from engine.models import check_profile
-
-    check_profile(profile)
+    _checked(tuple(getattr(profile, f) for f in _CHECK_FIELDS))
     _progress(progress, 0.05, "batch shapes")
     shapes, shape_note = batch_candidates(profile)
     _check_stop(should_stop)

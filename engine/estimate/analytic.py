@@ -41,7 +41,6 @@ as blocked O(T·2W) on CPU; transformers versions before 4.48 copied shifted log
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 from engine.estimate import device as dev
@@ -394,8 +393,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         autocast_copies = sum(_r(n * 2, cuda) for n, s in arch.param_tensors if s == 4)
 
     # ----- per layer ---------------------------------------------------------------------
-    cost = layer_cost(arch, b, t, precision, cuda, attn, padded and profile.attn != "eager" or
-                      (padded and profile.attn == "eager"), training, window)
+    cost = layer_cost(arch, b, t, precision, cuda, attn, padded, training, window)
     full_layer = sum(cost.saved)
     ckpt = training and profile.checkpointing
     r_bytes = 2 if precision in ("bf16", "fp16") else 4
@@ -475,8 +473,16 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
             persistent += list(weights_list)  # grads
             if states:
                 persistent += list(weights_list) * 2
-        transient = [x for x in cost.saved] * arch.layers + head_saved
-        transient += [loss_bwd // 3] * 3 if training else [loss_fwd]
+        if training:
+            transient = []
+            for i in range(arch.layers):
+                if ckpt and i % profile.checkpoint_every == 0:
+                    transient.append(layer_in)
+                else:
+                    transient += cost.saved
+            transient += head_saved + [loss_bwd // 3] * 3 + [cost.bwd_transient]
+        else:
+            transient = list(cost.saved) + [cost.fwd_transient, loss_fwd]
         reserved_fb = reserved_from_sizes(persistent, transient,
                                           expandable=profile.alloc == "expandable",
                                           pool_bytes=profile.alloc_pool_bytes,
@@ -493,4 +499,4 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
                            notes=notes)
 
 
-__all__ = ["Arch", "arch_of", "estimate_shape", "layer_cost", "math"]
+__all__ = ["Arch", "arch_of", "estimate_shape", "layer_cost"]
