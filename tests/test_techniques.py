@@ -179,6 +179,11 @@ def test_ffn_chunking_same_output_lower_inference_peak(model_name, seq):
         peak_chunked = _peak(lambda: chunked.base_model(input_ids=ids))
     assert peak_chunked < 0.85 * peak_plain
     assert set(dict(plain.named_parameters())) == set(dict(chunked.named_parameters()))
+    import copy
+
+    clone = copy.deepcopy(chunked)  # the wrappers rebind to the copy's own modules
+    wrapped = [m for m in clone.modules() if hasattr(m, "_headroom_chunk_attr")]
+    assert wrapped and all(getattr(m, m._headroom_chunk_attr).__self__ is m for m in wrapped)
 
 
 def test_ffn_chunking_trains_and_says_it_saves_little():

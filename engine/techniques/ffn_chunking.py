@@ -45,17 +45,18 @@ def chunked_call(fn, chunks: int, hidden, *rest):
     return torch.cat(parts, dim=1)  # (B, T, d)
 
 
+def _chunked_method(self, hidden):  # one parameter: BERT's apply_chunking_to_forward counts them
+    original = getattr(type(self), self._headroom_chunk_attr).__get__(self)  # the class's own
+    return chunked_call(original, self._headroom_ffn_chunks, hidden)
+
+
 def _wrap(owner, attr: str, chunks: int) -> None:
-    original = getattr(owner, attr)
-    if getattr(original, "_headroom_chunks", None):
-        original = original._headroom_original
+    """Shadow ``owner.<attr>`` by a bound method (survives deepcopy: it rebinds to the copy)."""
+    import types
 
-    def chunked(hidden):  # one parameter: BERT's apply_chunking_to_forward counts them
-        return chunked_call(original, chunks, hidden)
-
-    chunked._headroom_chunks = chunks
-    chunked._headroom_original = original
-    setattr(owner, attr, chunked)  # instance attribute shadows the class method
+    owner._headroom_ffn_chunks = chunks
+    owner._headroom_chunk_attr = attr
+    setattr(owner, attr, types.MethodType(_chunked_method, owner))
 
 
 def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
