@@ -235,10 +235,15 @@ def flex_local_attention(q, k, v, window: int, causal: bool = True, scale: float
     return _compiled_flex()(q, k, v, **kwargs)
 
 
+def _is_fake(t) -> bool:
+    """FakeTensor (traced estimates): no kernels to compile; the blocked path traces the same way."""
+    return type(t).__name__ == "FakeTensor"
+
+
 def local_attention(q, k, v, window: int, causal: bool = True, scale: float | None = None,
                     attention_mask=None, dropout: float = 0.0, training: bool = False):
     """Flex on CUDA (when it works), else the blocked implementation. Returns (B, H, Tq, D)."""
-    if q.shape[2] == k.shape[2] and flex_available(q.device):
+    if q.shape[2] == k.shape[2] and flex_available(q.device) and not _is_fake(q):
         try:
             return flex_local_attention(q, k, v, window, causal, scale, attention_mask)
         except Exception as exc:  # compile/kernel failure: fall back, and say so in later notes
@@ -271,8 +276,12 @@ def _pass_through_mask(*args, attention_mask=None, **kwargs):
     """AttentionMaskInterface function: keep the 2-D padding mask (None when nothing is padded)."""
     if attention_mask is None:
         return None
-    if attention_mask.dim() == 2 and attention_mask.device.type != "meta" and bool(attention_mask.all()):
-        return None
+    if attention_mask.dim() == 2 and attention_mask.device.type != "meta" and not _is_fake(attention_mask):
+        try:
+            if bool(attention_mask.all()):
+                return None
+        except RuntimeError:  # data-dependent under tracing: keep the mask
+            pass
     return attention_mask
 
 
