@@ -128,6 +128,9 @@ def _profiles(corpus: Path) -> dict[str, Profile]:
         "llama_infer_fp16amp_budget": base.replace(model="tiny-llama", mode="infer",
                                                    precision="fp16-amp", padding="token-budget"),
         "gpt2_classification": base.replace(model="tiny-gpt2", task="classification"),
+        "llama_unstructured_expandable": base.replace(model="tiny-llama", prune="unstructured:0.5",
+                                                      alloc="expandable"),
+        "gpt2_pool": base.replace(model="tiny-gpt2", alloc="pool:64MiB", padding="dynamic"),
     }
 
 
@@ -162,6 +165,14 @@ def test_only_selected_techniques_and_non_defaults_appear(corpus):
     for present in ("CHECKPOINT_EVERY = 2", "GradScaler", "torch.float16", "PAD_MULTIPLE = 8",
                     "BUCKET_MEGABATCHES", "DATASET =", 'TEXT_COLUMN = "text"'):
         assert present in rich, present
+
+
+def test_allocator_setting_comes_before_torch(corpus):
+    text = export_script(_profiles(corpus)["llama_unstructured_expandable"])
+    assert text.index('"PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"') < text.index("import torch")
+    assert "prune.l1_unstructured" in text and "PRUNE_FRACTION = 0.5" in text
+    pool = export_script(_profiles(corpus)["gpt2_pool"])
+    assert "POOL_BYTES = 67108864" in pool and "PYTORCH_CUDA_ALLOC_CONF" not in pool
 
 
 def test_header_names_version_date_estimate_and_measured():
@@ -241,10 +252,9 @@ def test_dataset_readers_match_the_engine(tmp_path, kind):
 def test_export_refuses_what_it_cannot_reproduce_yet(tmp_path):
     from engine.export import script
 
-    for field, value in (("prune", "heads:0.5"), ("mlp", "geglu"), ("ffn_chunks", 2),
+    for field, value in (("prune", "heads:0.5"), ("prune", "ffn:0.25"), ("mlp", "geglu"), ("ffn_chunks", 2),
                          ("attn", "local:16"), ("distill_from", "tiny-gpt2"), ("alloc", "expandable")):
-        module = script._TECHNIQUE_OF[field]
-        if module in script._PORTED:
+        if script._TECHNIQUE_OF[field] in script._PORTED:
             continue
         with pytest.raises(BadInput, match="not available yet"):
             export_script(Profile(model="tiny-gpt2", target="cpu").replace(**{field: value}))

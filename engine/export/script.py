@@ -29,7 +29,7 @@ _TECHNIQUE_OF = {
     "prune": "pruning", "attn": "local_attention", "mlp": "geglu",
     "ffn_chunks": "ffn_chunking", "distill_from": "distillation", "alloc": "memory_pool",
 }
-_PORTED: set[str] = set()
+_PORTED: set[str] = {"memory_pool"}
 
 _AUTOCAST = {"bf16-amp": "torch.bfloat16", "fp16-amp": "torch.float16"}
 _PURE = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
@@ -88,6 +88,10 @@ def _check_available(profile: Profile) -> None:
         module = _TECHNIQUE_OF[key]
         if module in _PORTED:
             continue
+        if key == "prune" and profile.prune_kind == "unstructured":
+            continue
+        if key == "prune":
+            raise BadInput(f"export of {profile.prune_kind} pruning is not available yet")
         name = module.replace("_", " ")
         if importlib.util.find_spec(f"engine.techniques.{module}") is None:
             raise BadInput(f"export of {name} is not available yet (the technique is not in this build)")
@@ -110,7 +114,13 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     _constants(s, profile, model, data)
     _data_section(s, profile, model, data)
     _model_section(s, profile, model)
-    s.add("memory", snippets.LIVE_BYTES + "\n" + snippets.PEAK_MEMORY)
+    pool = ""
+    if profile.alloc_pool_bytes:
+        pool = ("            # A warm pool: allocate POOL_BYTES once and free it; the caching allocator\n"
+                "            # keeps the segment reserved and carves later large blocks out of it.\n"
+                "            torch.empty(POOL_BYTES, dtype=torch.uint8, device=device)")
+    peak = snippets.PEAK_MEMORY.replace("            #POOL#\n", pool + "\n" if pool else "")
+    s.add("memory", snippets.LIVE_BYTES + "\n" + peak)
     _step_section(s, profile, model)
     _main_section(s, profile, model)
     text = _header(profile, model, estimate, measured) + _imports(s, profile) + "\n"
@@ -181,7 +191,7 @@ def _imports(s: _Script, profile: Profile) -> str:
                  key=key)
     third = sorted((i for i in s.imports if i not in std), key=key)
     out = ""
-    if profile.alloc != "default":
+    if profile.alloc.lower() == "expandable":
         # The allocator reads its configuration once, when CUDA starts: set it before torch loads.
         std = [i for i in std if i != "import os"]
         out += "import os\n\n" + _alloc_lines(profile) + "\n\n"
@@ -190,8 +200,13 @@ def _imports(s: _Script, profile: Profile) -> str:
     return out + "\n".join(std) + "\n\n" + "\n".join(third) + "\n"
 
 
-def _alloc_lines(profile: Profile) -> str:  # pragma: no cover - refused until memory_pool lands
-    raise BadInput("export of memory pool is not available yet")
+def _alloc_lines(profile: Profile) -> str:
+    """The allocator setting, before torch is imported (as ``engine.techniques.memory_pool``)."""
+    if profile.alloc.lower() == "expandable":
+        return ("# Expandable segments grow in place instead of new fixed-size ones.\n"
+                "# The allocator reads this once, when CUDA starts: set it before torch is imported.\n"
+                'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"')
+    return "# pool:SIZE needs no allocator setting: the pool is reserved before the model (PeakMemory)."
 
 
 # ----- settings ----------------------------------------------------------------------------------
@@ -242,6 +257,9 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts)
                 raw=_PURE[profile.precision])
     if profile.attn != "sdpa":
         s.const("ATTENTION", profile.attn, "attention implementation")
+    if profile.alloc_pool_bytes:
+        s.const("POOL_BYTES", profile.alloc_pool_bytes,
+                f"alloc {docstring_safe(profile.alloc)}: reserved before the run")
     if profile.is_training and profile.optimizer != "adamw":
         s.const("OPTIMIZER", profile.optimizer, "torch's defaults for it")
     if profile.is_training and model.task == "masked-lm":
@@ -318,6 +336,8 @@ def _model_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
                   f"attn_implementation={attn}{trust})"]
     if profile.precision in _PURE:
         lines.append("    model.to(WEIGHT_DTYPE)")
+    if profile.prune_kind == "unstructured" and profile.prune_fraction > 0:
+        lines.append("    prune_unstructured(model)")
     if profile.is_training and profile.checkpointing:
         lines.append("    enable_checkpointing(model)")
     lines.append("    model.config.use_cache = False  # a scoring forward: no key/value cache is kept")
@@ -326,7 +346,32 @@ def _model_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
     code = "\n".join(lines)
     if profile.is_training and profile.checkpointing:
         code = _checkpointing_code(profile) + "\n\n\n" + code
+    if profile.prune_kind == "unstructured" and profile.prune_fraction > 0:
+        s.imports.add("from torch.nn.utils import prune")
+        s.const("PRUNE_FRACTION", profile.prune_fraction, "unstructured pruning: fraction of weights zeroed")
+        code = _PRUNE_UNSTRUCTURED + "\n\n\n" + code
+    if "transformer_blocks(" in code:
+        code = _BLOCKS + "\n\n\n" + code
     s.add("model", code)
+
+
+_BLOCKS = textwrap.dedent('''
+    def transformer_blocks(model):
+        """The transformer block list: the ModuleList holding the most parameters."""
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+''').strip("\n")
+
+_PRUNE_UNSTRUCTURED = textwrap.dedent('''
+    def prune_unstructured(model):
+        """Zero the PRUNE_FRACTION smallest-magnitude (L1) weights of every linear layer in the
+        transformer blocks. The weights stay dense tensors of the same shape: no memory is saved."""
+        with torch.no_grad():
+            for module in transformer_blocks(model).modules():
+                if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+                    prune.l1_unstructured(module, "weight", amount=PRUNE_FRACTION)
+                    prune.remove(module, "weight")  # permanent: a plain dense Parameter again
+''').strip("\n")
 
 
 def _checkpointing_code(profile: Profile) -> str:
@@ -350,9 +395,7 @@ def _checkpointing_code(profile: Profile) -> str:
                 enable(activation_checkpointing_kwargs=kwargs, every_n_layers=CHECKPOINT_EVERY)
                 return
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-            blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-            for i, block in enumerate(blocks):
+            for i, block in enumerate(transformer_blocks(model)):
                 if hasattr(block, "gradient_checkpointing"):
                     block.gradient_checkpointing = i % CHECKPOINT_EVERY == 0
     ''').strip("\n")
@@ -413,13 +456,12 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
         body.append(f"{indent}input_ids, attention_mask, labels = (t.to(device) for t in "
                     "(input_ids, attention_mask, labels))")
         call = "model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)"
+        keep = f"{indent}# Only the loss is kept: the logits are freed before backward.\n"
         if amp:
-            body += [f"{indent}with {autocast}:", f"{indent}    outputs = {call}"]
+            body += [f"{indent}with {autocast}:", f"    {keep}{indent}    loss = {call}.loss{divide}"]
         else:
-            body.append(f"{indent}outputs = {call}")
-        body.append(f"{indent}loss = outputs.loss{divide}")
+            body.append(f"{keep}{indent}loss = {call}.loss{divide}")
         body.append(f"{indent}{'scaler.scale(loss)' if scaler else 'loss'}.backward()")
-        body.append(f"{indent}del outputs  # the logits live until here, as in the measured run")
         if profile.micro_batches > 1:
             body.append(f"{indent}total += loss.item()")
         if scaler:

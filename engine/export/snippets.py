@@ -278,6 +278,7 @@ class PeakMemory:
         if device.type == "cuda":
             torch.empty(0, device=device)  # create the CUDA context outside the measured region
             torch.cuda.empty_cache()
+            #POOL#
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device)
