@@ -27,8 +27,9 @@ Breakdown at the peak (how it is split, both devices)
     every parameter's post-accumulate-grad hook. At that sample, weights (parameter and buffer
     storages, a distillation teacher's included), gradients (``.grad`` storages accumulated so far)
     and optimizer states (state tensors) are exact; ``activations`` is the rest of what was
-    allocated at the sample (forward: the autograd graph's saved tensors, the logits and the loss;
-    inference: live forward tensors and outputs); ``temporaries`` is the peak minus the sample
+    allocated at the sample (training: the autograd graph's saved tensors and the loss: the
+    model's outputs are dropped before backward, as a plain loop does; inference: the outputs and
+    whatever else is live after the forward); ``temporaries`` is the peak minus the sample
     (transient buffers between sample points: logits gradients, attention workspaces, autocast
     copies, foreach optimizer buffers, recomputed activations under checkpointing).
 
@@ -138,12 +139,22 @@ def configure_allocator(profile, notes: list[str]):
         if current:
             notes.append(f"PYTORCH_CUDA_ALLOC_CONF={current} (from the environment)")
         return pool
+    wanted = merge_alloc_conf(current, conf)
     torch_mod = sys.modules.get("torch")
-    if current != conf and torch_mod is not None and torch_mod.cuda.is_initialized():
+    if wanted != current and torch_mod is not None and torch_mod.cuda.is_initialized():
         raise BadInput(f"CUDA is already initialised with PYTORCH_CUDA_ALLOC_CONF={current or '(unset)'}; "
                        f"alloc {profile.alloc!r} needs {conf} in a fresh process (run `headroom measure`)")
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = wanted
+    notes.append(f"PYTORCH_CUDA_ALLOC_CONF={wanted}")
     return pool
+
+
+def merge_alloc_conf(current: str | None, conf: str) -> str:
+    """``current`` with ``conf``'s keys set (other keys, e.g. the user's max_split_size_mb, kept)."""
+    parts = [x.strip() for x in (current or "").split(",") if x.strip()]
+    new = [x.strip() for x in conf.split(",") if x.strip()]
+    keys = {x.split(":", 1)[0] for x in new}
+    return ",".join([x for x in parts if x.split(":", 1)[0] not in keys] + new)
 
 
 # ----- data ------------------------------------------------------------------------------------
@@ -472,7 +483,7 @@ def run_measure(profile, progress: Progress | None = None,
         torch.empty(0, device=dev)  # create the context now, outside the measured region
         torch.cuda.empty_cache()
         if pool is not None and hasattr(pool, "prereserve"):
-            note = pool.prereserve(profile)
+            note = pool.prereserve(profile, str(dev))
             if isinstance(note, str) and note:
                 notes.append(note)
         torch.cuda.synchronize(dev)
@@ -743,15 +754,16 @@ def _train_step(torch, run: _Run, s: int, step: _StepData, model, teacher, optim
         run.begin(s, "forward")
         ids, mask, labels = _to_device(ids, dev), _to_device(mask, dev), _to_device(labels, dev)
         with autocast():
+            # As in a plain loop, only the loss is kept: the outputs (logits) are dropped before
+            # backward, so what stays alive is what autograd saved.
             if distill is not None:
-                out = model(input_ids=ids, attention_mask=mask)
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
-                loss = distill.distillation_loss(out.logits, teacher_logits, labels, profile)
-                del teacher_logits
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                loss = distill.distillation_loss(logits, teacher_logits, labels, profile)
+                del teacher_logits, logits
             else:
-                out = model(input_ids=ids, attention_mask=mask, labels=labels)
-                loss = out.loss
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss = loss / len(parts)
         run.end()
         run.begin(s, "backward")
@@ -760,7 +772,7 @@ def _train_step(torch, run: _Run, s: int, step: _StepData, model, teacher, optim
         else:
             loss.backward()
         detached = loss.detach()
-        del out, loss, ids, mask, labels
+        del loss, ids, mask, labels
         total_loss = detached if total_loss is None else total_loss + detached
         run.end()
     run.begin(s, "optimizer")
