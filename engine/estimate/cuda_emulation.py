@@ -109,6 +109,7 @@ class CudaEmulation(TorchFunctionMode):
         self.policy = _POLICY if target == "cuda" else _CPU_POLICY
         self.autocast_dtype = autocast_dtype
         self.autocast_enabled = False
+        self.cache_enabled = True
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.backend_log: list[str] = []
 
@@ -122,8 +123,8 @@ class CudaEmulation(TorchFunctionMode):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == dtype \
                 or x.dtype == torch.float64:
             return x
-        cacheable = (dtype != torch.float32 and x.dtype == torch.float32 and x.requires_grad
-                     and x.is_leaf and torch.is_grad_enabled() is not None)
+        cacheable = (self.cache_enabled and dtype != torch.float32 and x.dtype == torch.float32
+                     and x.requires_grad and x.is_leaf)
         if cacheable:
             hit = self.cache.get(_cache_key(x))
             if hit is not None and hit[0] is x:
@@ -167,6 +168,20 @@ class CudaEmulation(TorchFunctionMode):
         if func is F.dropout and self.target == "cuda":
             return _dropout(*args, **kwargs)
         return func(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` with this mode active (``Tensor.backward`` itself is a torch function,
+        which would switch the mode off): checkpointed layers recompute their forward in backward,
+        under the forward's autocast state as ``torch.utils.checkpoint`` restores it; the
+        weight-cast cache is off (a recompute's casts live as long as its layer's graph)."""
+        saved = (self.autocast_enabled, self.cache_enabled)
+        self.autocast_enabled = self.autocast_dtype is not None
+        self.cache_enabled = False
+        try:
+            torch.autograd.Variable._execution_engine.run_backward(
+                (loss,), (torch.ones_like(loss),), False, False, (), True, True)
+        finally:
+            self.autocast_enabled, self.cache_enabled = saved
 
     # ----- SDPA ----------------------------------------------------------------------------
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -81,21 +81,25 @@ def _meta_model(profile: Profile, teacher: bool = False) -> torch.nn.Module:
                     for f in _ARCH_FIELDS)
         model = copy.deepcopy(_cached_meta_model(key, True))
         model.to(teacher_dtype(profile))
+        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         return model
     key = tuple(getattr(profile, f) for f in _ARCH_FIELDS)
-    return copy.deepcopy(_cached_meta_model(key, False))
+    model = copy.deepcopy(_cached_meta_model(key, False))
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # as measure: a scoring forward returns no KV cache
+    return model
 
 
 def teacher_dtype(profile: Profile) -> torch.dtype:
-    """Teacher weights' dtype: the distillation technique's choice if it says, else the student's."""
+    """Teacher weights' dtype: the distillation technique's rule for the target, else the student's."""
     try:
         from engine.techniques import distillation as dist  # another engineer's module
 
         fn = getattr(dist, "teacher_dtype", None)
         if fn is not None:
-            return fn(profile)
+            return fn(profile, profile.target)
     except ImportError:
         pass
     from engine.models import dtype_of
@@ -116,16 +120,18 @@ def _distill_loss_fn():
     return default_distill_loss
 
 
-def default_distill_loss(student_logits, teacher_logits, labels, ce_loss, profile=None,
+def default_distill_loss(student_logits, teacher_logits, labels, profile=None,
                          temperature: float = 2.0, alpha: float = 0.5):
-    """Hinton et al. 2015: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE."""
+    """Hinton et al. 2015: T^2 * KL(softmax(t/T) || softmax(s/T)) mixed with the hard-label CE."""
     import torch.nn.functional as F
 
     vocab = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.float().view(-1, vocab) / temperature, dim=-1)  # (N, V)
-    t = F.log_softmax(teacher_logits.float().view(-1, vocab) / temperature, dim=-1)  # (N, V)
-    kl = F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
-    return alpha * kl + (1 - alpha) * ce_loss
+    s = student_logits.float().reshape(-1, vocab)  # (N, V)
+    t = teacher_logits.float().reshape(-1, vocab)  # (N, V)
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  reduction="batchmean", log_target=True) * temperature ** 2
+    ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=-100)
+    return (1 - alpha) * kl + alpha * ce
 
 
 class _Scalars:
@@ -143,14 +149,18 @@ class _Scalars:
         return 1
 
 
-def _make_inputs(b: int, t: int, task: str, has_padding: bool, device: str = "meta"):
+def _make_inputs(b: int, t: int, task: str, has_padding: bool, device: str = "meta",
+                 labels: bool = True):
+    """The tensors measure copies to the device: ids, mask (and labels when training)."""
     ids = torch.zeros((b, t), dtype=torch.long, device=device)  # (B, T)
     mask = torch.ones((b, t), dtype=torch.long, device=device)  # (B, T)
+    if not labels:
+        return ids, mask, None
     if task == "classification":
-        labels = torch.zeros((b,), dtype=torch.long, device=device)  # (B,)
+        lab = torch.zeros((b,), dtype=torch.long, device=device)  # (B,)
     else:
-        labels = ids.masked_fill(mask == 0, -100)  # (B, T)
-    return ids, mask, labels
+        lab = torch.zeros((b, t), dtype=torch.long, device=device)  # (B, T), -100 at padding
+    return ids, mask, lab
 
 
 @contextlib.contextmanager
@@ -242,35 +252,35 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
             if teacher is not None:
                 teacher.eval()
             micro = _micro_sizes(b, profile.micro_batches)
-            full_ids, full_mask, full_labels = _make_inputs(b, t, task, has_padding, device)
             for step in range(steps):
                 before_peak = tracker.peak
                 for j, mb in enumerate(micro[:2]):
                     if should_stop is not None and should_stop():
                         raise Cancelled("estimate cancelled")
                     tracker.mark_phase("forward")
-                    start = sum(micro[:j])
-                    ids, mask = full_ids[start:start + mb], full_mask[start:start + mb]
-                    labels = full_labels[start:start + mb]
+                    # measure copies each micro-batch to the device inside the step
+                    ids, mask, labels = _make_inputs(mb, t, task, has_padding, device)
                     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                         with autocast_ctx():
                             if teacher is not None:
                                 with torch.no_grad():
                                     t_logits = teacher(input_ids=ids, attention_mask=mask).logits
-                                out = model(input_ids=ids, attention_mask=mask, labels=labels)
-                                loss = distill(out.logits, t_logits, labels, out.loss, profile)
-                                del t_logits
+                                logits = model(input_ids=ids, attention_mask=mask).logits
+                                loss = distill(logits, t_logits, labels, profile)
+                                del t_logits, logits
                             else:
-                                out = model(input_ids=ids, attention_mask=mask, labels=labels)
-                                loss = out.loss
-                            del out
+                                loss = model(input_ids=ids, attention_mask=mask,
+                                             labels=labels).loss
                         if len(micro) > 1:
                             loss = loss / len(micro)
                         if profile.precision == "fp16-amp":
                             loss = loss * 65536.0  # GradScaler.scale
                         tracker.layer_tracking = False
                         tracker.mark_phase("backward")
-                        loss.backward()
+                        if emu is not None:
+                            emu.backward(loss)
+                        else:
+                            loss.backward()
                         del loss
                     del ids, mask, labels
                 tracker.mark_phase("optimizer")
@@ -287,12 +297,11 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                 opt.zero_grad(set_to_none=True)
                 if tracker.peak > before_peak:
                     peak_step = step + 1
-            del full_ids, full_mask, full_labels
         else:
             model.eval()
             w = profile.chunk_input
             tw = min(w, t) if w else t
-            ids, mask, _labels = _make_inputs(b, tw, task, has_padding, device)
+            ids, mask, _labels = _make_inputs(b, tw, task, has_padding, device, labels=False)
             tracker.mark_phase("forward")
             with torch.no_grad(), autocast_ctx():
                 out = model(input_ids=ids, attention_mask=mask)
