@@ -6,7 +6,7 @@ configurations are also run through bench/bare_loop.py (written without the engi
 engine's numbers agree with a plain PyTorch loop (target: peak within 1%, tokens/s within 3%).
 
     PYTHONPATH=. python3 bench/gpu_measure_matrix.py --out /tmp/matrix.jsonl [--steps 5]
-        [--batch 8] [--seq 512] [--budget-s 450] [--models gpt2,bert-base-uncased,...] [--quick]
+        [--batch 8] [--seq 512] [--budget-s 420] [--models gpt2,bert-base-uncased,...] [--quick]
 
 Matrix: bert-base-uncased, gpt2, Qwen2.5-0.5B, Llama-3.2-1B x train/infer x fp32/bf16-amp x
 checkpointing on/off (training only: inference keeps no activations to recompute). Data: a
@@ -99,8 +99,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting runs after this")
-    ap.add_argument("--timeout-s", type=float, default=150.0, help="per run")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this")
+    ap.add_argument("--timeout-s", type=float, default=120.0, help="per run")
     ap.add_argument("--quick", action="store_true", help="only the cross-checked configurations")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-loop cross-checks")
     ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda",

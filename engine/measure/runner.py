@@ -637,8 +637,9 @@ def run_measure(profile, progress: Progress | None = None,
         result_kwargs.setdefault("extra", {})["precision_ran"] = precision
 
     rec = run.peak_record()
-    run_steps = steps[:max(run.step + 1, 0)] if oom_info is not None else steps
-    timed = run_steps[1:] if len(run_steps) > 1 else run_steps
+    completed = (1 if first_step_s else 0) + len(step_times)  # steps that ran to the end
+    run_steps = steps[:max(run.step + 1, 0)] if oom_info is not None else steps  # the failing one too
+    timed = steps[1:completed] if completed > 1 else steps[:completed]
     times = step_times if step_times else ([first_step_s] if first_step_s else [])
     if len(steps) == 1 and oom_info is None:
         notes.append("one step only: timings include the warm-up step")
@@ -678,7 +679,7 @@ def run_measure(profile, progress: Progress | None = None,
         useful_tokens_per_s=real / total_time if total_time > 0 else 0.0,
         real_tokens=int(real),
         padded_tokens=int(padded),
-        steps=len(run_steps) if oom_info is None else max(run.step, 0),
+        steps=completed,
         params=int(params),
         oom=oom_info is not None,
         oom_step=oom_info[0] if oom_info is not None else -1,
