@@ -77,7 +77,7 @@ class MainWindow(QMainWindow):
         self.splitter.addWidget(self.techniques)
         self.splitter.addWidget(right)
         self.splitter.setStretchFactor(2, 1)
-        self.splitter.setSizes([330, 390, 680])
+        self.splitter.setSizes([300, 390, 710])
         self.splitter.setChildrenCollapsible(False)
         self.setCentralWidget(self.splitter)
 

@@ -69,7 +69,8 @@ def need_estimate():
 
 def wait_idle(qtbot, w, timeout=60000):
     """Until the model facts and dataset statistics workers are done."""
-    qtbot.waitUntil(lambda: not w.model_panel._runner.is_running and not w.dataset_panel._runner.is_running,
+    qtbot.waitUntil(lambda: not (w.model_panel._runner.is_running or w.dataset_panel._runner.is_running
+                                 or w.estimator._runner.is_running or w.estimator._timer.isActive()),
                     timeout=timeout)
 
 
@@ -202,7 +203,8 @@ def test_measure_tiny_gpt2_on_cpu_event_loop_stays_responsive(qtbot, window):
     assert progress, "no progress was reported"
     xs, _ys = w.run_panel._allocated_curve.getData()
     assert len(xs) == len(result.timeline) > 0
-    assert max(gaps) < 0.050, f"event loop stalled {max(gaps) * 1000:.0f} ms"
+    worst = max(gaps)
+    assert worst < 0.050, f"event loop stalled {worst * 1000:.0f} ms (of {len(gaps)} ticks)"
 
 
 def test_cancel_a_run(qtbot, window):

@@ -138,7 +138,7 @@ class CompareCharts(QWidget):
         speeds = [float(r.get("tokens_per_s") or 0.0) for r in self.rows]
         self._speed_bars.setOpts(x=xs, height=speeds, width=0.6)
         sp = self.speed_plot.getPlotItem()
-        sp.getAxis("bottom").setTicks(ticks)
+        sp.getAxis("bottom").setTicks([[(i, self._tick(r, 14)) for i, r in enumerate(self.rows)]])
         sp.setXRange(-0.7, max(n, 1) - 0.3, padding=0)
         sp.setYRange(0, max(speeds + [1]) * 1.1, padding=0)
 
@@ -157,15 +157,15 @@ class CompareCharts(QWidget):
         self._front_points.setData(fx, fy)
         self._front_curve.setData(fx, fy)
         for (i, r), (x, y) in zip(measured, pts):
-            label = pg.TextItem(r.get("name", ""), anchor=(0, 1), color="#666")
+            label = pg.TextItem(r.get("name", ""), anchor=(0.5, 1.3), color=legend_text_color())
             label.setPos(x, y)
             self.scatter_plot.addItem(label)
             self._labels.append(label)
         sc = self.scatter_plot.getPlotItem()
         sc.setLabel("bottom", f"peak allocated ({unit})")
         if pts:
-            sc.setXRange(0, max(p[0] for p in pts) * 1.3, padding=0)
-            sc.setYRange(0, max(p[1] for p in pts) * 1.2, padding=0)
+            sc.setXRange(0, max(p[0] for p in pts) * 1.35, padding=0)
+            sc.setYRange(0, max(p[1] for p in pts) * 1.3, padding=0)
         missing = [r.get("name", "") for r in self.rows if not r.get("tokens_per_s")]
         self.empty_note.setText(
             ("Not measured yet: " + ", ".join(missing) + ". Select a profile and run it to add "
@@ -174,9 +174,9 @@ class CompareCharts(QWidget):
             "uses less memory and runs faster).")
 
     @staticmethod
-    def _tick(row: dict[str, Any]) -> str:
+    def _tick(row: dict[str, Any], limit: int = 24) -> str:
         name = str(row.get("name", ""))
-        return name if len(name) <= 22 else name[:21] + "…"
+        return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
 class CompareView(QWidget):
@@ -204,9 +204,9 @@ class CompareView(QWidget):
         self.png_button.clicked.connect(self._on_png_clicked)
         self.csv_button.clicked.connect(self._on_csv_clicked)
         state.profiles_changed.connect(self.refresh)
-        state.estimate_changed.connect(lambda _r: self._redraw())
-        state.measured_changed.connect(lambda _r: self._redraw())
-        self._redraw()
+        state.estimate_changed.connect(lambda _r: self._schedule_redraw())
+        state.measured_changed.connect(lambda _r: self._schedule_redraw())
+        self._dirty = True
 
     # ----- public -------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -269,6 +269,18 @@ class CompareView(QWidget):
         self._runner.shutdown()
 
     # ----- private ------------------------------------------------------------------------
+    def _schedule_redraw(self) -> None:
+        """Redraw now if shown, else when next shown (keeps result handling light on the GUI thread)."""
+        if self.isVisible():
+            self._redraw()
+        else:
+            self._dirty = True
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if self._dirty:
+            self._redraw()
+        super().showEvent(event)
+
     def _on_estimates_ready(self, results) -> None:
         errors = []
         for profile, result, error in results:
@@ -283,6 +295,7 @@ class CompareView(QWidget):
         self.info.setText(message)
 
     def _redraw(self) -> None:
+        self._dirty = False
         rows = self.rows()
         self.charts.set_rows(rows)
         missing = sum(1 for e in self._state.entries if e.estimate is None)

@@ -183,7 +183,9 @@ class DatasetPanel(QGroupBox):
             self._bars.setOpts(x0=edges[:-1], x1=edges[1:], height=counts)
         self.stats.setText(
             f"<b>{stats.count:,}</b> texts · mean <b>{stats.mean:.0f}</b> · median {stats.median:.0f} · "
-            f"p90 {stats.p90:.0f} · p99 {stats.p99:.0f} · max {stats.max:,} tokens")
+            f"p90 {stats.p90:.0f} · p99 {stats.p99:.0f} · max {stats.max:,} tokens"
+            + (f"<br><small>The last bar holds every text of {edges[-1]:.0f} tokens or more.</small>"
+               if edges and stats.max > edges[-1] else ""))
         self.plot.getPlotItem().setXRange(0, max(edges[-1] if edges else 1,
                                                  self._state.profile.seq * 1.05), padding=0.02)
         self.stats_changed.emit(stats)

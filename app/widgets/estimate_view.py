@@ -95,23 +95,25 @@ class EstimateView(QWidget):
             self._bars[cat] = bar
             item.addItem(bar)
             self.legend.addItem(bar, CATEGORY_LABELS[cat])
-        self._capacity_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#D0342C", width=2, style=Qt.PenStyle.DashLine),
-                                              label="", labelOpts={"position": 0.12, "color": "#D0342C",
-                                                                   "anchors": [(0, 1), (0, 1)]})
+        self._capacity_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#D0342C", width=2, style=Qt.PenStyle.DashLine))
         item.addItem(self._capacity_line)
-        self._totals = [pg.TextItem(anchor=(0.5, 1.0)), pg.TextItem(anchor=(0.5, 1.0))]
+        self._capacity_label = pg.TextItem(color="#D0342C", anchor=(0, 1))
+        item.addItem(self._capacity_label)
+        self._totals = [pg.TextItem(anchor=(0.5, 1.0), color=legend_text_color()),
+                        pg.TextItem(anchor=(0.5, 1.0), color=legend_text_color())]
         for text in self._totals:
             item.addItem(text)
 
-        top = QHBoxLayout()
-        top.addWidget(self.status, 1)
-        top.addWidget(self.traced)
-        top.addWidget(self.layers_button)
+        self.status.setWordWrap(True)
+        options = QHBoxLayout()
+        options.addWidget(self.traced, 1)
+        options.addWidget(self.layers_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addLayout(top)
+        layout.addWidget(self.status)
         layout.addWidget(self.summary)
         layout.addWidget(self.plot, 1)
+        layout.addLayout(options)
         layout.addWidget(self.notes)
         layout.addWidget(self.engine_state)
 
@@ -172,10 +174,13 @@ class EstimateView(QWidget):
             cap_text = f"{self._state.gpu_name}: {format_bytes(capacity)}"
             if show_capacity:
                 self._capacity_line.setValue(capacity / scale)
-                self._capacity_line.label.setFormat(cap_text)
+                self._capacity_label.setText(cap_text)
+                self._capacity_label.setPos(-0.55, capacity / scale)
                 self._capacity_line.show()
+                self._capacity_label.show()
             else:
                 self._capacity_line.hide()
+                self._capacity_label.hide()
         labels = ["Estimated", "Measured"]
         for i, (text, total) in enumerate(zip(self._totals, totals)):
             text.setText(format_bytes(total) if total else "")

@@ -35,6 +35,9 @@ def _spin(low: int, high: int, step: int = 1, special: str = "") -> QSpinBox:
 
 def _combo(items: dict[str, str]) -> QComboBox:
     box = QComboBox()
+    # long labels must not widen the panel past its column (the popup still shows them whole)
+    box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(14)
     for value, label in items.items():
         box.addItem(label, value)
     return box
@@ -105,6 +108,8 @@ class TechniquePanel(QScrollArea):
         self._group("geglu", "GeGLU", "geglu", [("", self.geglu)])
         self.teacher = QComboBox()
         self.teacher.setEditable(True)
+        self.teacher.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.teacher.setMinimumContentsLength(14)
         self.teacher.addItem("")
         self.teacher.addItems(models.list_presets())
         self.teacher.lineEdit().setPlaceholderText("off (no teacher)")
