@@ -185,7 +185,8 @@ def estimate(profile: Profile, method: str = "auto",
         events = [("__ws0__", workspace // 2 if profile.mode == "train" else workspace)] + events
         if profile.mode == "train":
             events.insert(1, ("__ws1__", workspace - workspace // 2))
-    reserved = _traced_reserved(profile, events)
+    # CPU: no caching allocator to model (measure reports RSS growth there); reserved = allocated.
+    reserved = _traced_reserved(profile, events) if profile.target == "cuda" else 0
     breakdown = dict(outcome.breakdown)
     breakdown["temporaries"] = breakdown.get("temporaries", 0) + workspace
     peak = outcome.peak_allocated + workspace

@@ -344,8 +344,14 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     x32 = _r(E * V * 4, cuda)
     if not training:
         return [_r(x, cuda) for x in saved], x1, 0
-    fwd = x1 + (x32 if logits_e != 4 else 0) + x32  # logits, fp32 upcast, log-softmax
-    bwd = 3 * x32  # saved log-softmax, nll grad, log-softmax grad
+    if arch.family == "bert" and not amp:
+        # encoders call CrossEntropyLoss on the logits directly: no upcast outside autocast
+        ls = x1
+        fwd = x1 + ls
+    else:
+        ls = x32
+        fwd = x1 + (x32 if logits_e != 4 else 0) + x32  # logits, fp32 upcast, log-softmax
+    bwd = 3 * ls  # saved log-softmax, nll grad, log-softmax grad
     saved = [_r(x, cuda) for x in saved]
     return saved, fwd, bwd
 

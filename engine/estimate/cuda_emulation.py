@@ -69,6 +69,7 @@ def _policies() -> dict:
     fp32 = [F.layer_norm, torch.layer_norm, F.group_norm, torch.exp, T.exp, torch.log, T.log,
             torch.log1p, torch.expm1, torch.pow, T.pow, T.__pow__, torch.rsqrt, T.rsqrt,
             torch.reciprocal, T.reciprocal, F.softplus, F.nll_loss, F.kl_div, F.mse_loss,
+            F.cross_entropy,  # composite: log_softmax (fp32 out) + nll_loss (fp32) on CUDA
             F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy_with_logits,
             F.cosine_similarity, torch.cdist, torch.logsumexp, T.logsumexp, F.poisson_nll_loss,
             F.cosine_embedding_loss, F.margin_ranking_loss, F.soft_margin_loss]

@@ -105,7 +105,7 @@ class MemoryTracker(TorchDispatchMode):
         if _PRIORITY[category] > _PRIORITY[self.category[uid]]:
             self.category[uid] = category
         if category == ACTIVATIONS and self.layer_tracking and self.current_layer \
-                and uid not in self.layer:
+                and uid not in self.layer and self.category[uid] == ACTIVATIONS:
             self.layer[uid] = self.current_layer
 
     def mark_phase(self, name: str) -> None:
@@ -158,5 +158,6 @@ class MemoryTracker(TorchDispatchMode):
     def layer_activation_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for uid, name in self.layer.items():
-            out[name] = out.get(name, 0) + self.sizes[uid]
+            if self.category[uid] == ACTIVATIONS:
+                out[name] = out.get(name, 0) + self.sizes[uid]
         return out

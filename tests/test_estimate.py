@@ -1,0 +1,198 @@
+"""Estimators: traced (meta tensors) against a real CPU run, analytic against traced, the allocator
+model, and the result contract. Timings are measured in bench/bench_estimators.py, not here."""
+
+import pytest
+import torch
+
+from engine.errors import BadInput, Cancelled
+from engine.estimate import allocator, analytic, estimate, traced
+from engine.estimate.allocator import KLARGE_BUFFER, KSMALL_BUFFER, simulate
+from engine.profile import Profile
+from engine.results import ALLOCATED_CATEGORIES
+
+MiB = 1 << 20
+TINY = ("tiny-gpt2", "tiny-llama", "tiny-bert")
+
+
+def _real_cpu_peak(profile: Profile, shape) -> int:
+    """The same protocol on real CPU tensors, counted by the same tracker (no emulation)."""
+    from engine.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(profile, "cpu")
+    model.config.use_cache = False
+    return traced.trace_step(profile, shape, model=model, fake=False).peak_allocated
+
+
+# ----- traced vs a real CPU run ------------------------------------------------------------
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("precision,mode,ckpt", [
+    ("fp32", "train", False), ("bf16-amp", "train", False), ("fp32", "train", True),
+    ("bf16-amp", "infer", False)])
+def test_traced_matches_real_cpu_run(model, precision, mode, ckpt):
+    p = Profile(model=model, target="cpu", precision=precision, mode=mode, checkpointing=ckpt,
+                batch=3, seq=48)
+    real = _real_cpu_peak(p, (3, 48))
+    fake = traced.trace_step(p, (3, 48)).peak_allocated
+    assert abs(fake - real) / real < 0.02, (fake, real)
+
+
+def test_traced_matches_measure_cpu_run():
+    measure = pytest.importorskip("engine.measure")
+    p = Profile(model="tiny-llama", target="cpu", precision="fp32", batch=2, seq=32, steps=2)
+    measured = measure.run_measure(p).peak_allocated_bytes
+    est = estimate(p, "traced").peak_allocated_bytes
+    assert abs(est - measured) / measured < 0.03, (est, measured)
+
+
+def test_traced_allocates_nothing_real():
+    # Qwen2.5-0.5B: 2 GB of fp32 weights; a meta trace must not allocate them.
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = estimate(Profile(model="Qwen2.5-0.5B", batch=1, seq=64), "traced")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert r.peak_allocated_bytes > 4 * 2**30
+    assert (after - before) * 1024 < 600 * MiB
+
+
+# ----- analytic vs traced ------------------------------------------------------------------
+GRID = [dict(model=m, precision=pr, mode=mo, checkpointing=ck, target=tg, batch=4, seq=128)
+        for m in TINY for pr in ("fp32", "bf16-amp", "bf16") for mo in ("train", "infer")
+        for ck in (False, True) for tg in ("cuda", "cpu")
+        if not (ck and mo == "infer") and not (tg == "cpu" and pr == "bf16")]
+
+
+@pytest.mark.parametrize("fields", GRID[::3], ids=lambda f: "-".join(str(v) for v in f.values()))
+def test_analytic_close_to_traced(fields):
+    p = Profile(**fields)
+    a = estimate(p, "analytic").peak_allocated_bytes
+    t = estimate(p, "traced").peak_allocated_bytes
+    assert abs(a - t) / t < 0.15, (a, t)
+
+
+def test_analytic_close_to_traced_real_size_model():
+    p = Profile(model="gpt2", batch=2, seq=256, precision="bf16-amp")
+    a = estimate(p, "analytic").peak_allocated_bytes
+    t = estimate(p, "traced").peak_allocated_bytes
+    assert abs(a - t) / t < 0.15, (a, t)
+
+
+# ----- result contract ---------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["analytic", "traced"])
+def test_result_contract(method):
+    r = estimate(Profile(model="tiny-gpt2", batch=2, seq=32), method)
+    d = r.to_dict()
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "breakdown", "device_used_bytes",
+                "elapsed_s", "peak_batch_shape", "peak_phase", "layers", "params"):
+        assert key in d
+    assert r.method == method
+    assert set(r.breakdown) == {c.value for c in ALLOCATED_CATEGORIES}
+    assert sum(r.breakdown.values()) == r.peak_allocated_bytes
+    assert r.peak_reserved_bytes >= r.peak_allocated_bytes
+    assert r.device_used_bytes > r.peak_reserved_bytes  # CUDA context on top
+    assert r.peak_batch_shape == (2, 32)
+    assert r.peak_phase in ("forward", "backward", "optimizer")
+    assert len(r.layers) == 2 and r.layers[0].params > 0
+
+
+def test_auto_picks_traced_for_small_work_and_cpu_has_no_context():
+    r = estimate(Profile(model="tiny-gpt2", batch=2, seq=32, target="cpu"))
+    assert r.method == "traced"
+    assert r.device_used_bytes == r.peak_reserved_bytes == r.peak_allocated_bytes
+
+
+def test_bad_method_and_cancel():
+    with pytest.raises(BadInput):
+        estimate(Profile(model="tiny-gpt2"), "guess")
+    with pytest.raises(Cancelled):
+        estimate(Profile(model="tiny-gpt2", batch=2, seq=32), "traced", should_stop=lambda: True)
+
+
+def test_progress_reaches_one():
+    seen = []
+    estimate(Profile(model="tiny-gpt2", batch=2, seq=32), "analytic",
+             progress=lambda f, m: seen.append(f))
+    assert seen and seen[-1] == 1.0
+
+
+# ----- techniques move the estimate the right way -------------------------------------------
+@pytest.mark.parametrize("method", ["analytic", "traced"])
+def test_techniques_directions(method):
+    base = Profile(model="tiny-llama", batch=8, seq=256, precision="bf16-amp")
+    peak = estimate(base, method).peak_allocated_bytes
+    assert estimate(base.replace(checkpointing=True), method).peak_allocated_bytes < peak
+    assert estimate(base.replace(micro_batches=4), method).peak_allocated_bytes < peak
+    assert estimate(base.replace(mode="infer"), method).peak_allocated_bytes < peak
+    assert estimate(base.replace(batch=16), method).peak_allocated_bytes > peak
+    assert estimate(base.replace(attn="eager", seq=512), method).peak_allocated_bytes > \
+        estimate(base.replace(seq=512), method).peak_allocated_bytes
+    assert estimate(base.replace(optimizer="sgd"), method).peak_allocated_bytes < peak
+
+
+def test_logits_dominate_big_vocab():
+    # Qwen's 152k vocabulary: the loss temporaries are several times the logits' size.
+    r = estimate(Profile(model="Qwen2.5-0.5B", batch=4, seq=512, precision="bf16-amp"), "analytic")
+    logits = 4 * 512 * 151936 * 4
+    assert r.breakdown["temporaries"] > 2 * logits
+
+
+def test_dynamic_padding_peak_shape_is_a_real_batch():
+    p = Profile(model="tiny-gpt2", batch=4, seq=128, padding="dynamic")
+    r = estimate(p, "analytic")
+    b, t = r.peak_batch_shape
+    assert 1 <= b <= 4 and 1 <= t <= 128
+    assert list(r.peak_batch_shape) in r.extra["candidates"]
+
+
+def test_distillation_adds_teacher():
+    p = Profile(model="tiny-gpt2", batch=2, seq=32)
+    plain = estimate(p, "traced")
+    dist = estimate(p.replace(distill_from="tiny-gpt2"), "traced")
+    assert dist.breakdown["weights"] > plain.breakdown["weights"]
+
+
+# ----- the allocator model -----------------------------------------------------------------
+def test_round_and_segment_sizes():
+    assert allocator.round_size(1) == 512
+    assert allocator.round_size(513) == 1024
+    assert allocator.allocation_size(1000) == KSMALL_BUFFER
+    assert allocator.allocation_size(5 * MiB) == KLARGE_BUFFER
+    assert allocator.allocation_size(11 * MiB + 1) == 12 * MiB
+
+
+def test_simulate_small_blocks_share_a_segment_and_cache_is_kept():
+    s = simulate([(i, 1000) for i in range(100)] + [(i, -1000) for i in range(100)])
+    assert s.peak_reserved == KSMALL_BUFFER and s.peak_allocated == 100 * 1024
+    s = simulate([(0, 5 * MiB), (1, 5 * MiB), (2, 5 * MiB), (3, 5 * MiB), (4, 5 * MiB)])
+    assert s.peak_reserved == 2 * KLARGE_BUFFER  # four 5 MiB blocks per 20 MiB segment
+
+
+def test_simulate_reuses_freed_blocks_and_fragments():
+    # Free the middle of three 100 MiB blocks: a 150 MiB request cannot use the hole.
+    s = simulate([(0, 100 * MiB), (1, 100 * MiB), (2, 100 * MiB), (1, -100 * MiB),
+                  (3, 50 * MiB), (4, 150 * MiB)])
+    assert s.peak_reserved == 450 * MiB
+    assert s.peak_allocated == 400 * MiB
+
+
+def test_expandable_segments_grow_in_place():
+    # A cached 100 MiB segment cannot serve 150 MiB: a second segment is made (250 MiB);
+    # an expandable segment maps 50 MiB more after the free tail (20 MiB pages: 160 MiB).
+    events = [(0, 100 * MiB), (0, -100 * MiB), (1, 150 * MiB)]
+    assert simulate(events).peak_reserved == 250 * MiB
+    exp = simulate(events, expandable=True).peak_reserved
+    assert exp == 160 * MiB and exp % KLARGE_BUFFER == 0
+
+
+def test_pool_prereserves():
+    s = simulate([(0, 30 * MiB), (0, -30 * MiB)], pool_bytes=1 << 30)
+    assert s.peak_reserved == 1 << 30
+    r = estimate(Profile(model="tiny-gpt2", batch=2, seq=32, alloc="pool:2GiB"), "traced")
+    assert r.peak_reserved_bytes >= 2 << 30
+
+
+def test_analytic_arch_uses_built_shapes():
+    arch = analytic.arch_of(Profile(model="Qwen2.5-0.5B"))
+    assert (arch.family, arch.heads, arch.kv_heads, arch.head_dim) == ("llama", 14, 2, 64)
+    assert arch.gated and arch.ffn == 4864 and arch.layers == 24
