@@ -148,6 +148,22 @@ def estimate(profile: Profile, method: str = "auto",
     shapes, shape_note = batch_candidates(profile)
     _check_stop(should_stop)
     _progress(progress, 0.2, "analytic estimate")
+    return _estimate_at(profile, method, shapes, [shape_note], started, progress, should_stop)
+
+
+def estimate_shape(profile: Profile, shape: tuple[int, int], padded: bool = True,
+                   method: str = "auto") -> EstimateResult:
+    """The estimate for one given batch shape (and whether its rows carry padding), bypassing
+    the dataset: for calibration against runs on synthetic batches."""
+    if method not in METHODS:
+        raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    _checked(tuple(getattr(profile, f) for f in _CHECK_FIELDS))
+    return _estimate_at(profile, method, [(tuple(shape), padded)],
+                        [f"given batch shape {shape[0]}x{shape[1]}"], time.perf_counter(), None,
+                        None)
+
+
+def _estimate_at(profile, method, shapes, notes, started, progress, should_stop) -> EstimateResult:
     a_out, shape, padded = _analytic(profile, shapes, should_stop)
     if method == "auto":
         from engine.estimate.analytic import arch_of
@@ -155,7 +171,7 @@ def estimate(profile: Profile, method: str = "auto",
         arch = arch_of(profile)
         work = arch.params * shape[0] * shape[1] * (3 if profile.mode == "train" else 1)
         method = "traced" if work <= TRACED_BUDGET else "analytic"
-    notes = [shape_note] + list(a_out.notes)
+    notes = list(notes) + list(a_out.notes)
     from engine.estimate import device
 
     workspace = device.workspace_bytes(profile.target, profile.mode == "train")
@@ -207,4 +223,4 @@ def estimate(profile: Profile, method: str = "auto",
     return result
 
 
-__all__ = ["estimate", "batch_candidates", "METHODS"]
+__all__ = ["estimate", "estimate_shape", "batch_candidates", "METHODS"]

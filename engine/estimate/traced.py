@@ -50,6 +50,7 @@ class TraceOutcome:
     layer_activations: dict[str, int]  # per transformer block: bytes saved for backward
     params: int
     backends: tuple[str, ...] = ()  # SDPA backends chosen (CUDA emulation)
+    timeline: tuple[tuple[str, int], ...] = ()  # (phase starting, live bytes at that point)
     notes: list[str] = field(default_factory=list)
 
 
@@ -295,6 +296,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                         if isinstance(v, torch.Tensor):
                             tracker.classify(v, trk.OPTIMIZER)
                 opt.zero_grad(set_to_none=True)
+                tracker.mark_phase("end")
                 if tracker.peak > before_peak:
                     peak_step = step + 1
         else:
@@ -319,6 +321,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         layer_activations=tracker.layer_activation_bytes(),
         params=params,
         backends=tuple(sorted(set(emu.backend_log))) if emu is not None else (),
+        timeline=tuple(tracker.timeline),
     )
     tracker.detach()
     return outcome

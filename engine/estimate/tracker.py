@@ -56,6 +56,7 @@ class MemoryTracker(TorchDispatchMode):
         self.phase_marks: list[tuple[int, str]] = []  # (event index, phase name)
         self.current_layer = ""
         self.layer_tracking = True
+        self.timeline: list[tuple[str, int]] = []  # (phase starting, live bytes then)
         self._finalizers: list = []
 
     # ----- recording -----------------------------------------------------------------------
@@ -110,6 +111,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def mark_phase(self, name: str) -> None:
         self.phase_marks.append((len(self.events), name))
+        self.timeline.append((name, self.current))
 
     def detach(self) -> None:
         """Stop listening for frees (tracked objects may outlive the tracker)."""
