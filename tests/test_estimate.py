@@ -57,7 +57,8 @@ def test_traced_allocates_nothing_real():
 
 
 # ----- analytic vs traced ------------------------------------------------------------------
-GRID = [dict(model=m, precision=pr, mode=mo, checkpointing=ck, target=tg, batch=4, seq=128)
+GRID = [{"model": m, "precision": pr, "mode": mo, "checkpointing": ck, "target": tg,
+         "batch": 4, "seq": 128}
         for m in TINY for pr in ("fp32", "bf16-amp", "bf16") for mo in ("train", "infer")
         for ck in (False, True) for tg in ("cuda", "cpu")
         if not (ck and mo == "infer") and not (tg == "cpu" and pr == "bf16")]

@@ -26,8 +26,8 @@ so reserved near the device's capacity is overestimated; the expandable page siz
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 KMIN_BLOCK = 512
 KSMALL_SIZE = 1 << 20
@@ -54,7 +54,7 @@ def allocation_size(n: int) -> int:
 
 
 class _Block:
-    __slots__ = ("addr", "size", "free", "prev", "next", "seg")
+    __slots__ = ("addr", "free", "next", "prev", "seg", "size")
 
     def __init__(self, addr, size, seg):
         self.addr, self.size, self.seg = addr, size, seg
@@ -129,8 +129,7 @@ class CachingAllocator:
         block.free = False
         self.live[handle] = block
         self.allocated += block.size
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
 
     def free(self, handle: object) -> None:
         block = self.live.pop(handle, None)
@@ -151,8 +150,7 @@ class CachingAllocator:
     # ----- internals -----------------------------------------------------------------------
     def _note_reserved(self, delta: int) -> None:
         self.reserved += delta
-        if self.reserved > self.peak_reserved:
-            self.peak_reserved = self.reserved
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
 
     def _grow(self, small: bool, size: int) -> _Block:
         if not self.expandable:

@@ -100,8 +100,8 @@ def _arch(key: tuple) -> Arch:
     fam = _family(config.model_type, config)
     path, layers = find_layers(model)
     h = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-            or getattr(config, "dim"))
-    a_cfg = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head"))
+            or config.dim)
+    a_cfg = int(getattr(config, "num_attention_heads", None) or config.n_head)
     d = int(getattr(config, "head_dim", None) or h // a_cfg)
     kv_cfg = int(getattr(config, "num_key_value_heads", None) or a_cfg)
     # Shapes of the first block's projections (pruning changes them).
@@ -418,7 +418,6 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
 
     # ----- phases ------------------------------------------------------------------------
     candidates: list[tuple[int, str, dict]] = []
-    base = weights + teacher_w + inputs + workspace
 
     def add(phase: str, w, g, o, a, tmp):
         total = w + g + o + a + tmp
@@ -446,7 +445,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
                    for p in arch.layer_params]
         head_g = grads - sum(layer_g)
         accum_tmp = _r(arch.largest_param * 4, cuda) if m > 1 else 0
-        add("backward", w_all, g_prev + (0 if m > 1 else 0), states, acts,
+        add("backward", w_all, g_prev, states, acts,
             tmp_common + loss_bwd)
         g_so_far = head_g if m == 1 else grads
         remaining = acts - head_saved_b

@@ -246,7 +246,7 @@ def _cpu_choice(dtype, has_mask: bool, dropout: bool, causal: bool, gqa: bool) -
             kwargs["enable_gqa"] = True
         try:
             choice = int(torch._fused_sdp_choice(q, k, k, **kwargs))
-        except Exception:
+        except (RuntimeError, TypeError, ValueError):  # an older torch without this query
             choice = 0
         _CPU_CHOICES[key] = "flash" if choice == 1 else "math"
     return _CPU_CHOICES[key]
@@ -300,7 +300,7 @@ class FlashAttentionEmu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, dropout_p):  # q: (B, H, T, D), k/v: (B, Hk, S, D)
-        b, h, t, d = q.shape
+        b, h, t, _d = q.shape
         out = torch.empty((b, t, h, v.shape[-1]), dtype=q.dtype, device=q.device)  # (B, T, H, Dv)
         lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)  # (B, H, T)
         rng = torch.empty((2,), dtype=torch.int64, device=q.device)  # philox seed/offset
@@ -310,7 +310,7 @@ class FlashAttentionEmu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, rng = ctx.saved_tensors
+        q, k, v, _out, _lse, _rng = ctx.saved_tensors
         b, h, t, d = q.shape
         hk, s = k.shape[1], k.shape[2]
         grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
@@ -337,7 +337,7 @@ class EfficientAttentionEmu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, dropout_p):
-        b, h, t, d = q.shape
+        b, h, t, _d = q.shape
         out = torch.empty((b, t, h, v.shape[-1]), dtype=q.dtype, device=q.device)  # (B, T, H, Dv)
         lse = torch.empty((b, h, _round(t, 32)), dtype=torch.float32, device=q.device)
         rng = torch.empty((2,), dtype=torch.int64, device=q.device)
@@ -384,5 +384,10 @@ def sdpa_saved_bytes_per_layer(b: int, h: int, t: int, d: int, elt: int, backend
     return b * t * h * d * elt + b * h * _round(t, 32) * 4
 
 
-__all__ = ["CudaEmulation", "choose_backend", "FlashAttentionEmu", "EfficientAttentionEmu",
-           "sdpa_saved_bytes_per_layer"]
+__all__ = [
+    "CudaEmulation",
+    "EfficientAttentionEmu",
+    "FlashAttentionEmu",
+    "choose_backend",
+    "sdpa_saved_bytes_per_layer",
+]

@@ -1,9 +1,9 @@
-"""Traced estimator: one real training (or inference) step on fake tensors, every byte accounted.
+"""Traced estimator: real training (or inference) steps on meta tensors, every byte accounted.
 
 The profile's model is built on ``meta`` (techniques applied, ``engine.models.build_model``) and
 runs on ``meta`` tensors (shapes, dtypes and storages but no data: nothing is allocated;
-``FakeTensorMode`` is 10x slower and cannot fake CUDA on a CPU-only torch). Then the measured protocol runs: the
-optimizer with its CUDA defaults (``foreach=True`` on CUDA, for-loop on CPU; ``fused=False``),
+``FakeTensorMode`` is ~10x slower here and cannot fake CUDA tensors on a CPU-only torch build).
+Then the measured protocol runs (``engine.measure.runner``'s loop): the optimizer with its CUDA defaults (``foreach=True`` on CUDA, for-loop on CPU; ``fused=False``),
 two steps of forward + loss + backward + optimizer step + ``zero_grad(set_to_none=True)`` (step 1
 creates the optimizer states lazily, step 2 runs backward with states present: together they hold
 every peak of the 3-step measurement), with gradient accumulation over up to two micro-batches.
@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -175,7 +174,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                should_stop: Callable[[], bool] | None = None) -> TraceOutcome:
     """Run the measured protocol for one batch shape on meta tensors (or on real CPU tensors when
     ``fake`` is False and a real ``model`` is given, for validation) and account every byte."""
-    from engine.errors import Cancelled
+    from engine.errors import BadInput, Cancelled
     from engine.models import count_parameters, find_layers, load_config, resolve_task
 
     target = profile.target
@@ -205,7 +204,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
 
     # Per-block activation accounting (first forward only).
     hooks = []
-    try:
+    with contextlib.suppress(BadInput):  # a model without a block list still gets totals
         layers_path, layers = find_layers(model)
         for i, layer in enumerate(layers):
             name = f"{layers_path}.{i}"
@@ -218,8 +217,6 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
 
             hooks.append(layer.register_forward_pre_hook(pre))
             hooks.append(layer.register_forward_hook(post))
-    except Exception:  # a model without a block list still gets totals
-        pass
 
     def autocast_ctx():
         if amp is None:

@@ -15,7 +15,7 @@ Idea after PyTorch's MemTracker (``torch.distributed._tools.mem_tracker``).
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -125,7 +125,7 @@ class MemoryTracker(TorchDispatchMode):
         if func is _aten._local_scalar_dense.default and self.scalar is not None:
             try:
                 return func(*args, **kwargs)
-            except Exception:  # data-dependent under fake tensors: answer like a real run would
+            except (RuntimeError, NotImplementedError):  # meta/fake: no data; answer as a run would
                 return self.scalar(args[0])
         out = func(*args, **kwargs)
         flat, _ = tree_flatten(out)
