@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from engine.errors import BadInput, Cancelled
 from engine.profile import Profile
@@ -192,4 +193,4 @@ def pareto_front(points: Iterable[Any], memory: Callable[[Any], float] | None = 
     return front
 
 
-__all__ = ["PlanResult", "plan", "pareto_front", "VARIES"]
+__all__ = ["VARIES", "PlanResult", "pareto_front", "plan"]
