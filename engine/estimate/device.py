@@ -12,6 +12,11 @@ JSON): ``context_bytes`` = measured ``device_used - peak_reserved``; ``cublas_wo
 uses ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (32 MiB per handle; ``getChosenWorkspaceSize`` in
 ``aten/src/ATen/cuda/CublasHandlePool.cpp``); a CUDA 12 context with lazy module loading takes
 about 500 MiB on an H100 (measured values go here).
+
+H100 calibration (bench/results/probe_h100_2026-11-24.jsonl, torch 2.11+cu130): 527 MiB used right
+after CUDA init, 647 MiB after the first fp32 matmul with 52 MiB reserved (a 4 MiB tensor's 20 MiB
+segment + the 32 MiB cuBLAS workspace), 737 MiB after a bf16 matmul (cuBLASLt kernels): context =
+737 - 52 = 685 MiB. Training adds the autograd thread's handle (not yet measured separately).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class DeviceConstants:
 
 #: Calibrated per device kind; "default" is used when the kind is unknown.
 DEVICES: dict[str, DeviceConstants] = {
-    "h100": DeviceConstants("h100", context_bytes=520 * MiB, cublas_workspace_bytes=32 * MiB,
+    "h100": DeviceConstants("h100", context_bytes=685 * MiB, cublas_workspace_bytes=32 * MiB,
                             workspace_handles_train=2, workspace_handles_infer=1,
                             expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
                             capacity_bytes=80 * 1024 * MiB),
