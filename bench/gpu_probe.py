@@ -35,6 +35,7 @@ def run_one(cfg: dict) -> dict:
     preset = json.loads((ROOT / "resources/models" / cfg["model"] / "config.json").read_text())
     mt = preset.pop("model_type")
     config = transformers.CONFIG_MAPPING[mt].from_dict(preset)
+    config.use_cache = False  # inference keeps no KV cache: the protocol measures one forward
     decoder = mt not in ("bert", "distilbert")
     cls = transformers.AutoModelForCausalLM if decoder else transformers.AutoModelForMaskedLM
     base = torch.cuda.memory_allocated()
