@@ -202,8 +202,9 @@ class _StepData:
 
 
 def _prepare_steps(profile, config, task: str, should_stop, progress: Progress,
-                   notes: list[str]) -> list[_StepData]:
-    """The CPU tensors of each step: batches from the profile's batching strategy, cycled."""
+                   notes: list[str]) -> tuple[list[_StepData], int]:
+    """The CPU tensors of each step (batches from the profile's batching strategy, cycled) and the
+    number of batches in one pass over the dataset (the plan's length)."""
     import torch
 
     from engine import batching
@@ -251,7 +252,56 @@ def _prepare_steps(profile, config, task: str, should_stop, progress: Progress,
         notes.append(f"the tokenizer's ids exceed the model's vocabulary of {vocab}; "
                      f"ids were taken modulo {vocab}")
     progress(_DATA_END, f"{len(plan)} batches planned; running {profile.steps} steps")
-    return steps
+    return steps, len(plan)
+
+
+def _pass_stats(steps: list[_StepData], times: list[float], seen: set) -> dict[str, Any]:
+    """Steps, time and throughput of a run of consecutive steps; ``new_shapes`` counts shapes not
+    in ``seen`` (updated in place)."""
+    new = 0
+    for st in steps:
+        if st.shape not in seen:
+            seen.add(st.shape)
+            new += 1
+    total = float(sum(times))
+    real = sum(st.real_tokens for st in steps)
+    padded = sum(st.padded_tokens for st in steps)
+    return {
+        "steps": len(steps),
+        "time_s": total,
+        "s_per_step": total / len(steps) if steps else 0.0,
+        "real_tokens": int(real),
+        "padded_tokens": int(padded),
+        "useful_tokens_per_s": real / total if total > 0 else 0.0,
+        "tokens_per_s": padded / total if total > 0 else 0.0,
+        "new_shapes": new,
+    }
+
+
+def pass_report(steps: list[_StepData], all_times: list[float], n_plan: int) -> dict[str, Any]:
+    """The first pass over the dataset (its first ``n_plan`` steps, where every batch shape appears
+    for the first time: on CUDA each new shape may cost kernel plans or autotuning) reported apart
+    from the steady state (the steps after it; None when there are none).
+
+    ``all_times`` holds the completed steps' times, the first (warm-up) step included, so the first
+    pass's time includes the warm-up; ``first_pass_excl_step0_s`` leaves it out.
+    """
+    done = steps[:len(all_times)]
+    seen: set = set()
+    first = _pass_stats(done[:n_plan], all_times[:n_plan], seen)
+    first["complete"] = len(done) >= n_plan
+    first["time_excl_step0_s"] = float(sum(all_times[1:n_plan]))
+    later = done[1:min(n_plan, len(done))]
+    first["tokens_per_s_excl_step0"] = (sum(st.padded_tokens for st in later) / first["time_excl_step0_s"]
+                                        if first["time_excl_step0_s"] > 0 else 0.0)
+    rest = done[n_plan:]
+    steady = _pass_stats(rest, all_times[n_plan:], seen) if rest else None
+    out: dict[str, Any] = {"plan_batches": n_plan, "first_pass": first, "steady": steady,
+                           "first_over_steady": None}
+    if steady and steady["tokens_per_s"] > 0 and first["tokens_per_s"] > 0:
+        # Time per padded token, first pass over steady (1.0: no first-pass cost).
+        out["first_over_steady"] = steady["tokens_per_s"] / first["tokens_per_s"]
+    return out
 
 
 def _micro_parts(step: _StepData, n: int) -> list[tuple[Any, Any, Any]]:
@@ -459,6 +509,10 @@ def run_measure(profile, progress: Progress | None = None,
         raise BadInput("no CUDA device is available here; measure with --target cpu "
                        "(memory_cap_bytes simulates a device size)")
     config = check_profile(profile)
+    from engine.techniques.explanations import check_compatible
+
+    # BadInput (one line) for combinations that cannot work; the allocator note is configure_allocator's.
+    notes.extend(n for n in check_compatible(profile) if not n.startswith("allocator settings"))
     task = resolve_task(profile, config)
     distill = None
     if profile.distill_from:
@@ -467,7 +521,7 @@ def run_measure(profile, progress: Progress | None = None,
             raise BadInput("distillation not available yet")
 
     report(0.0, "loading data")
-    steps = _prepare_steps(profile, config, task, should_stop, report, notes)
+    steps, n_plan = _prepare_steps(profile, config, task, should_stop, report, notes)
     check_stop()
 
     precision = profile.precision
@@ -660,6 +714,8 @@ def run_measure(profile, progress: Progress | None = None,
         "micro_batches": profile.micro_batches if profile.is_training else 1,
         "chunk_input": profile.chunk_input if not profile.is_training else 0,
         "phase_peaks": [[r.step, r.phase, r.peak] for r in run.records],
+        "distinct_shapes": len({st.shape for st in run_steps}),
+        "passes": pass_report(steps, ([first_step_s] if completed else []) + step_times, n_plan),
     })
     if rss is not None:
         extra["rss_start_bytes"] = rss.start_bytes
