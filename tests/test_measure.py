@@ -186,3 +186,48 @@ def test_cuda_run_matches_protocol():
     assert r.device == "cuda" and r.peak_allocated_bytes > 0
     assert r.peak_reserved_bytes >= r.peak_allocated_bytes
     assert r.device_used_bytes >= r.peak_reserved_bytes
+
+
+def test_first_pass_reported_apart_from_the_steady_state(tmp_path):
+    """12 texts, batch 4, dynamic padding: a plan of 3 batches; 7 steps = first pass (3) + 4 more."""
+    lines = ["the quick brown fox", "jumps over the lazy dog and keeps running far away", "a",
+             "memory planners estimate peaks before the run starts on any device", "short text",
+             "another line with several more words than the one before it", "padding wastes compute",
+             "bucketing groups similar lengths together so batches pad less", "x y z",
+             "token budgets hold many short or few long sequences", "one more line here",
+             "the last line of this tiny dataset file"]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = run_measure(cpu(model="tiny-gpt2", dataset=str(path), padding="dynamic", batch=4, steps=7))
+    passes = r.extra["passes"]
+    first, steady = passes["first_pass"], passes["steady"]
+    assert passes["plan_batches"] == 3
+    assert first["steps"] == 3 and first["complete"] and steady["steps"] == 4
+    assert first["new_shapes"] == r.distinct_shapes == r.extra["distinct_shapes"]
+    assert steady["new_shapes"] == 0  # the steady state cycles the same batches
+    # The headline counts exclude the warm-up step 0; the passes count every completed step.
+    step0_real = first["real_tokens"] - (r.real_tokens - steady["real_tokens"])
+    assert 0 < step0_real < first["real_tokens"]
+    # Steps 3..6 are batches 0..2 then 0 again: the steady tokens are one pass plus batch 0.
+    assert steady["real_tokens"] == first["real_tokens"] + step0_real
+    assert steady["padded_tokens"] - first["padded_tokens"] == \
+        first["padded_tokens"] - (r.padded_tokens - steady["padded_tokens"])
+    from engine import data
+
+    profile = cpu(model="tiny-gpt2")
+    expected = sum(min(len(t), profile.seq) for t in data.tokenize(lines, data.tokenizer_for(profile)))
+    assert first["real_tokens"] == expected  # the first pass is one pass over every text
+    for part in (first, steady):
+        assert part["time_s"] > 0 and part["useful_tokens_per_s"] > 0
+        assert part["tokens_per_s"] >= part["useful_tokens_per_s"]
+        assert math.isclose(part["useful_tokens_per_s"], part["real_tokens"] / part["time_s"])
+    assert passes["first_over_steady"] > 0
+
+    short = run_measure(cpu(model="tiny-gpt2", dataset=str(path), padding="dynamic", batch=4, steps=2))
+    assert short.extra["passes"]["steady"] is None
+    assert short.extra["passes"]["first_pass"]["complete"] is False
+
+
+def test_incompatible_techniques_are_bad_input_before_running():
+    with pytest.raises(BadInput, match="ffn_chunks"):
+        run_measure(cpu(model="tiny-llama", ffn_chunks=8, seq=4))
