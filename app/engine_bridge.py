@@ -33,6 +33,11 @@ def export_fn() -> Callable[..., Any] | None:
     return _attr("engine.export", "export_script")
 
 
+def summary_fn() -> Callable[..., Any] | None:
+    """``engine.export.export_summary_markdown(profile, estimate, measured) -> str``."""
+    return _attr("engine.export", "export_summary_markdown")
+
+
 def pareto_fn() -> Callable[..., Any] | None:
     return _attr("engine.plan", "pareto_front")
 

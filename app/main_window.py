@@ -3,9 +3,12 @@ estimate versus measured with the run controls, the dataset, and the comparison 
 
 from __future__ import annotations
 
-from PySide6.QtCore import QByteArray, QIODevice, QSaveFile, Qt
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QIODevice, QSaveFile, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter, QTabWidget,
+from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFileDialog, QHeaderView, QLabel, QMainWindow,
+                               QMenu, QMessageBox, QSplitter, QTableWidget, QTableWidgetItem, QTabWidget,
                                QVBoxLayout, QWidget)
 
 from app import engine_bridge
@@ -15,11 +18,12 @@ from app.theme import apply_theme
 from app.widgets.compare_view import CompareView
 from app.widgets.dataset_panel import DatasetPanel
 from app.widgets.estimate_view import EstimateView
-from app.widgets.model_panel import ModelPanel
+from app.widgets.model_panel import ModelPanel, model_folder_of
 from app.widgets.profile_list import ProfileList
 from app.widgets.run_panel import RunPanel
 from app.widgets.target_panel import TargetPanel
 from app.widgets.technique_panel import TechniquePanel
+from app.worker import TaskRunner
 from engine.profile import Profile
 
 _MESSAGE_STYLES = {
@@ -30,6 +34,8 @@ _MESSAGE_STYLES = {
 
 
 class MainWindow(QMainWindow):
+    export_finished = Signal(str, bool)  # path, written
+
     def __init__(self, profile: Profile | None = None, state: AppState | None = None) -> None:
         super().__init__()
         self.setWindowTitle("Headroom — memory planner")
@@ -46,6 +52,8 @@ class MainWindow(QMainWindow):
         self.compare_view = CompareView(self.state)
 
         self.message = QLabel()
+        self.message.setToolTip("Click to dismiss")
+        self.message.mousePressEvent = lambda _e: self.message.hide()
         self.message.setObjectName("message_bar")
         self.message.setWordWrap(True)
         self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -81,8 +89,15 @@ class MainWindow(QMainWindow):
         self.splitter.setChildrenCollapsible(False)
         self.setCentralWidget(self.splitter)
 
+        self._export_runner = TaskRunner("export", self)
+        self._export_runner.result_ready.connect(self._on_export_done)
+        self._export_runner.failed.connect(self._on_export_failed)
+        self.setAcceptDrops(True)  # a model folder, a profile .json or a dataset file
         self._make_actions()
         self.state.message_changed.connect(self._on_message_changed)
+        self.state.recent_files_changed.connect(self._refresh_recent_menu)
+        self.run_panel._runner.running_changed.connect(self.cancel_action.setEnabled)
+        self.estimate_view.layers_button_enabled_changed.connect(self.layers_action.setEnabled)
         self.run_panel.run_finished.connect(self._on_run_finished)
         self.estimator.status_changed.connect(self._on_estimator_status)
         self.tabs.currentChanged.connect(self._on_tab_changed)
@@ -104,69 +119,224 @@ class MainWindow(QMainWindow):
 
     def _make_actions(self) -> None:
         s = self.state
-        self.new_action = self._action("&New profile", QKeySequence.StandardKey.New, lambda: s.new_profile())
-        self.open_action = self._action("&Open profile…", "Ctrl+O", self.profiles.load_dialog)
-        self.save_action = self._action("&Save profile…", "Ctrl+S", self.profiles.save_dialog)
-        self.duplicate_action = self._action("&Duplicate profile", "Ctrl+D", lambda: s.duplicate())
+        self.new_action = self._action("&New profile", QKeySequence.StandardKey.New, lambda: s.new_profile(),
+                                       "A new profile with the default settings")
+        self.open_action = self._action("&Open profile…", QKeySequence.StandardKey.Open, self.profiles.load_dialog,
+                                        "Load a profile .json as a new profile")
+        self.save_action = self._action("&Save profile as…", QKeySequence.StandardKey.Save, self.profiles.save_dialog,
+                                        "Save the selected profile as .json")
+        self.duplicate_action = self._action("&Duplicate profile", "Ctrl+D", lambda: s.duplicate(),
+                                             "Copy the selected profile")
+        self.rename_action = self._action("&Rename profile", "F2", self.profiles.rename_current)
+        self.delete_action = self._action("De&lete profile", None, self.profiles.delete_current)
         self.export_action = self._action("&Export script…", "Ctrl+E", self.export_script_dialog,
-                                          "Write a standalone training script for this profile")
+                                          "Write a standalone training script (torch + transformers) for this profile")
+        self.summary_action = self._action("Export s&ummary…", "Ctrl+Shift+E", self.export_summary_dialog,
+                                           "Write a Markdown summary: settings, estimate, measurement, why")
         if engine_bridge.export_fn() is None:
             self.export_action.setEnabled(False)
             self.export_action.setToolTip("Script export (engine.export) is not available yet in this build")
             self.export_action.setStatusTip(self.export_action.toolTip())
-        self.open_model_action = self._action("Open &model folder…", None, self.model_panel._on_open_clicked)
-        self.open_data_action = self._action("Open &dataset file…", None, self.dataset_panel._on_open_clicked)
+        if engine_bridge.summary_fn() is None:
+            self.summary_action.setEnabled(False)
+        self.open_model_action = self._action("Open &model folder…", "Ctrl+Shift+M", self.model_panel._on_open_clicked,
+                                              "A folder holding config.json (weights optional)")
+        self.open_data_action = self._action("Open &dataset file…", "Ctrl+Shift+O", self.dataset_panel._on_open_clicked,
+                                             ".txt, .csv/.tsv, .jsonl or .parquet")
         self.quit_action = self._action("&Quit", QKeySequence.StandardKey.Quit, self.close)
-        self.run_action = self._action("&Run measurement", "Ctrl+R", self.run_panel.start)
+        self.run_action = self._action("&Run measurement", "Ctrl+R", self.run_panel.start,
+                                       "Run the profile's steps for real in a child process")
         self.cancel_action = self._action("&Cancel run", "Esc", self.run_panel.cancel)
-        self.compare_action = self._action("&Compare profiles", "Ctrl+K", lambda: self.tabs.setCurrentWidget(self.compare_view))
-        self.dark_action = self._action("&Dark theme", None, self._on_dark_toggled)
+        self.cancel_action.setEnabled(False)
+        self.estimate_action = self._action("Re-&estimate now", "F5", self.estimator.estimate_now)
+        self.traced_action = self._action("&Traced estimate", "Ctrl+T",
+                                          lambda: self.estimate_view.traced.toggle(),
+                                          "FakeTensor step: slower, closer to a real run")
+        self.layers_action = self._action("&Per-layer breakdown…", "Ctrl+L", self.estimate_view.show_layers)
+        self.layers_action.setEnabled(False)
+        self.search_action = self._action("&Find preset", QKeySequence.StandardKey.Find, self._on_find_preset)
+        self.tab_actions = [
+            self._action("&Estimate vs measured", "Ctrl+1", lambda: self.tabs.setCurrentIndex(0)),
+            self._action("&Dataset", "Ctrl+2", lambda: self.tabs.setCurrentIndex(1)),
+            self._action("&Compare profiles", "Ctrl+3", lambda: self.tabs.setCurrentWidget(self.compare_view)),
+        ]
+        self.compare_action = self.tab_actions[2]
+        self.dark_action = self._action("Dar&k theme", "Ctrl+Shift+K", self._on_dark_toggled)
         self.dark_action.setCheckable(True)
         self.dark_action.setChecked(str(s.settings.value("view/dark", "false")).lower() == "true")
+        self.shortcuts_action = self._action("&Keyboard shortcuts", "F1", self.show_shortcuts)
         self.about_action = self._action("&About Headroom", None, self._on_about)
 
         bar = self.menuBar()
         file_menu = bar.addMenu("&File")
         file_menu.setToolTipsVisible(True)
-        for a in (self.new_action, self.open_action, self.save_action, self.duplicate_action, None,
-                  self.open_model_action, self.open_data_action, None, self.export_action, None,
-                  self.quit_action):
-            file_menu.addSeparator() if a is None else file_menu.addAction(a)
+        self.recent_menu = QMenu("Open &recent", self)
+        for a in (self.new_action, self.open_action, self.recent_menu, self.save_action, None,
+                  self.open_model_action, self.open_data_action, None, self.export_action,
+                  self.summary_action, None, self.quit_action):
+            if a is None:
+                file_menu.addSeparator()
+            elif isinstance(a, QMenu):
+                file_menu.addMenu(a)
+            else:
+                file_menu.addAction(a)
+        profile_menu = bar.addMenu("&Profile")
+        for a in (self.duplicate_action, self.rename_action, self.delete_action):
+            profile_menu.addAction(a)
         run_menu = bar.addMenu("&Run")
-        run_menu.addAction(self.run_action)
-        run_menu.addAction(self.cancel_action)
+        for a in (self.run_action, self.cancel_action, None, self.estimate_action, self.traced_action,
+                  self.layers_action):
+            run_menu.addSeparator() if a is None else run_menu.addAction(a)
         view_menu = bar.addMenu("&View")
-        view_menu.addAction(self.compare_action)
-        view_menu.addAction(self.dark_action)
-        bar.addMenu("&Help").addAction(self.about_action)
+        for a in self.tab_actions + [None, self.search_action, self.dark_action]:
+            view_menu.addSeparator() if a is None else view_menu.addAction(a)
+        help_menu = bar.addMenu("&Help")
+        help_menu.addAction(self.shortcuts_action)
+        help_menu.addAction(self.about_action)
+        self._refresh_recent_menu()
+
+    def _refresh_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        files = self.state.recent_files()
+        for kind, path in files:
+            action = self.recent_menu.addAction(f"{Path(path).name}  ({kind})")
+            action.setToolTip(path)
+            action.setData((kind, path))
+            action.triggered.connect(lambda _checked=False, k=kind, p=path: self.open_recent(k, p))
+        if files:
+            self.recent_menu.addSeparator()
+            self.recent_menu.addAction("Clear list", self._clear_recent)
+        self.recent_menu.setEnabled(bool(files))
+
+    def _clear_recent(self) -> None:
+        self.state.settings.setValue("recent/files", "[]")
+        self._refresh_recent_menu()
+
+    def open_recent(self, kind: str, path: str) -> bool:
+        if not Path(path).is_file():
+            self.state.forget_file(kind, path)
+            self.state.show_message("warning", f"{path} no longer exists; removed from the recent files")
+            return False
+        if kind == "profile":
+            return self.profiles.load_path(path)
+        return self.dataset_panel.open_file(path)
+
+    def open_path(self, path: str | Path) -> bool:
+        """Open what a dropped path is: a model folder (or its config.json), a profile .json, or a
+        dataset file."""
+        path = Path(path)
+        folder = model_folder_of(path)
+        if folder is not None:
+            self.model_panel.open_folder(folder)
+            return True
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            return self.profiles.load_path(str(path))
+        if suffix in (".txt", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+            self.tabs.setCurrentWidget(self.dataset_panel)
+            return self.dataset_panel.open_file(path)
+        self.state.show_message("warning", f"Cannot open {path.name}: drop a model folder, a profile "
+                                           ".json or a dataset (.txt .csv .tsv .jsonl .parquet)")
+        return False
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
+        urls = event.mimeData().urls() if event.mimeData() is not None else []
+        if urls and all(u.isLocalFile() for u in urls):
+            event.acceptProposedAction()
+
+    def dragMoveEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.dragEnterEvent(event)
+
+    def dropEvent(self, event) -> None:  # noqa: N802 - Qt override
+        urls = event.mimeData().urls() if event.mimeData() is not None else []
+        for url in urls:
+            if url.isLocalFile():
+                self.open_path(url.toLocalFile())
+        event.acceptProposedAction()
+
+    def show_shortcuts(self) -> QDialog:
+        """A table of every action with a keyboard shortcut."""
+        rows = [(a.text().replace("&", "").rstrip("…"), a.shortcut().toString(QKeySequence.SequenceFormat.NativeText))
+                for a in self.actions() if not a.shortcut().isEmpty()]
+        rows.append(("Delete profile (in the profile list)", "Del"))
+        dialog = QDialog(self)
+        dialog.setWindowTitle("Keyboard shortcuts")
+        table = QTableWidget(len(rows), 2, dialog)
+        table.setHorizontalHeaderLabels(["Action", "Shortcut"])
+        for r, (name, keys) in enumerate(rows):
+            table.setItem(r, 0, QTableWidgetItem(name))
+            table.setItem(r, 1, QTableWidgetItem(keys))
+        table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        table.verticalHeader().hide()
+        table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(dialog.reject)
+        layout = QVBoxLayout(dialog)
+        layout.addWidget(table)
+        layout.addWidget(buttons)
+        dialog.resize(440, 520)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.open()
+        self._shortcuts_dialog = dialog
+        return dialog
+
+    def _on_find_preset(self) -> None:
+        self.model_panel.search.setFocus()
+        self.model_panel.search.selectAll()
 
     # ----- public -------------------------------------------------------------------------
     def export_script_to(self, path: str) -> bool:
-        fn = engine_bridge.export_fn()
+        """Write the engine's standalone script of the selected profile (its estimate and measured
+        peaks go into the script's header). Runs off the GUI thread; ``export_finished`` tells."""
+        return self._export_to(path, engine_bridge.export_fn(), "Script export")
+
+    def export_summary_to(self, path: str) -> bool:
+        """Write the engine's Markdown summary of the selected profile (off the GUI thread)."""
+        return self._export_to(path, engine_bridge.summary_fn(), "Summary export")
+
+    def _export_to(self, path: str, fn, what: str) -> bool:
+        """Start an export; False if it cannot start. The text is made and written on a worker
+        thread (building the model's facts takes a moment), atomically (QSaveFile)."""
         if fn is None:
-            self.state.show_message("warning", "Script export is not available yet in this build.")
+            self.state.show_message("warning", f"{what} is not available yet in this build.")
             return False
-        try:
-            text = fn(self.state.profile)
-        except Exception as exc:  # noqa: BLE001 - shown, never raised into Qt
-            self.state.show_message("error", f"Export failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
-            return False
-        out = QSaveFile(path)
-        if not out.open(QIODevice.OpenModeFlag.WriteOnly | QIODevice.OpenModeFlag.Text):
-            self.state.show_message("error", f"Cannot write {path}: {out.errorString()}")
-            return False
-        out.write(QByteArray(text.encode("utf-8")))
-        if not out.commit():
-            self.state.show_message("error", f"Cannot write {path}: {out.errorString()}")
-            return False
-        self.state.show_message("info", f"Wrote {path}")
+        entry = self.state.current
+        profile, estimate, measured = entry.profile, entry.estimate, entry.measured
+
+        def job(progress, should_stop):
+            text = fn(profile, estimate, measured)
+            out = QSaveFile(path)
+            if not out.open(QIODevice.OpenModeFlag.WriteOnly | QIODevice.OpenModeFlag.Text):
+                raise OSError(f"cannot write {path}: {out.errorString()}")
+            out.write(QByteArray(text.encode("utf-8")))
+            if not out.commit():
+                raise OSError(f"cannot write {path}: {out.errorString()}")
+            return path
+
+        self.statusBar().showMessage(f"{what}: writing {path}…")
+        self._export_runner.start(job, context=(path, what))
         return True
+
+    def _on_export_done(self, path: str) -> None:
+        self.state.show_message("info", f"Wrote {path}")
+        self.export_finished.emit(path, True)
+
+    def _on_export_failed(self, message: str) -> None:
+        path, what = self._export_runner.context
+        self.state.show_message("error", f"{what} failed: {message}")
+        self.export_finished.emit(path, False)
 
     def export_script_dialog(self) -> None:
         name = self.state.profile.name.replace("/", "_").replace(" ", "_") + ".py"
         path, _ = QFileDialog.getSaveFileName(self, "Export training script", name, "Python (*.py)")
         if path:
             self.export_script_to(path)
+
+    def export_summary_dialog(self) -> None:
+        name = self.state.profile.name.replace("/", "_").replace(" ", "_") + ".md"
+        path, _ = QFileDialog.getSaveFileName(self, "Export summary", name, "Markdown (*.md)")
+        if path:
+            self.export_summary_to(path)
 
     # ----- handlers -----------------------------------------------------------------------
     def _on_message_changed(self, level: str, text: str) -> None:
@@ -182,6 +352,8 @@ class MainWindow(QMainWindow):
     def _on_estimator_status(self, text: str) -> None:
         if text:
             self.statusBar().showMessage(text, 4000)
+        elif self.statusBar().currentMessage().startswith("estimating"):
+            self.statusBar().clearMessage()
 
     def _on_run_finished(self, result) -> None:
         if result is not None:
@@ -223,7 +395,8 @@ class MainWindow(QMainWindow):
         if getattr(self, "_shut", False):
             return
         self._shut = True
-        for part in (self.run_panel, self.estimator, self.model_panel, self.dataset_panel, self.compare_view):
+        for part in (self.run_panel, self.estimator, self.model_panel, self.dataset_panel, self.compare_view,
+                     self.target_panel, self._export_runner):
             part.shutdown()
         s = self.state.settings
         s.setValue("window/geometry", self.saveGeometry())

@@ -30,6 +30,23 @@ COMMON_GPUS: tuple[tuple[str, int], ...] = (
     ("V100 16GB", 16 * GiB), ("V100 32GB", 32 * GiB),
 )
 DEFAULT_CAPACITY = 24 * GiB
+MAX_RECENT_FILES = 10
+
+
+def system_memory_bytes() -> int:
+    """This machine's RAM in bytes (0 when it cannot be read)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - psutil missing or restricted: no RAM line
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def default_profile() -> Profile:
@@ -57,6 +74,7 @@ class AppState(QObject):
     measured_changed = Signal(object)  # the selected profile's measured run (MeasureResult | None)
     capacity_changed = Signal(int)  # GPU capacity in bytes
     message_changed = Signal(str, str)  # level ("info" | "warning" | "error" | ""), text
+    recent_files_changed = Signal()  # the File → Open Recent list changed
 
     def __init__(self, profiles: list[Profile] | None = None, autosave: bool = True,
                  parent: QObject | None = None) -> None:
@@ -129,6 +147,8 @@ class AppState(QObject):
             entry.measured, entry.measure_error = None, ""
             self.measured_changed.emit(None)
         self.message_changed.emit("", "")
+        if new.name != old.name:
+            self.profiles_changed.emit()
         self.profile_changed.emit(new)
         self._schedule_save()
         return True
@@ -180,24 +200,26 @@ class AppState(QObject):
             self.message_changed.emit("warning", "the last profile cannot be deleted")
             return
         del self._entries[index]
-        was_current = index == self._current
         if self._current >= len(self._entries) or index < self._current:
             self._current = max(0, self._current - 1)
         self.profiles_changed.emit()
-        if was_current or True:
-            self.current_changed.emit(self._current)
-            self.profile_changed.emit(self.profile)
-            self.estimate_changed.emit(self.current.estimate)
-            self.measured_changed.emit(self.current.measured)
+        # the selection moved (or its row index did): every view shows the now-current profile
+        self.current_changed.emit(self._current)
+        self.profile_changed.emit(self.profile)
+        self.estimate_changed.emit(self.current.estimate)
+        self.measured_changed.emit(self.current.measured)
         self._schedule_save()
 
     def load_file(self, path: str | Path) -> int:
         """Load a profile JSON as a new entry (BadInput for a bad file, shown by the caller)."""
-        return self.add(profile_mod.load(path))
+        index = self.add(profile_mod.load(path))
+        self.remember_file("profile", path)
+        return index
 
     def save_file(self, path: str | Path, index: int | None = None) -> None:
         profile = self._entries[self._current if index is None else index].profile
         profile_mod.save(profile, path)
+        self.remember_file("profile", path)
 
     def set_estimate(self, profile: Profile, result: Any) -> None:
         """Attach an estimate to the entry whose profile is exactly ``profile`` (else drop it)."""
@@ -213,6 +235,42 @@ class AppState(QObject):
                 entry.measured, entry.measure_error = result, error
                 if entry is self.current:
                     self.measured_changed.emit(result)
+
+    def capacity_for(self, profile: Profile | None = None) -> tuple[int, str]:
+        """(bytes, label) the estimate of ``profile`` is drawn against.
+
+        A CUDA profile: the chosen GPU. A CPU profile: its simulated capacity (``memory_cap_bytes``,
+        which a CPU run enforces) or else this machine's RAM.
+        """
+        profile = profile or self.profile
+        if profile.target == "cpu":
+            if profile.memory_cap_bytes:
+                return profile.memory_cap_bytes, "simulated capacity"
+            ram = system_memory_bytes()
+            return (ram, "this machine's RAM") if ram else (self._capacity, self._gpu_name)
+        return self._capacity, self._gpu_name
+
+    # ----- recent files (profiles and datasets), kept in QSettings ------------------------------
+    def recent_files(self) -> list[tuple[str, str]]:
+        """[(kind, path)], newest first; kind is "profile" or "dataset"."""
+        raw = self._settings.value("recent/files", "[]")
+        try:
+            items = json.loads(raw) if isinstance(raw, str) else []
+        except ValueError:
+            items = []
+        return [(k, p) for k, p in (tuple(x) for x in items if isinstance(x, list) and len(x) == 2)
+                if k in ("profile", "dataset") and isinstance(p, str)][:MAX_RECENT_FILES]
+
+    def remember_file(self, kind: str, path: str | Path) -> None:
+        path = str(Path(path).resolve())
+        items = [(kind, path)] + [x for x in self.recent_files() if x != (kind, path)]
+        self._settings.setValue("recent/files", json.dumps([list(x) for x in items[:MAX_RECENT_FILES]]))
+        self.recent_files_changed.emit()
+
+    def forget_file(self, kind: str, path: str) -> None:
+        items = [x for x in self.recent_files() if x != (kind, path)]
+        self._settings.setValue("recent/files", json.dumps([list(x) for x in items]))
+        self.recent_files_changed.emit()
 
     def set_capacity(self, capacity_bytes: int, gpu_name: str) -> None:
         if capacity_bytes != self._capacity or gpu_name != self._gpu_name:

@@ -32,12 +32,8 @@ def apply_theme(app: QApplication, dark: bool) -> None:
     app.setPalette(_palette(dark))
     app._headroom_themed = True  # type: ignore[attr-defined]
     try:
-        import pyqtgraph as pg
+        from app.widgets.common import restyle_all
 
-        from app.widgets.common import style_plot
-
-        for widget in app.allWidgets():
-            if isinstance(widget, pg.PlotWidget):
-                style_plot(widget)
-    except ImportError:  # pragma: no cover
+        restyle_all()
+    except ImportError:  # pragma: no cover - pyqtgraph missing
         pass

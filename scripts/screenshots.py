@@ -2,9 +2,11 @@
 
     .venv/bin/python scripts/screenshots.py
 
-main.png (README) and estimate.png: GPT-2 on the built-in sample for a 24 GiB GPU; measured.png:
-after a real measured run of tiny-gpt2 on this CPU; compare.png: three tiny-gpt2 profiles,
-each measured; techniques.png: the whole technique panel; dataset.png: the length histogram.
+main.png (README): GPT-2 on the built-in sample for a 24 GiB GPU; estimate.png: the estimate view
+alone; layers.png: its per-layer breakdown; dataset.png: the length histogram; techniques.png: the
+whole technique panel (one explanation opened); measured.png: after a real measured run of
+tiny-gpt2 on this CPU; oom.png: the same model under a simulated 40 MiB capacity, ending out of
+memory; compare.png: three tiny-gpt2 profiles, each measured; dark.png: the dark palette.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def wait(app: QApplication, condition, timeout: float = 180.0, what: str = "") -
 
 def idle(w) -> bool:
     return not (w.model_panel._runner.is_running or w.dataset_panel._runner.is_running
-                or w.estimator._runner.is_running or w.compare_view._runner.is_running)
+                or w.estimator._runner.is_running or w.estimator._timer.isActive()
+                or w.compare_view._runner.is_running or w.target_panel._runner.is_running)
 
 
 def save(widget, name: str) -> None:
@@ -80,20 +83,30 @@ def main() -> int:
 
     w = MainWindow()  # the default profile: gpt2, built-in sample, cuda, 24 GiB
     w.run_panel.ask_before_slow_runs = False
+    w.profiles.ask_before_delete = False
     w.resize(1400, 900)
     w.show()
     wait(app, lambda: idle(w), what="model facts, dataset statistics and the estimate")
     save(w, "main.png")
-    save(w, "estimate.png")
+    save(w.tabs, "estimate.png")
+    dialog = w.estimate_view.show_layers()
+    if dialog is not None:
+        dialog.resize(700, 520)
+        pump(app, 0.3)
+        save(dialog, "layers.png")
+        dialog.close()
     w.tabs.setCurrentWidget(w.dataset_panel)
     pump(app, 0.3)
     save(w, "dataset.png")
     w.tabs.setCurrentIndex(0)
 
+    note = w.techniques.notes()["checkpointing"]
+    note.set_expanded(True)
     inner = w.techniques.widget()
     inner.resize(420, inner.sizeHint().height())
     pump(app, 0.2)
     save(inner, "techniques.png")
+    note.set_expanded(False)
     w.techniques.widget().resize(w.techniques.viewport().width(), inner.sizeHint().height())
 
     # a measured run of a tiny model on this CPU
@@ -101,6 +114,15 @@ def main() -> int:
     wait(app, lambda: idle(w), what="estimate of tiny-gpt2")
     measure(app, w)
     save(w, "measured.png")
+
+    # the same model under a simulated 40 MiB capacity: the run ends out of memory, as a result
+    w.state.duplicate()
+    w.state.update(name="tiny-gpt2 under 40 MiB", memory_cap_bytes=40 * 1024**2)
+    wait(app, lambda: idle(w), what="estimate")
+    measure(app, w)
+    save(w, "oom.png")
+    w.state.delete(w.state.current_index)
+    w.state.select(1)
 
     # two more tiny profiles, measured, then the comparison
     w.state.duplicate()
@@ -115,6 +137,11 @@ def main() -> int:
     w.tabs.setCurrentWidget(w.compare_view)
     wait(app, lambda: idle(w), what="compare estimates")
     save(w, "compare.png")
+
+    apply_theme(app, dark=True)
+    w.tabs.setCurrentIndex(0)
+    pump(app, 0.5)
+    save(w, "dark.png")
     w.close()
     return 0
 

@@ -138,7 +138,9 @@ def test_estimate_view_bars_status_and_difference(qtbot, window):
     state.set_estimate(state.profile, est)
     state.set_measured(state.profile, fake_measured(10.5))
     assert view._bars["weights"].opts["height"][1] > 0
-    assert "%" in view.summary.text() and "off" in view.summary.text()
+    assert "+5.0%</b> versus the estimate" in view.summary.text()
+    assert "+5.0% vs estimate" in view._totals[1].toPlainText()
+    assert not view._not_measured.isVisible()
     assert view.layers_button.isEnabled()
 
     state.set_measured(state.profile, fake_measured(10.5, oom=True))
@@ -318,8 +320,24 @@ def test_export_script(qtbot, window, tmp_path):
         assert "not available" in w.export_action.toolTip()
         pytest.skip("engine.export is not available yet")
     out = tmp_path / "train.py"
-    assert w.export_script_to(str(out)), w.message.text()
-    assert "import torch" in out.read_text()
+    wait_idle(qtbot, w)  # the live estimate must not replace the known one below
+    w.state.set_estimate(w.state.profile, fake_estimate(1.0))
+    with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
+        assert w.export_script_to(str(out))
+    assert blocker.args == [str(out), True], w.message.text()
+    text = out.read_text()
+    assert "import torch" in text
+    assert "Estimated peak allocated memory: 1024.00 MiB" in text  # the app passes its estimate on
+    assert w.message.text() == f"Wrote {out}"
+    summary = tmp_path / "summary.md"
+    with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
+        assert w.export_summary_to(str(summary))
+    assert blocker.args[1] and summary.read_text().startswith("# tiny")
+    # a folder that does not exist: a message, not a crash
+    with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
+        w.export_script_to(str(tmp_path / "missing" / "deeper" / "x.py"))
+    if not blocker.args[1]:
+        assert "failed" in w.message.text()
 
 
 def test_render_compare_png_for_cli(qtbot, tmp_path):

@@ -76,6 +76,11 @@ def is_dark() -> bool:
     return app.palette().color(QPalette.ColorRole.Window).lightness() < 128
 
 
+def error_color() -> str:
+    """Red text readable on the current window background (lighter on dark palettes)."""
+    return "#FF7B72" if is_dark() else "#B3261E"
+
+
 def style_plot(plot: pg.PlotWidget) -> None:
     """Background and axis colours from the application palette (light or dark)."""
     app = QApplication.instance()
@@ -89,6 +94,21 @@ def style_plot(plot: pg.PlotWidget) -> None:
     title = plot.getPlotItem().titleLabel
     if title is not None and title.text:
         title.setText(title.text, color=fg.name())
+    legend = plot.getPlotItem().legend
+    if legend is not None:
+        legend.setLabelTextColor(fg)
+        for _sample, label in legend.items:  # existing labels keep their colour otherwise
+            label.setText(label.text, color=fg.name())
+    for item in plot.getPlotItem().items:
+        if isinstance(item, pg.TextItem) and getattr(item, "follows_palette", False):
+            item.setColor(fg)
+
+
+def text_item(text: str = "", anchor=(0.5, 1.0), color: str | None = None) -> pg.TextItem:
+    """A plot text; without ``color`` it follows the palette's text colour (light and dark)."""
+    item = pg.TextItem(text, anchor=anchor, color=color or legend_text_color())
+    item.follows_palette = color is None
+    return item
 
 
 def make_plot(title: str = "", left: str = "", bottom: str = "") -> pg.PlotWidget:
@@ -108,20 +128,43 @@ def make_plot(title: str = "", left: str = "", bottom: str = "") -> pg.PlotWidge
     return plot
 
 
+class NoteLabel(QLabel):
+    """A small, wrapped, muted explanation label that stays readable when the palette changes."""
+
+    def __init__(self, text: str = "", parent=None) -> None:
+        super().__init__(text, parent)
+        self.setWordWrap(True)
+        self.setObjectName("note")
+        font = self.font()
+        font.setPointSizeF(max(7.5, font.pointSizeF() * 0.9))
+        self.setFont(font)
+        self.on_theme_changed()
+
+    def on_theme_changed(self) -> None:
+        app = QApplication.instance()
+        pal = QPalette(app.palette() if app is not None else self.palette())
+        color = pal.color(QPalette.ColorRole.WindowText)
+        color.setAlphaF(0.72)
+        pal.setColor(QPalette.ColorRole.WindowText, color)
+        self.setPalette(pal)
+
+
 def note_label(text: str = "") -> QLabel:
     """A small, wrapped, muted explanation label."""
-    label = QLabel(text)
-    label.setWordWrap(True)
-    label.setObjectName("note")
-    pal = label.palette()
-    color = pal.color(QPalette.ColorRole.WindowText)
-    color.setAlphaF(0.7)
-    pal.setColor(QPalette.ColorRole.WindowText, color)
-    label.setPalette(pal)
-    font = label.font()
-    font.setPointSizeF(max(7.5, font.pointSizeF() * 0.9))
-    label.setFont(font)
-    return label
+    return NoteLabel(text)
+
+
+def restyle_all() -> None:
+    """After a palette change: plots, legends, notes and anything with ``on_theme_changed``."""
+    app = QApplication.instance()
+    if app is None:
+        return
+    for widget in app.allWidgets():
+        if isinstance(widget, pg.PlotWidget):
+            style_plot(widget)
+        hook = getattr(widget, "on_theme_changed", None)
+        if callable(hook):
+            hook()
 
 
 def color(name: str) -> QColor:

@@ -11,13 +11,15 @@ from typing import Any, Sequence
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout,
                                QWidget)
 
 from app import engine_bridge
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, byte_unit, legend_text_color,
-                                make_plot, note_label)
+                                make_plot,
+                                note_label, text_item)
 from app.worker import TaskRunner
 
 _EST_OFFSET, _MEAS_OFFSET, _WIDTH = -0.2, 0.2, 0.36
@@ -92,11 +94,14 @@ class CompareCharts(QWidget):
         self.speed_plot.addItem(self._speed_bars)
         sc = self.scatter_plot.getPlotItem()
         self._front_curve = sc.plot([], [], pen=pg.mkPen("#2E9E44", width=2, style=Qt.PenStyle.DashLine))
-        self._points = pg.ScatterPlotItem(size=11, brush=pg.mkBrush("#4C72B0"), pen=pg.mkPen("w"))
-        self._front_points = pg.ScatterPlotItem(size=15, brush=pg.mkBrush("#2E9E44"), pen=pg.mkPen("k"))
-        sc.addItem(self._points)
+        self._points = pg.ScatterPlotItem(size=11, brush=pg.mkBrush("#4C72B0"), pen=pg.mkPen("w"),
+                                          hoverable=True, tip=self._point_tip)
+        self._front_points = pg.ScatterPlotItem(size=15, brush=pg.mkBrush("#2E9E44"), pen=pg.mkPen("k"),
+                                                hoverable=True, tip=self._point_tip)
         sc.addItem(self._front_points)
+        sc.addItem(self._points)  # on top: every point stays visible, the front ones ringed green
         self._labels: list[pg.TextItem] = []
+        self._diff_labels: list[pg.TextItem] = []
         self.empty_note = note_label()
 
         grid = QGridLayout(self)
@@ -117,6 +122,7 @@ class CompareCharts(QWidget):
         meas_parts = [row_parts(r, "measured") for r in self.rows]
         top = max([sum(p.values()) for p in est_parts + meas_parts] + [1])
         unit, scale = byte_unit(top)
+        self._unit = unit
         xs = list(range(n))
         est_bottom, meas_bottom = [0.0] * n, [0.0] * n
         for cat in CATEGORIES:
@@ -128,19 +134,32 @@ class CompareCharts(QWidget):
                                          width=_WIDTH)
             est_bottom = [a + b for a, b in zip(est_bottom, eh)]
             meas_bottom = [a + b for a, b in zip(meas_bottom, mh)]
-        ticks = [[(i, self._tick(r)) for i, r in enumerate(self.rows)]]
         mem = self.memory_plot.getPlotItem()
-        mem.getAxis("bottom").setTicks(ticks)
         mem.setLabel("left", f"memory ({unit})")
         mem.setXRange(-0.7, max(n, 1) - 0.3 + (1.2 if n else 0), padding=0)
-        mem.setYRange(0, top / scale * 1.1, padding=0)
+        mem.setYRange(0, top / scale * 1.12, padding=0)
+        for label in self._diff_labels:
+            self.memory_plot.removeItem(label)
+        self._diff_labels = []
+        for i, r in enumerate(self.rows):  # measured relative to estimated, above the measured bar
+            est, meas = r.get("estimate_peak_allocated_bytes"), r.get("measured_peak_allocated_bytes")
+            if r.get("oom"):
+                text = "OOM"
+            elif est and meas:
+                text = f"{100.0 * (meas - est) / est:+.0f}%"
+            else:
+                continue
+            label = text_item(text, anchor=(0.5, 1.0))
+            label.setPos(i + _MEAS_OFFSET, meas_bottom[i] + top / scale * 0.01)
+            self.memory_plot.addItem(label)
+            self._diff_labels.append(label)
 
         speeds = [float(r.get("tokens_per_s") or 0.0) for r in self.rows]
         self._speed_bars.setOpts(x=xs, height=speeds, width=0.6)
         sp = self.speed_plot.getPlotItem()
-        sp.getAxis("bottom").setTicks([[(i, self._tick(r, 14)) for i, r in enumerate(self.rows)]])
         sp.setXRange(-0.7, max(n, 1) - 0.3, padding=0)
         sp.setYRange(0, max(speeds + [1]) * 1.1, padding=0)
+        self._apply_ticks()
 
         for label in self._labels:
             self.scatter_plot.removeItem(label)
@@ -150,33 +169,81 @@ class CompareCharts(QWidget):
         for i, r in measured:
             memory = r.get("measured_peak_allocated_bytes") or r.get("estimate_peak_allocated_bytes") or 0
             pts.append((memory / scale, float(r["tokens_per_s"])))
-        self._points.setData([p[0] for p in pts], [p[1] for p in pts])
+        self._point_rows = [r for _i, r in measured]
+        self._points.setData([p[0] for p in pts], [p[1] for p in pts], data=list(range(len(pts))))
         front = pareto_indices(pts)
-        fx = [pts[i][0] for i in front]
-        fy = [pts[i][1] for i in front]
-        self._front_points.setData(fx, fy)
+        self.front_names = [measured[k][1].get("name", "") for k in front]
+        fx = [pts[k][0] for k in front]
+        fy = [pts[k][1] for k in front]
+        self._front_points.setData(fx, fy, data=front)
         self._front_curve.setData(fx, fy)
-        for (i, r), (x, y) in zip(measured, pts):
-            label = pg.TextItem(r.get("name", ""), anchor=(0.5, 1.3), color=legend_text_color())
-            label.setPos(x, y)
-            self.scatter_plot.addItem(label)
-            self._labels.append(label)
         sc = self.scatter_plot.getPlotItem()
-        sc.setLabel("bottom", f"peak allocated ({unit})")
+        sc.setLabel("bottom", f"peak allocated, measured ({unit})")
         if pts:
-            sc.setXRange(0, max(p[0] for p in pts) * 1.35, padding=0)
-            sc.setYRange(0, max(p[1] for p in pts) * 1.3, padding=0)
+            x_top, y_top = max(p[0] for p in pts) * 1.25, max(p[1] for p in pts) * 1.25
+            sc.setXRange(0, x_top, padding=0)
+            sc.setYRange(0, y_top, padding=0)
+            # numbers, as on the bar charts' axes; points closer than a marker share one label
+            groups: list[list[int]] = []
+            for k, (x, y) in enumerate(pts):
+                for g in groups:
+                    gx, gy = pts[g[0]]
+                    if abs(x - gx) < 0.04 * x_top and abs(y - gy) < 0.06 * y_top:
+                        g.append(k)
+                        break
+                else:
+                    groups.append([k])
+            for g in groups:
+                label = text_item(", ".join(str(measured[k][0] + 1) for k in g), anchor=(-0.3, 1.0))
+                label.setPos(*pts[g[0]])
+                self.scatter_plot.addItem(label)
+                self._labels.append(label)
         missing = [r.get("name", "") for r in self.rows if not r.get("tokens_per_s")]
+        pareto = ("Green: the Pareto front (" + ", ".join(self.front_names) + "): no other profile uses "
+                  "less memory and runs faster." if self.front_names else "")
         self.empty_note.setText(
             ("Not measured yet: " + ", ".join(missing) + ". Select a profile and run it to add "
-             "measured bars, throughput and a point on the Pareto plot.") if missing else
-            "Measured bars have a black outline. Green points: the Pareto front (no other profile "
-            "uses less memory and runs faster).")
+             "measured bars, throughput and a point on the Pareto plot. " if missing else "")
+            + "Measured bars have a dark outline; the percentage above them is measured versus "
+              "estimated. " + pareto)
+
+    def _point_tip(self, x, y, data) -> str:
+        rows = getattr(self, "_point_rows", [])
+        name = rows[int(data)].get("name", "") if 0 <= int(data) < len(rows) else ""
+        return f"{name}\n{y:,.0f} tokens/s · {x:,.2f} {getattr(self, '_unit', '')} peak allocated"
+
+    def _apply_ticks(self) -> None:
+        """Profile names under the bars, numbered, wrapped and cut to the room each bar has."""
+        for plot, room_px in ((self.memory_plot, self.memory_plot.width() - 60),
+                              (self.speed_plot, self.speed_plot.width() - 60)):
+            x0, x1 = plot.getPlotItem().viewRange()[0]
+            per_bar = max(40.0, room_px * 1.0 / max(1e-9, (x1 - x0)))  # pixels per unit of x
+            chars = max(6, int(per_bar / 7.5))
+            ticks = [(i, self._tick(r, i, chars)) for i, r in enumerate(self.rows)]
+            axis = plot.getPlotItem().getAxis("bottom")
+            axis.setTicks([ticks])
+            lines = max([t.count("\n") + 1 for _x, t in ticks] + [1])
+            axis.setHeight(QFontMetrics(axis.font()).lineSpacing() * lines + 14)  # room for both lines
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        self._apply_ticks()
 
     @staticmethod
-    def _tick(row: dict[str, Any], limit: int = 24) -> str:
-        name = str(row.get("name", ""))
-        return name if len(name) <= limit else name[:limit - 1] + "…"
+    def _tick(row: dict[str, Any], index: int, chars: int = 24) -> str:
+        """``"1. name"`` on up to two lines of ``chars`` characters (cut with … beyond)."""
+        text = f"{index + 1}. {row.get('name', '')}"
+        if len(text) <= chars:
+            return text
+        space, hyphen = text.rfind(" ", 0, chars + 1), text.rfind("-", 0, chars)
+        if hyphen > space:  # break after a hyphen, keeping it on the first line
+            first = text[:hyphen + 1]
+        else:
+            first = text[:space] if space > 3 else text[:chars]
+        rest = text[len(first):].strip()
+        if len(rest) > chars:
+            rest = rest[:chars - 1] + "…"
+        return first + "\n" + rest
 
 
 class CompareView(QWidget):
@@ -256,13 +323,23 @@ class CompareView(QWidget):
     def export_png(self, path: str) -> bool:
         from app.compare_png import render_compare_png
 
-        render_compare_png(self.rows(), path)
-        return True
+        return self._export(lambda: render_compare_png(self.rows(), path), path)
 
     def export_csv(self, path: str) -> bool:
         from engine.compare import write_csv
 
-        write_csv(self.rows(), path)
+        return self._export(lambda: write_csv(self.rows(), path), path)
+
+    def _export(self, write, path: str) -> bool:
+        if not self.rows():
+            self._state.show_message("warning", "Nothing to compare yet: no profile has an estimate.")
+            return False
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - a full disk or a bad folder is a message
+            self._state.show_message("error", f"Could not write {path}: {str(exc).splitlines()[0]}")
+            return False
+        self._state.show_message("info", f"Wrote {path}")
         return True
 
     def shutdown(self) -> None:

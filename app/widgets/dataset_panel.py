@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QGroupBox, QHBoxLayout, Q
                                QVBoxLayout)
 
 from app.state import AppState
-from app.widgets.common import make_plot, note_label
+from app.widgets.common import error_color, make_plot, note_label
 from app.worker import TaskRunner
 
 _AUTO = "(find it)"
@@ -60,7 +60,19 @@ def _stats_job(profile, progress, should_stop):
     stats = data.length_stats(lengths)
     cap = max(1, int(stats.p99), profile.seq)
     shown = data.length_stats([min(n, cap) for n in lengths], bins=40)
-    return stats, shown
+    return stats, shown, tuple(lengths)
+
+
+def fit_summary(lengths, seq: int) -> str:
+    """What a sequence length of ``seq`` does to these texts: truncated share, padding waste."""
+    if not lengths or seq <= 0:
+        return ""
+    n = len(lengths)
+    truncated = sum(1 for x in lengths if x > seq)
+    kept = sum(min(x, seq) for x in lengths)
+    waste = 1.0 - kept / (n * seq)
+    return (f"At seq {seq}: {100.0 * truncated / n:.1f}% of texts are truncated; fixed padding "
+            f"wastes {100.0 * waste:.0f}% of the tokens on padding.")
 
 
 def _stats_key(profile) -> tuple:
@@ -120,8 +132,15 @@ class DatasetPanel(QGroupBox):
         self._on_profile_changed(state.profile)
 
     # ----- public -------------------------------------------------------------------------
-    def open_file(self, path: str | Path) -> None:
-        self._state.update(dataset=str(path), text_column="")
+    def open_file(self, path: str | Path) -> bool:
+        path = Path(path)
+        if not path.is_file():
+            self._state.show_message("error", f"dataset file not found: {path}")
+            return False
+        if self._state.update(dataset=str(path), text_column=""):
+            self._state.remember_file("dataset", path)
+            return True
+        return False
 
     def shutdown(self) -> None:
         self._runner.shutdown()
@@ -142,6 +161,7 @@ class DatasetPanel(QGroupBox):
 
     def _on_profile_changed(self, profile) -> None:
         self._seq_line.setValue(profile.seq)
+        self._seq_line.label.setFormat(f"seq {profile.seq}")
         if profile.dataset == "builtin":
             self.source.setText("<b>Built-in sample</b> (Python docstrings and help topics)")
             columns: list[str] = []
@@ -171,12 +191,14 @@ class DatasetPanel(QGroupBox):
             self._show(result)
 
     def _on_stats_failed(self, message: str) -> None:
-        self.stats.setText(f"<span style='color:#D0342C'>{message}</span>")
+        self.stats.setText(f"<span style='color:{error_color()}'>{message}</span>")
         self._bars.setOpts(x0=[0], x1=[1], height=[0])
         self.stats_changed.emit(None)
+        if self._runner.context == _stats_key(self._state.profile):
+            self._state.show_message("error", f"Dataset: {message}")
 
     def _show(self, result) -> None:
-        stats, shown = result
+        stats, shown, lengths = result
         edges = list(shown.histogram_edges)
         counts = list(shown.histogram_counts)
         if counts:
@@ -185,7 +207,8 @@ class DatasetPanel(QGroupBox):
             f"<b>{stats.count:,}</b> texts · mean <b>{stats.mean:.0f}</b> · median {stats.median:.0f} · "
             f"p90 {stats.p90:.0f} · p99 {stats.p99:.0f} · max {stats.max:,} tokens"
             + (f"<br><small>The last bar holds every text of {edges[-1]:.0f} tokens or more.</small>"
-               if edges and stats.max > edges[-1] else ""))
+               if edges and stats.max > edges[-1] else "")
+            + f"<br>{fit_summary(lengths, self._state.profile.seq)}")
         self.plot.getPlotItem().setXRange(0, max(edges[-1] if edges else 1,
                                                  self._state.profile.seq * 1.05), padding=0.02)
         self.stats_changed.emit(stats)

