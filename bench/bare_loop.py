@@ -90,9 +90,10 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     model, causal = build(config_folder(args.model), args.attn, device)
+    # from_config builds in the config's torch_dtype (bf16 for Qwen2.5/Llama presets); the protocol
+    # trains fp32 master weights unless the precision is pure bf16/fp16.
     pure = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    if pure is not None:
-        model.to(pure)
+    model.to(pure if pure is not None else torch.float32)
     amp = {"bf16-amp": torch.bfloat16, "fp16-amp": torch.float16}.get(args.precision)
     if train and args.checkpointing:
         kwargs = {"use_reentrant": False}
