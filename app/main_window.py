@@ -143,7 +143,7 @@ class MainWindow(QMainWindow):
                                               "A folder holding config.json (weights optional)")
         self.open_data_action = self._action("Open &dataset file…", "Ctrl+Shift+O", self.dataset_panel._on_open_clicked,
                                              ".txt, .csv/.tsv, .jsonl or .parquet")
-        self.quit_action = self._action("&Quit", QKeySequence.StandardKey.Quit, self.close)
+        self.quit_action = self._action("&Quit", "Ctrl+Q", self.close)
         self.run_action = self._action("&Run measurement", "Ctrl+R", self.run_panel.start,
                                        "Run the profile's steps for real in a child process")
         self.cancel_action = self._action("&Cancel run", "Esc", self.run_panel.cancel)

@@ -72,7 +72,7 @@ class AppState(QObject):
     profile_changed = Signal(object)  # the selected profile's fields changed (the new Profile)
     estimate_changed = Signal(object)  # the selected profile's estimate (EstimateResult | None)
     measured_changed = Signal(object)  # the selected profile's measured run (MeasureResult | None)
-    capacity_changed = Signal(int)  # GPU capacity in bytes
+    capacity_changed = Signal(object)  # GPU capacity in bytes (a Python int: above 2**31)
     message_changed = Signal(str, str)  # level ("info" | "warning" | "error" | ""), text
     recent_files_changed = Signal()  # the File → Open Recent list changed
 

@@ -111,6 +111,17 @@ def text_item(text: str = "", anchor=(0.5, 1.0), color: str | None = None) -> pg
     return item
 
 
+def center_lines(item: pg.TextItem, lines: list[str]) -> None:
+    """Show ``lines`` centred under each other (a plain TextItem left-aligns its lines)."""
+    import html
+
+    item.setHtml("<div align='center'>" + "<br>".join(html.escape(x) for x in lines) + "</div>")
+    text = item.textItem
+    text.setTextWidth(-1)
+    text.setTextWidth(text.boundingRect().width())  # alignment needs a width to centre within
+    item.updateTextPos()
+
+
 def make_plot(title: str = "", left: str = "", bottom: str = "") -> pg.PlotWidget:
     plot = pg.PlotWidget()
     item = plot.getPlotItem()

@@ -12,7 +12,8 @@ from PySide6.QtWidgets import (QApplication, QCheckBox, QDialog, QDialogButtonBo
 from app.estimator import EstimateController
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, STATUS_COLORS, byte_unit,
-                                legend_text_color, make_plot, note_label, stacked_parts, text_item)
+                                center_lines, legend_text_color, make_plot, note_label, stacked_parts,
+                                text_item)
 from engine.units import format_bytes
 
 _TIGHT_MARGIN = 0.10
@@ -136,8 +137,7 @@ class EstimateView(QWidget):
         for text in self._totals:
             item.addItem(text)
         self._not_measured = text_item(anchor=(0.5, 1.0))
-        self._not_measured.setHtml("<div style='text-align:center'>not measured yet<br>"
-                                   "(Run measurement, Ctrl+R)</div>")
+        center_lines(self._not_measured, ["not measured yet", "(Run measurement, Ctrl+R)"])
         item.addItem(self._not_measured)
 
         self.status.setWordWrap(True)

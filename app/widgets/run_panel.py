@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, Q
 
 from app import engine_bridge
 from app.state import AppState
-from app.widgets.common import byte_unit, error_color, legend_text_color, make_plot, text_item
+from app.widgets.common import byte_unit, center_lines, error_color, legend_text_color, make_plot, text_item
 from app.worker import TaskRunner
 from engine.units import format_bytes
 
@@ -65,10 +65,17 @@ class RunPanel(QWidget):
         self._allocated_curve = item.plot([], [], pen=pg.mkPen("#4C72B0", width=2), symbol="o",
                                           symbolSize=5, symbolBrush="#4C72B0", name="allocated")
         self._reserved_curve = item.plot([], [], pen=pg.mkPen("#DD8452", width=2, style=Qt.PenStyle.DashLine),
+                                         symbol="s", symbolSize=4, symbolBrush="#DD8452", symbolPen=None,
                                          name="reserved / RSS")
+        self._oom_line = pg.InfiniteLine(angle=90, pen=pg.mkPen("#D0342C", width=2),
+                                         label="out of memory", labelOpts={"position": 0.85, "color": "#D0342C",
+                                                                           "anchors": [(1, 0.5), (1, 0.5)]})
+        item.addItem(self._oom_line)
+        self._oom_line.hide()
         item.getAxis("bottom").enableAutoSIPrefix(False)
-        self._timeline_hint = text_item("Run a measurement to see allocated and reserved memory\n"
-                                        "after each phase of each step", anchor=(0.5, 0.5))
+        self._timeline_hint = text_item(anchor=(0.5, 0.5))
+        center_lines(self._timeline_hint, ["Run a measurement to see allocated and reserved memory",
+                                           "after each phase of each step"])
         item.addItem(self._timeline_hint)
         self._show_timeline_hint(True)
 
@@ -197,7 +204,13 @@ class RunPanel(QWidget):
 
     def _on_result(self, result) -> None:
         self.progress.setValue(1000)
-        self._state.set_measured(self._runner.context, result)
+        profile = self._runner.context
+        self._state.set_measured(profile, result)
+        if all(e.profile != profile for e in self._state.entries):
+            # the profile was edited while it ran: the numbers belong to settings no profile has now
+            self.step_label.setText("Done (settings changed since)")
+            self._state.show_message("warning", f"The run of {profile.name!r} finished, but its settings were "
+                                                "edited meanwhile: run it again to see measured bars.")
         self.run_finished.emit(result)
 
     def _on_failed(self, message: str) -> None:
@@ -224,6 +237,7 @@ class RunPanel(QWidget):
             item.enableAutoRange()
 
     def _on_measured_changed(self, result) -> None:
+        self._oom_line.hide()
         if result is None:
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
@@ -274,7 +288,17 @@ class RunPanel(QWidget):
             item.getAxis("bottom").setTicks([major, minor])
             phases = sorted({p.phase for p in points}, key=[q.phase for q in points].index)
             item.setLabel("bottom", "step · phases " + ", ".join(f"{ph[:1].upper()} = {ph}" for ph in phases))
-            item.setXRange(min(xs) - 0.3, max(max(xs) + 0.2, min(xs) + 1.0), padding=0)
+            x_end = max(max(xs) + 0.2, min(xs) + 1.0)
+            if result.oom:  # where it stopped: after the last recorded point, in the failing phase
+                x_oom = max(xs) + 0.5 / max(1, per_step.get(points[-1].step, 1))
+                self._oom_line.setValue(x_oom)
+                self._oom_line.label.setFormat(f"out of memory ({result.oom_phase})" if result.oom_phase
+                                               else "out of memory")
+                self._oom_line.show()
+                x_end = max(x_end, x_oom + 0.6)
+            else:
+                self._oom_line.hide()
+            item.setXRange(min(xs) - 0.3, x_end, padding=0)
             item.setYRange(0, top / scale * 1.3, padding=0)
         else:
             self._allocated_curve.setData([], [])
