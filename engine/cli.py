@@ -21,6 +21,7 @@ from engine.profile import Profile
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
+EXPORT_FORMATS = ("py", "md", "json")  # headroom export --format: script, summary, profile
 
 #: flag -> (Profile field, argparse kwargs). One table so the CLI, the docs and tests agree.
 PROFILE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a runnable training script for a profile")
     _add_profile_flags(p)
     p.add_argument("-o", "--output", required=True, metavar="train.py")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="py",
+                   help="py: standalone script (default); md: README-style summary; json: the profile")
 
     p = sub.add_parser("compare", help="compare profiles side by side")
     p.add_argument("profiles", nargs="+", metavar="PROFILE.json")
@@ -201,14 +204,38 @@ def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
     return 0
 
 
+def _export_estimate(profile: Profile) -> Any:
+    """The analytic estimate for the script's header and the summary; None where it cannot be made
+    here (a dataset that exists only on the target machine, say): the export does not need it."""
+    try:
+        from engine.estimate import estimate
+    except ImportError:
+        return None
+    try:
+        return estimate(profile, method="analytic")
+    except (BadInput, NotImplementedError):
+        return None
+
+
 def cmd_export(args: argparse.Namespace, profile: Profile, started: float) -> int:
     try:
-        from engine.export import export_script
+        from engine.export import export_profile_json, export_script, export_summary_markdown
     except ImportError:
         raise NotYetAvailable("export is not available yet in this build") from None
-    text = export_script(profile)
-    profile_mod.atomic_write_text(args.output, text)
-    d = _with_version({"output": args.output, "bytes": len(text.encode())}, started)
+    from engine.techniques.explanations import check_compatible
+
+    check_compatible(profile)  # incompatible combinations: the same one-line error as estimate/measure
+    if args.format == "json":
+        text = export_profile_json(profile)
+    elif args.format == "md":
+        text = export_summary_markdown(profile, estimate=_export_estimate(profile))
+    else:
+        text = export_script(profile, estimate=_export_estimate(profile))
+    try:
+        profile_mod.atomic_write_text(args.output, text)
+    except OSError as exc:
+        raise BadInput(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    d = _with_version({"output": args.output, "format": args.format, "bytes": len(text.encode())}, started)
     _emit(d, args.json, lambda x: f"wrote {x['output']}")
     return 0
 
