@@ -11,7 +11,6 @@ only non-default settings (plus what every run needs) appear as constants.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,15 +20,8 @@ from engine.errors import BadInput
 from engine.export import snippets
 from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
 from engine.export.literals import dict_block, docstring_safe, literal, noqa_long_lines
+from engine.export.techniques import Port, model_techniques
 from engine.profile import Profile
-
-#: Techniques whose engine module is written by another part of the project; export refuses them
-#: until a standalone port exists here (``_PORTED``).
-_TECHNIQUE_OF = {
-    "prune": "pruning", "attn": "local_attention", "mlp": "geglu",
-    "ffn_chunks": "ffn_chunking", "distill_from": "distillation", "alloc": "memory_pool",
-}
-_PORTED: set[str] = {"memory_pool"}
 
 _AUTOCAST = {"bf16-amp": "torch.bfloat16", "fp16-amp": "torch.float16"}
 _PURE = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
@@ -76,44 +68,27 @@ class _Script:
         self.blocks.append((title, textwrap.dedent(code).strip("\n")))
 
 
-def _check_available(profile: Profile) -> None:
-    selected = {
-        "prune": bool(profile.prune), "attn": profile.local_window > 0,
-        "mlp": profile.mlp != "default", "ffn_chunks": profile.ffn_chunks > 1,
-        "distill_from": bool(profile.distill_from), "alloc": profile.alloc != "default",
-    }
-    for key, on in selected.items():
-        if not on:
-            continue
-        module = _TECHNIQUE_OF[key]
-        if module in _PORTED:
-            continue
-        if key == "prune" and profile.prune_kind == "unstructured":
-            continue
-        if key == "prune":
-            raise BadInput(f"export of {profile.prune_kind} pruning is not available yet")
-        name = module.replace("_", " ")
-        if importlib.util.find_spec(f"engine.techniques.{module}") is None:
-            raise BadInput(f"export of {name} is not available yet (the technique is not in this build)")
-        raise BadInput(f"export of {name} is not available yet")
-
-
 def export_script(profile: Profile, estimate: Any = None, measured: Any = None) -> str:
     """The text of a runnable Python script reproducing ``profile`` (see the module docstring).
 
     ``estimate`` (EstimateResult or dict) and ``measured`` (MeasureResult or dict) only add their
     peaks to the header.
     """
-    _check_available(profile)
+    from engine.techniques.explanations import check_compatible
+
+    notes = check_compatible(profile)  # the same one-line BadInput as estimate and measure
     model = model_facts(profile)
     data = data_facts(profile)
+    teacher = model_facts(profile, profile.distill_from) if profile.distill_from else None
+    port = model_techniques(profile)
     s = _Script()
     s.imports |= {"import argparse", "import gc", "import json", "import os", "import statistics",
                   "import sys", "import time", "import torch", "import transformers",
                   "import weakref", "from torch.utils._python_dispatch import TorchDispatchMode"}
-    _constants(s, profile, model, data)
+    s.imports |= port.imports
+    _constants(s, profile, model, data, port, teacher)
     _data_section(s, profile, model, data)
-    _model_section(s, profile, model)
+    _model_section(s, profile, model, port, teacher)
     pool = ""
     if profile.alloc_pool_bytes:
         pool = ("            # A warm pool: allocate POOL_BYTES once and free it; the caching allocator\n"
@@ -121,9 +96,9 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
                 "            torch.empty(POOL_BYTES, dtype=torch.uint8, device=device)")
     peak = snippets.PEAK_MEMORY.replace("            #POOL#\n", pool + "\n" if pool else "")
     s.add("memory", snippets.LIVE_BYTES + "\n" + peak)
-    _step_section(s, profile, model)
-    _main_section(s, profile, model)
-    text = _header(profile, model, estimate, measured) + _imports(s, profile) + "\n"
+    _step_section(s, profile, model, teacher)
+    _main_section(s, profile, model, teacher)
+    text = _header(profile, model, estimate, measured, notes) + _imports(s, profile) + "\n"
     text += _section("settings from the Headroom profile (non-defaults, and what every run needs)")
     text += "\n" + "\n".join(s.constants) + "\n"
     for title, code in s.blocks:
@@ -143,7 +118,7 @@ def _peak_of(result: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any) -> str:
+def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any, notes: list[str]) -> str:
     from engine.units import format_bytes
 
     what = "Train" if profile.is_training else "Run inference with"
@@ -151,18 +126,25 @@ def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any) -
     lines = [f"{what} {docstring_safe(model.name if model.kind == 'preset' else _short(model.name))} "
              f"as planned by Headroom (profile {docstring_safe(profile.name, 40)}).",
              "",
-             f"Generated {today} (UTC) by Headroom {engine.__version__}.",
-             f"Settings: {_summary_line(profile)}."]
+             f"Generated {today} (UTC) by Headroom {engine.__version__}."]
+    lines += textwrap.wrap(f"Settings: {_summary_line(profile)}.", 100)
     est, meas = _peak_of(estimate), _peak_of(measured)
     if est is not None:
         lines.append(f"Estimated peak allocated memory: {format_bytes(est)}.")
     if meas is not None:
         lines.append(f"Measured peak allocated memory: {format_bytes(meas)}.")
+    for note in notes:  # engine-made text about the combination (what saves little, and why)
+        lines += textwrap.wrap(f"Note: {_docstring_text(note)}.", 100)
     lines += ["Needs only torch and transformers; Headroom itself is not imported.", "",
               "    python train.py [--steps N] [--device cuda|cpu] [--output-dir DIR] [--dry-run]", "",
               "The last line printed is one JSON object with the keys of `headroom measure --json`",
               "(peak_allocated_bytes, peak_reserved_bytes, device_used_bytes, tokens_per_s, ...)."]
     return '#!/usr/bin/env python3\n"""' + "\n".join(lines) + '\n"""\n\n'
+
+
+def _docstring_text(text: str) -> str:
+    """Engine text for the docstring: no backslashes or quotes that could end it."""
+    return str(text).replace("\\", "/").replace('"', "'").replace("\n", " ").rstrip(".")
 
 
 def _short(path: str) -> str:
@@ -180,6 +162,14 @@ def _summary_line(profile: Profile) -> str:
         parts.append(f"windows of {profile.chunk_input}")
     if profile.attn != "sdpa":
         parts.append(f"{docstring_safe(profile.attn)} attention")
+    if profile.mlp != "default":
+        parts.append("GeGLU feed-forward")
+    if profile.prune:
+        parts.append(f"{docstring_safe(profile.prune)} pruning")
+    if profile.ffn_chunks > 1:
+        parts.append(f"feed-forward in {profile.ffn_chunks} chunks")
+    if profile.distill_from:
+        parts.append(f"distilled from {docstring_safe(_short(profile.distill_from))}")
     return ", ".join(parts)
 
 
@@ -210,7 +200,8 @@ def _alloc_lines(profile: Profile) -> str:
 
 
 # ----- settings ----------------------------------------------------------------------------------
-def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts) -> None:
+def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts, port: Port,
+               teacher: ModelFacts | None) -> None:
     nd = profile.non_defaults()
     if "name" in nd:
         s.const("PROFILE_NAME", profile.name, "")
@@ -255,7 +246,7 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts)
     if profile.precision in _PURE:
         s.const("WEIGHT_DTYPE", None, f"pure {profile.precision}: weights, gradients and optimizer state",
                 raw=_PURE[profile.precision])
-    if profile.attn != "sdpa":
+    if profile.attn == "eager":
         s.const("ATTENTION", profile.attn, "attention implementation")
     if profile.alloc_pool_bytes:
         s.const("POOL_BYTES", profile.alloc_pool_bytes,
@@ -264,19 +255,31 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts)
         s.const("OPTIMIZER", profile.optimizer, "torch's defaults for it")
     if profile.is_training and model.task == "masked-lm":
         s.const("MLM_PROBABILITY", 0.15)
-    if model.kind == "preset":
-        s.const("MODEL_TYPE", model.model_type, "")
-        s.constants.append(dict_block("MODEL_CONFIG", model.config,
-                                      f"{docstring_safe(model.name)}'s config.json: architecture "
-                                      "only, the weights start random"))
-    else:
-        s.const("MODEL_DIR", model.folder, "a local model folder" + (" with safetensors weights"
-                                                                     if model.has_weights else
-                                                                     " (config only: random weights)"))
+    for name, value, comment, raw in port.constants:
+        s.const(name, value, comment, raw=raw)
+    if teacher is not None:
+        from engine.techniques.distillation import ALPHA, TEMPERATURE
+
+        s.const("TEMPERATURE", TEMPERATURE, "distillation: both distributions softened by this")
+        s.const("ALPHA", ALPHA, "distillation: weight of the ordinary loss on the labels (the rest: KL)")
+    _model_constants(s, model, "MODEL")
+    if teacher is not None:
+        _model_constants(s, teacher, "TEACHER", "the distillation teacher: ")
     if not model.has_tokenizer:
         from engine.data import FALLBACK_PATH
 
         s.const("TOKENIZER_FILE", str(FALLBACK_PATH.resolve()), "Headroom's fallback BPE tokenizer")
+
+
+def _model_constants(s: _Script, model: ModelFacts, prefix: str, what: str = "") -> None:
+    if model.kind == "preset":
+        s.const(f"{prefix}_TYPE", model.model_type, "")
+        s.constants.append(dict_block(f"{prefix}_CONFIG", model.config,
+                                      f"{what}{docstring_safe(model.name)}'s config.json: architecture "
+                                      "only, the weights start random"))
+    else:
+        s.const(f"{prefix}_DIR", model.folder, what + "a local model folder" + (
+            " with safetensors weights" if model.has_weights else " (config only: random weights)"))
 
 
 # ----- data --------------------------------------------------------------------------------------
@@ -311,47 +314,23 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
 
 
 # ----- model -------------------------------------------------------------------------------------
-def _model_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
-    cls = _AUTO_CLASS[model.task]
-    attn = "ATTENTION" if profile.attn != "sdpa" else '"sdpa"'
-    trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
+def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port,
+                   teacher: ModelFacts | None) -> None:
+    if any("transformer_blocks(" in code for _, code in port.sections):
+        s.add("transformer blocks", _BLOCKS)
+    for title, code in port.sections:
+        s.add(f"technique: {title}", code)
     lines = ["def build_model(device):",
-             '    """The model with its task head, built directly on the device."""']
-    if model.kind == "preset":
-        lines.append("    config = transformers.CONFIG_MAPPING[MODEL_TYPE].from_dict(MODEL_CONFIG)")
-    else:
-        lines.append("    config = transformers.AutoConfig.from_pretrained(MODEL_DIR, "
-                     f"local_files_only=True{trust})")
-    if model.task == "classification":
-        lines.append("    config.num_labels = 2")
-        lines.append("    if config.pad_token_id is None:")
-        lines.append("        config.pad_token_id = config.eos_token_id or 0")
-    if model.has_weights:
-        lines += [f"    model = transformers.{cls}.from_pretrained(",
-                  "        MODEL_DIR, config=config, local_files_only=True, use_safetensors=True,",
-                  f"        attn_implementation={attn}{trust}).to(device)"]
-    else:
-        lines += ["    with torch.device(device):",
-                  f"        model = transformers.{cls}.from_config(config, "
-                  f"attn_implementation={attn}{trust})"]
-    if profile.precision in _PURE:
-        lines.append("    model.to(WEIGHT_DTYPE)")
-    if profile.prune_kind == "unstructured" and profile.prune_fraction > 0:
-        lines.append("    prune_unstructured(model)")
-    if profile.is_training and profile.checkpointing:
-        lines.append("    enable_checkpointing(model)")
+             '    """The model with its task head, built directly on the device'
+             + (', then the profile\'s techniques."""' if port.calls else '."""')]
+    lines += _build_lines(profile, model, "MODEL", "model")
+    lines += [f"    {call}" for call in port.calls]
     lines.append("    model.config.use_cache = False  # a scoring forward: no key/value cache is kept")
     lines.append("    model.train()" if profile.is_training else "    model.eval()")
     lines.append("    return model")
     code = "\n".join(lines)
-    if profile.is_training and profile.checkpointing:
-        code = _checkpointing_code(profile) + "\n\n\n" + code
-    if profile.prune_kind == "unstructured" and profile.prune_fraction > 0:
-        s.imports.add("from torch.nn.utils import prune")
-        s.const("PRUNE_FRACTION", profile.prune_fraction, "unstructured pruning: fraction of weights zeroed")
-        code = _PRUNE_UNSTRUCTURED + "\n\n\n" + code
-    if "transformer_blocks(" in code:
-        code = _BLOCKS + "\n\n\n" + code
+    if teacher is not None:
+        code += "\n\n\n" + _teacher_code(profile, teacher)
     s.add("model", code)
 
 
@@ -362,43 +341,89 @@ _BLOCKS = textwrap.dedent('''
         return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 ''').strip("\n")
 
-_PRUNE_UNSTRUCTURED = textwrap.dedent('''
-    def prune_unstructured(model):
-        """Zero the PRUNE_FRACTION smallest-magnitude (L1) weights of every linear layer in the
-        transformer blocks. The weights stay dense tensors of the same shape: no memory is saved."""
-        with torch.no_grad():
-            for module in transformer_blocks(model).modules():
-                if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-                    prune.l1_unstructured(module, "weight", amount=PRUNE_FRACTION)
-                    prune.remove(module, "weight")  # permanent: a plain dense Parameter again
-''').strip("\n")
+
+def _stored_in_half(facts: ModelFacts) -> bool:
+    """Whether transformers may build or load the model in half precision (the config's
+    torch_dtype; for weights without one, the checkpoint's), while the planned run keeps fp32."""
+    declared = facts.config.get("torch_dtype", facts.config.get("dtype"))
+    if isinstance(declared, str):
+        return declared not in ("float32", "fp32", "auto")
+    return facts.has_weights
 
 
-def _checkpointing_code(profile: Profile) -> str:
-    if profile.checkpoint_every == 1:
-        return textwrap.dedent('''
-            def enable_checkpointing(model):
-                """Gradient checkpointing: keep each block's input, recompute its activations in backward."""
-                kwargs = {"use_reentrant": False}
-                if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2
-                    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-                else:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        ''').strip("\n")
-    return textwrap.dedent('''
-        def enable_checkpointing(model):
-            """Gradient checkpointing on every CHECKPOINT_EVERY-th transformer block only: the others
-            keep their activations (a dial between memory and speed)."""
-            kwargs = {"use_reentrant": False}
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
-                enable(activation_checkpointing_kwargs=kwargs, every_n_layers=CHECKPOINT_EVERY)
-                return
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            for i, block in enumerate(transformer_blocks(model)):
-                if hasattr(block, "gradient_checkpointing"):
-                    block.gradient_checkpointing = i % CHECKPOINT_EVERY == 0
-    ''').strip("\n")
+def _build_lines(profile: Profile, facts: ModelFacts, prefix: str, var: str) -> list[str]:
+    """Body lines building one model (as ``engine.models.build_model`` does, techniques aside)."""
+    cls = _AUTO_CLASS[facts.task]
+    attn = "ATTENTION" if profile.attn == "eager" else '"sdpa"'
+    trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
+    lines = []
+    if facts.kind == "preset":
+        lines.append(f"    config = transformers.CONFIG_MAPPING[{prefix}_TYPE].from_dict({prefix}_CONFIG)")
+    else:
+        lines.append(f"    config = transformers.AutoConfig.from_pretrained({prefix}_DIR, "
+                     f"local_files_only=True{trust})")
+    if facts.task == "classification":
+        lines.append("    config.num_labels = 2")
+        lines.append("    if config.pad_token_id is None:")
+        lines.append("        config.pad_token_id = config.eos_token_id or 0")
+    if facts.has_weights:
+        lines += [f"    {var} = transformers.{cls}.from_pretrained(",
+                  f"        {prefix}_DIR, config=config, local_files_only=True, use_safetensors=True,",
+                  f"        attn_implementation={attn}{trust}).to(device)"]
+    else:
+        lines += ["    with torch.device(device):",
+                  (f"        {var} = transformers.{cls}.from_config(config, "
+                   f"attn_implementation={attn}{trust})")]
+    if profile.precision in _PURE:
+        lines.append(f"    {var}.to(WEIGHT_DTYPE)")
+    elif _stored_in_half(facts):
+        lines.append(f"    {var}.to(torch.float32)  # transformers follows the config\'s half-precision "
+                     "torch_dtype; the plan keeps fp32 weights")
+    return lines
+
+
+_TEACHER_HALF = {"bf16-amp": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16-amp": "torch.float16",
+                 "fp16": "torch.float16"}
+
+
+def _teacher_code(profile: Profile, teacher: ModelFacts) -> str:
+    half = _TEACHER_HALF.get(profile.precision)
+    doc = ["def build_teacher(device):",
+           '    """The distillation teacher: built like the student but without its techniques (dense,',
+           '    unpruned), frozen: eval mode, no gradients.']
+    if half:
+        doc[-1] += " On a GPU it is stored in the precision the student"
+        doc.append("    computes in: a frozen teacher needs no fp32 master copy.\"\"\"")
+    else:
+        doc[-1] += '"""'
+    lines = doc + _build_lines(profile, teacher, "TEACHER", "teacher")
+    if half:
+        lines += ['    if device.type == "cuda":', f"        teacher.to({half})"]
+    lines += ["    teacher.eval()", "    teacher.requires_grad_(False)", "    return teacher"]
+    return "\n".join(lines)
+
+
+_DISTILLATION_LOSS = '''
+def distillation_loss(logits, teacher_logits, labels):
+    """Knowledge distillation (Hinton et al. 2015): KL(teacher || student) on logits softened by
+    TEMPERATURE, times TEMPERATURE^2, mixed with the ordinary cross-entropy on the labels:
+    (1 - ALPHA) * KL + ALPHA * CE. Positions whose label is -100 are left out of both."""
+    vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # vocabularies may differ by padding rows
+    student = logits[..., :vocab].float()  # (B, T, V)
+    teacher = teacher_logits[..., :vocab].detach().float()  # (B, T, V)
+#SHIFT#
+    student, teacher = student.reshape(-1, vocab), teacher.reshape(-1, vocab)  # (N, V)
+    valid = labels.reshape(-1) != -100  # (N,)
+    kl = F.kl_div(F.log_softmax(student / TEMPERATURE, -1), F.log_softmax(teacher / TEMPERATURE, -1),
+                  reduction="none", log_target=True).sum(-1)  # (N,)
+    kl = (kl * valid).sum() / valid.sum().clamp(min=1)
+    kl = kl * TEMPERATURE ** 2
+    ce = F.cross_entropy(student, labels.reshape(-1), ignore_index=-100)
+    return (1.0 - ALPHA) * kl + ALPHA * ce
+'''
+
+_SHIFT = ("    # A causal LM predicts token i + 1 at position i.\n"
+          "    student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]")
 
 
 # ----- one step ----------------------------------------------------------------------------------
@@ -432,13 +457,21 @@ def _targets_code(profile: Profile, model: ModelFacts) -> str:
     ''').strip("\n")
 
 
-def _step_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
+def _step_section(s: _Script, profile: Profile, model: ModelFacts, teacher: ModelFacts | None) -> None:
     amp = profile.precision in _AUTOCAST
     scaler = profile.precision == "fp16-amp" and profile.is_training
     autocast = "torch.autocast(device.type, dtype=AUTOCAST_DTYPE)"
     if profile.is_training:
         code = _targets_code(profile, model) + "\n\n\n"
-        args = "model, optimizer, scaler, batch, device" if scaler else "model, optimizer, batch, device"
+        if teacher is not None:
+            s.imports.add("import torch.nn.functional as F")
+            shift = _SHIFT + "\n" if model.task == "causal-lm" else ""
+            code += textwrap.dedent(_DISTILLATION_LOSS).strip("\n").replace("#SHIFT#\n", shift) + "\n\n\n"
+        args = ["model", "teacher", "optimizer", "scaler", "batch", "device"]
+        if teacher is None:
+            args.remove("teacher")
+        if not scaler:
+            args.remove("scaler")
         if profile.micro_batches > 1:
             doc = ("One optimizer step over MICRO_BATCHES micro-batches (row slices of the batch),\n"
                    "    gradients accumulated. Inputs are copied to the device inside the step.")
@@ -453,14 +486,26 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
             body = ["    input_ids, attention_mask, labels = batch"]
             indent = "    "
             divide = ""
+        if teacher is not None:
+            doc += ("\n    The frozen teacher runs forward without gradients; the student learns from its"
+                    "\n    logits (distillation_loss).")
         body.append(f"{indent}input_ids, attention_mask, labels = (t.to(device) for t in "
                     "(input_ids, attention_mask, labels))")
-        call = "model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)"
-        keep = f"{indent}# Only the loss is kept: the logits are freed before backward.\n"
+        inner = indent + "    " if amp else indent
         if amp:
-            body += [f"{indent}with {autocast}:", f"    {keep}{indent}    loss = {call}.loss{divide}"]
+            body.append(f"{indent}with {autocast}:")
+        if teacher is not None:
+            inputs = "input_ids=input_ids, attention_mask=attention_mask"
+            body += [f"{inner}with torch.no_grad():",
+                     f"{inner}    teacher_logits = teacher({inputs}).logits",
+                     f"{inner}logits = model({inputs}).logits",
+                     f"{inner}loss = distillation_loss(logits, teacher_logits, labels){divide}",
+                     (f"{inner}del teacher_logits, logits  # only the loss is kept: the logits are freed "
+                      "before backward")]
         else:
-            body.append(f"{keep}{indent}loss = {call}.loss{divide}")
+            call = "model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)"
+            body += [f"{inner}# Only the loss is kept: the logits are freed before backward.",
+                     f"{inner}loss = {call}.loss{divide}"]
         body.append(f"{indent}{'scaler.scale(loss)' if scaler else 'loss'}.backward()")
         if profile.micro_batches > 1:
             body.append(f"{indent}total += loss.item()")
@@ -470,7 +515,7 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
             body.append("    optimizer.step()")
         body.append("    optimizer.zero_grad(set_to_none=True)")
         body.append("    return total" if profile.micro_batches > 1 else "    return loss.item()")
-        code += f"def train_step({args}):\n    \"\"\"{doc}\"\"\"\n" + "\n".join(body)
+        code += f"def train_step({', '.join(args)}):\n    \"\"\"{doc}\"\"\"\n" + "\n".join(body)
         s.add("one training step", code)
         return
     lines = ["@torch.no_grad()", "def infer_step(model, batch, device):"]
@@ -498,11 +543,9 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
 
 
 # ----- main --------------------------------------------------------------------------------------
-def _main_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
+def _main_section(s: _Script, profile: Profile, model: ModelFacts, teacher: ModelFacts | None) -> None:
     train = profile.is_training
     scaler = profile.precision == "fp16-amp" and train
-    if train and profile.checkpointing and profile.checkpoint_every > 1:
-        s.imports.add("import inspect")
     parse = textwrap.dedent('''
         def parse_args():
             parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -534,6 +577,8 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
         "    torch.manual_seed(SEED)",
         "    model = build_model(device)",
     ]
+    if teacher is not None:
+        lines.append("    teacher = build_teacher(device)  # after the student: the random stream of measure")
     if train:
         if profile.optimizer == "adamw":
             lines.append("    optimizer = torch.optim.AdamW(model.parameters())  # torch's defaults "
@@ -544,15 +589,19 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts) -> None:
         if scaler:
             lines.append("    scaler = torch.amp.GradScaler(device.type)  # fp16 gradients need loss scaling")
     lines += [
-        "    memory.start(model)",
+        "    memory.start(model, teacher)" if teacher is not None else "    memory.start(model)",
         "    step_times, losses = [], []" if train else "    step_times = []",
         "    for batch in batches:",
         "        memory.sync()",
         "        begin = time.perf_counter()",
     ]
     if train:
-        args = "model, optimizer, scaler, batch, device" if scaler else "model, optimizer, batch, device"
-        lines.append(f"        losses.append(train_step({args}))")
+        args = ["model", "teacher", "optimizer", "scaler", "batch", "device"]
+        if teacher is None:
+            args.remove("teacher")
+        if not scaler:
+            args.remove("scaler")
+        lines.append(f"        losses.append(train_step({', '.join(args)}))")
     else:
         lines.append("        infer_step(model, batch, device)")
     lines += [

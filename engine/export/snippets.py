@@ -286,12 +286,13 @@ class PeakMemory:
             self.tracker = LiveTensorBytes()
             self.base = self.resident_peak = resident_bytes()
 
-    def start(self, model):
+    def start(self, *models):
         """Begin the measured steps (CPU: count the weights, then every tensor the steps make)."""
         self.sync()
         if self.device.type == "cpu":
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                self.tracker.track(tensor)
+            for model in models:
+                for tensor in list(model.parameters()) + list(model.buffers()):
+                    self.tracker.track(tensor)
             self.tracker.__enter__()
 
     def stop(self):
