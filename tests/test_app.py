@@ -257,7 +257,19 @@ def test_duplicate_and_compare(qtbot, window):
     assert len(charts._est_bars["weights"].opts["height"]) == 2
     assert charts._meas_bars["weights"].opts["height"][1] > 0
     assert list(charts._speed_bars.opts["height"]) == [0.0, 5000.0]
-    assert len(charts._front_points.data) == 1
+    assert len(charts._front_points.data) == 1 and charts.front_names == ["tiny copy"]
+    ticks = charts.memory_plot.getPlotItem().getAxis("bottom")._tickLevels[0]
+    assert [t for _x, t in ticks] == ["1. tiny", "2. tiny copy"]
+    assert [label.toPlainText() for label in charts._diff_labels] == ["+7%"]  # 3.2 measured vs 3.0
+    # leave a profile out of the comparison (remembered), then bring it back
+    w.compare_view._fill_choose_menu()
+    shown = {a.text(): a.isChecked() for a in w.compare_view.choose_menu.actions() if a.isCheckable()}
+    assert shown == {"tiny": True, "tiny copy": True}
+    w.compare_view.set_shown("tiny", False)
+    assert [r["name"] for r in w.compare_view.rows()] == ["tiny copy"]
+    assert json.loads(w.state.settings.value("compare/hidden")) == ["tiny"]
+    w.compare_view.set_shown("tiny", True)
+    assert len(w.compare_view.rows()) == 2
 
 
 def test_compare_estimates_every_profile(qtbot, window):
@@ -787,6 +799,8 @@ def test_light_and_dark_palettes_are_readable(qtbot, window, dark):
         note = w.techniques.notes()["amp"]
         muted = note.palette().color(R.WindowText)
         assert _contrast(muted, pal.color(R.Window)) >= 3.0  # muted but readable, in either palette
+        assert f"color:{pal.color(R.Link).name()}" in note.text()  # "more…" in the palette's link colour
+        assert _contrast(pal.color(R.Link), pal.color(R.Window)) >= 4.5
         plot = w.estimate_view.plot
         assert plot.backgroundBrush().color() == pal.color(R.Base)
         legend_label = w.estimate_view.legend.items[0][1]

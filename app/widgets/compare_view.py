@@ -7,13 +7,14 @@ also what ``headroom compare --png`` renders offscreen. ``CompareView`` feeds it
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QFontMetrics
-from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout,
-                               QWidget)
+from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QMenu, QPushButton,
+                               QToolButton, QVBoxLayout, QWidget)
 
 from app import engine_bridge
 from app.state import AppState
@@ -246,6 +247,15 @@ class CompareCharts(QWidget):
         return first + "\n" + rest
 
 
+def _hidden_names(state: AppState) -> list[str]:
+    raw = state.settings.value("compare/hidden", "[]")
+    try:
+        names = json.loads(raw) if isinstance(raw, str) else []
+    except ValueError:
+        names = []
+    return [n for n in names if isinstance(n, str)]
+
+
 class CompareView(QWidget):
     def __init__(self, state: AppState, parent=None) -> None:
         super().__init__(parent)
@@ -254,12 +264,22 @@ class CompareView(QWidget):
         self._runner.result_ready.connect(self._on_estimates_ready)
         self._runner.failed.connect(self._on_estimates_failed)
         self.charts = CompareCharts()
+        self.hidden: set[str] = set(_hidden_names(state))  # profiles left out of the comparison
+        self.choose_button = QToolButton()
+        self.choose_button.setText("Profiles")
+        self.choose_button.setToolTip("Choose which profiles the comparison shows")
+        self.choose_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.choose_menu = QMenu(self.choose_button)
+        self.choose_menu.aboutToShow.connect(self._fill_choose_menu)
+        self.choose_button.setMenu(self.choose_menu)
         self.refresh_button = QPushButton("Refresh")
+        self.refresh_button.setToolTip("Estimate the profiles that have no estimate yet and redraw")
         self.png_button = QPushButton("Export PNG…")
         self.csv_button = QPushButton("Export CSV…")
         self.info = QLabel()
         bar = QHBoxLayout()
         bar.addWidget(self.info, 1)
+        bar.addWidget(self.choose_button)
         bar.addWidget(self.refresh_button)
         bar.addWidget(self.png_button)
         bar.addWidget(self.csv_button)
@@ -279,7 +299,8 @@ class CompareView(QWidget):
     def refresh(self) -> None:
         """Estimate every profile that has no estimate yet (off the GUI thread), then redraw."""
         fn = engine_bridge.estimate_fn()
-        missing = [e.profile for e in self._state.entries if e.estimate is None]
+        missing = [e.profile for e in self._state.entries if e.estimate is None
+                   and e.profile.name not in self.hidden]
         if fn is None:
             self.info.setText("The estimator is not available yet in this build.")
             self._redraw()
@@ -309,7 +330,7 @@ class CompareView(QWidget):
 
         rows = []
         for e in self._state.entries:
-            if e.estimate is None and e.measured is None:
+            if (e.estimate is None and e.measured is None) or e.profile.name in self.hidden:
                 continue
             row = compare_row(e.profile, e.estimate or _NO_ESTIMATE, e.measured)
             if e.estimate is None:  # measured only: no estimated numbers rather than zeros
@@ -345,7 +366,28 @@ class CompareView(QWidget):
     def shutdown(self) -> None:
         self._runner.shutdown()
 
+    def set_shown(self, name: str, shown: bool) -> None:
+        """Show or leave out one profile (remembered in QSettings)."""
+        (self.hidden.discard if shown else self.hidden.add)(name)
+        self._state.settings.setValue("compare/hidden", json.dumps(sorted(self.hidden)))
+        self.refresh()
+
     # ----- private ------------------------------------------------------------------------
+    def _fill_choose_menu(self) -> None:
+        self.choose_menu.clear()
+        for name in self._state.names():
+            action = self.choose_menu.addAction(name)
+            action.setCheckable(True)
+            action.setChecked(name not in self.hidden)
+            action.toggled.connect(lambda on, n=name: self.set_shown(n, on))
+        self.choose_menu.addSeparator()
+        self.choose_menu.addAction("Show all", self._show_all)
+
+    def _show_all(self) -> None:
+        self.hidden.clear()
+        self._state.settings.setValue("compare/hidden", "[]")
+        self.refresh()
+
     def _schedule_redraw(self) -> None:
         """Redraw now if shown, else when next shown (keeps result handling light on the GUI thread)."""
         if self.isVisible():
@@ -375,7 +417,7 @@ class CompareView(QWidget):
         self._dirty = False
         rows = self.rows()
         self.charts.set_rows(rows)
-        missing = sum(1 for e in self._state.entries if e.estimate is None)
+        missing = sum(1 for e in self._state.entries if e.estimate is None and e.profile.name not in self.hidden)
         if missing and not self._runner.is_running:
             self.info.setText(f"{missing} profile(s) without an estimate yet (Refresh)")
         enabled = bool(rows)

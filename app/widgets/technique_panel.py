@@ -9,6 +9,7 @@ import re
 from typing import Any, Callable
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                                QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
@@ -70,14 +71,17 @@ class ExplainNote(NoteLabel):
         self.set_expanded(link == "more")
 
     def _render(self) -> None:
+        # an explicit colour: QLabel's rich text draws links in plain #0000FF otherwise (unreadable on dark)
+        link_color = self.palette().color(QPalette.ColorRole.Link).name()
         paragraphs = [p.strip() for p in self._full.split("\n\n") if p.strip()]
         shorts = [first_sentence(p) for p in paragraphs]
         whole = shorts == paragraphs
         if self.expanded or whole:
             body = "<br><br>".join(html.escape(p) for p in paragraphs)
-            link = "" if whole else " <a href='less'>less</a>"
+            link = "" if whole else f" <a href='less' style='color:{link_color}'>less</a>"
         else:
-            body, link = "<br>".join(html.escape(p) for p in shorts), " <a href='more'>more…</a>"
+            body = "<br>".join(html.escape(p) for p in shorts)
+            link = f" <a href='more' style='color:{link_color}'>more…</a>"
         self.setText(body + link)
 
 
