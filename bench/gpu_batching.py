@@ -45,6 +45,7 @@ STRATEGIES = (  # (label, padding, pad_multiple, token budget?)
     ("bucketed", "bucketed", 1, False),
     ("bucketed+pad", "bucketed", 0, False),  # 0: --pad-multiple
     ("token-budget", "token-budget", 1, True),
+    ("token-budget+pad", "token-budget", 0, True),  # few distinct shapes: fewer kernel plans
 )
 
 
@@ -94,6 +95,9 @@ def main() -> int:
     ap.add_argument("--chunk-model", default="", help="default gpt2 (tiny-gpt2 with --smoke)")
     ap.add_argument("--long-seq", type=int, default=16384)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--only", default="",
+                    help="comma list of MODEL/STRATEGY (e.g. gpt2/token-budget,gpt2/chunked): run "
+                         "just these, in this order (to finish a matrix a budget cut short)")
     args = ap.parse_args()
 
     started = time.perf_counter()
@@ -142,7 +146,7 @@ def main() -> int:
     if models:
         runs += batching_runs(models[0], all_labels)
     for m in models[1:]:
-        runs += batching_runs(m, ("fixed", "token-budget"))
+        runs += batching_runs(m, ("fixed", "token-budget", "token-budget+pad"))
     if args.chunked:
         runs += [{"kind": "chunked", "model": chunk_model, "strategy": "chunked",
                   "seq": args.long_seq, "chunk_input": args.window},
@@ -150,6 +154,17 @@ def main() -> int:
                   "seq": args.window, "chunk_input": 0}]
     for m in models[1:]:
         runs += batching_runs(m, ("dynamic", "bucketed", "bucketed+pad"))
+
+    if args.only:
+        every = {f"{r['model']}/{r['strategy']}": r for r in runs}
+        for m in models:
+            every.update({f"{r['model']}/{r['strategy']}": r for r in batching_runs(m, all_labels)})
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in every]
+        if unknown:
+            sys.exit(f"gpu_batching: unknown --only entries {unknown}; known: {sorted(every)}")
+        runs = [every[w] for w in wanted]
+        args.chunked = any(r["kind"] == "chunked" for r in runs)
 
     long_path = tmp / "long.jsonl"
     if args.chunked:
