@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default="", help="markdown table path (default: --out with .md)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--quick", action="store_true", help="tiny model, short sequences (smoke test)")
-    ap.add_argument("--only", default="", help="run configurations whose name contains this text")
+    ap.add_argument("--only", default="", help="run configurations whose name contains one of these comma-separated texts")
     ap.add_argument("--part", default="all", choices=("all", "attention", "model"))
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per configuration")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -370,7 +370,8 @@ def main(argv=None) -> int:
     if args.part in ("all", "model"):
         cfgs += model_configs(args.quick)
     if args.only:
-        cfgs = [c for c in cfgs if args.only in c["name"]]
+        wanted = [w for w in args.only.split(",") if w]
+        cfgs = [c for c in cfgs if any(w in c["name"] for w in wanted)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
