@@ -96,10 +96,11 @@ def _checked(key: tuple) -> bool:
 _CHECK_FIELDS = ("model", "trust_remote_code", "mode", "seq", "chunk_input", "distill_from")
 
 
-def _device_used(reserved: int, target: str) -> int:
+def _device_used(reserved: int, profile: Profile) -> int:
     from engine.estimate import device
 
-    return reserved + device.constants(target).context_bytes
+    return reserved + device.context_bytes(profile.target, profile.mode == "train",
+                                           profile.precision != "fp32")
 
 
 def _layers(outcome_layers: dict[str, int], profile: Profile) -> tuple[LayerBytes, ...]:
@@ -182,7 +183,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop)
         result = EstimateResult(
             method="analytic", peak_allocated_bytes=peak,
             peak_reserved_bytes=a_out.peak_reserved,
-            device_used_bytes=_device_used(a_out.peak_reserved, profile.target),
+            device_used_bytes=_device_used(a_out.peak_reserved, profile),
             breakdown=a_out.breakdown, params=a_out.params,
             layers=_layers(a_out.layer_activations, profile), peak_batch_shape=tuple(shape),
             peak_phase=a_out.peak_phase, notes=tuple(notes),
@@ -213,7 +214,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop)
         notes.append("SDPA kernel on CUDA: " + ", ".join(outcome.backends))
     result = EstimateResult(
         method="traced", peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
-        device_used_bytes=_device_used(int(reserved), profile.target), breakdown=breakdown,
+        device_used_bytes=_device_used(int(reserved), profile), breakdown=breakdown,
         params=outcome.params, layers=_layers(outcome.layer_activations, profile),
         peak_batch_shape=tuple(shape), peak_phase=outcome.peak_phase, notes=tuple(notes),
         elapsed_s=time.perf_counter() - started,

@@ -17,7 +17,8 @@ What it counts, for a batch of E = B x T tokens (micro-batch rows when accumulat
   (post-LN encoder, GELU, dropout masks). Under autocast each linear saves its own low-precision
   copy of its input (autocast casts per call; only leaf weights are cached). Attention: fused SDPA
   (flash / memory-efficient: output + fp32 logsumexp, no T x T; a padded batch's additive mask is
-  converted per layer and kept), or eager (fp32 softmax probabilities, their low-precision copy,
+  converted per layer and kept; fp32 grouped-query attention without a mask runs the math path on
+  CUDA, which keeps the T x T probabilities), or eager (fp32 softmax probabilities, their low-precision copy,
   dropout mask and output: O(a·T²) per layer).
 * **logits and loss temporaries**: ``ForCausalLMLoss`` / ``ForMaskedLMLoss``
   (``transformers/loss/loss_utils.py``) upcast logits (``logits.float()``), cross entropy saves its
@@ -211,6 +212,16 @@ def _attention(arch: Arch, b: int, t: int, e: int, cuda: bool, attn: str, padded
         return saved, fwd, bwd
     # fused kernels
     flash = cuda and half and not padded
+    if cuda and not flash and k != a and not kv_rep and not window:
+        # transformers passes enable_gqa (no repeat_kv) when there is no mask, but CUDA's
+        # efficient kernel rejects grouped-query heads: the math path runs (sdp_utils.cpp,
+        # attention.cpp: _scaled_dot_product_attention_math). It saves the scaled q, the
+        # scaled repeated k, the repeated v and the T x T probabilities.
+        probs = b * a * t * t
+        saved += [E * a * d * e, E * a * d * e, E * a * d * e, probs * e]
+        fwd = probs * e + t * t * (1 + e)  # scores before softmax, causal mask (bool + float)
+        bwd = 2 * probs * e + 2 * E * a * d * e  # grad of probs and of scores; dk/dv repeated
+        return saved, fwd, bwd
     saved.append(E * a * d * e)  # output
     saved.append(b * a * (t if flash else -(-t // 32) * 32) * 4)  # logsumexp
     if not cuda:
@@ -356,6 +367,41 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     return saved, fwd, bwd
 
 
+def _teacher_elt(profile: Profile) -> int:
+    """Bytes per teacher weight: the distillation technique's rule (bf16/fp16 teacher on CUDA
+    for half-precision profiles, ``engine.techniques.distillation.teacher_dtype``)."""
+    if profile.target == "cuda" and profile.precision != "fp32":
+        return 2
+    return 2 if profile.precision in ("bf16", "fp16") else 4
+
+
+def _distill_loss_costs(arch: Arch, t_arch: Arch, b: int, t: int, precision: str, cuda: bool,
+                        t_elt: int) -> tuple[int, int, int]:
+    """(teacher logits, forward transient at the loss, backward transient at the loss) of
+    ``engine.techniques.distillation.distillation_loss`` with hard labels, as measure calls it.
+
+    Forward, at its peak (inside ``kl_div``): both models' logits (E x V, in their output
+    dtype), their fp32 upcasts (none when already fp32), for a causal LM the shifted
+    ``reshape`` copies of both (N = B x (T-1) rows), both log-softmaxes, and the elementwise
+    ``exp(target) * (target - input)`` (three N x V fp32 tensors). Backward: the saved student
+    log-softmax, ``exp(target)`` and the hard-label log-softmax, plus three gradients of N x V.
+    """
+    e = 2 if precision != "fp32" else 4  # the student's logits dtype
+    te = 2 if (precision != "fp32" or t_elt == 2) else 4  # the teacher's logits dtype
+    E = b * t
+    V = min(arch.vocab, t_arch.vocab)
+    causal = arch.task == "causal-lm"
+    n = b * (t - 1) if causal else E
+    u = _r(n * V * 4, cuda)
+    s_logits = _r(E * arch.vocab * e, cuda)
+    t_logits = _r(E * t_arch.vocab * te, cuda)
+    upcasts = (_r(E * V * 4, cuda) if e != 4 else 0) + (_r(E * V * 4, cuda) if te != 4 else 0)
+    copies = 2 * u if causal else 0
+    fwd = s_logits + upcasts + copies + 5 * u  # log-softmax x2, exp(t), t - s, product
+    bwd = 6 * u
+    return t_logits, fwd, bwd
+
+
 def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool = True) -> AnalyticOutcome:
     """Peak memory of the measured protocol for one (B, T) batch shape."""
     cuda = profile.target == "cuda"
@@ -375,14 +421,14 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     weights_list = [_r(n * s, cuda) for n, s in arch.param_tensors]
     weights = sum(weights_list) + _r(arch.buffer_bytes, cuda)
     if profile.prune_kind == "unstructured":
-        weights += sum(weights_list[i] for i, (n, s) in enumerate(arch.param_tensors)
-                       if n != arch.largest_param)  # weight_orig + mask per pruned weight
-        notes.append("unstructured pruning keeps dense weights plus a mask: no memory saved")
+        # engine.techniques.pruning makes the pruning permanent (prune.remove): the weights are
+        # plain dense tensors again (no weight_orig / mask kept), same bytes as unpruned.
+        notes.append("unstructured pruning zeroes weights in dense storage: no memory saved")
     teacher_w = 0
     t_arch = None
     if profile.distill_from and training:
         t_arch = arch_of(profile, teacher=True)
-        t_elt = 2 if precision in ("bf16", "fp16") else 4
+        t_elt = _teacher_elt(profile)
         teacher_w = sum(_r(n * t_elt, cuda) for n, _ in t_arch.param_tensors)
     grads_list = weights_list
     grads = sum(grads_list) if training else 0
@@ -427,10 +473,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     if training:
         teacher_logits = 0
         if t_arch is not None:
-            te = 2 if precision != "fp32" else 4
-            teacher_logits = _r(b * t * t_arch.vocab * te, cuda)
-            loss_fwd += 4 * _r(b * t * arch.vocab * 4, cuda)
-            loss_bwd += 2 * _r(b * t * arch.vocab * 4, cuda)
+            teacher_logits, loss_fwd, loss_bwd = _distill_loss_costs(
+                arch, t_arch, b, t, precision, cuda, _teacher_elt(profile))
         tmp_common = inputs + workspace + autocast_copies
         w_all = weights + teacher_w
         # Step 1 optimizer step: weights + grads + new states + foreach temporary.

@@ -15,7 +15,8 @@ behaviours whose memory differs on CUDA:
 * **Dropout**: CUDA uses the fused ``native_dropout`` (a bool mask is saved, 1 byte/element); CPU's
   composite path saves a mask in the input dtype.
 * **SDPA backend**: on CUDA, ``scaled_dot_product_attention`` picks flash (fp16/bf16, no mask,
-  head dim <= 256), else memory-efficient (any float dtype, masks allowed), else math; see
+  head dim <= 256, grouped-query heads allowed), else memory-efficient (any float dtype, masks
+  allowed, but query heads must equal key/value heads), else math; see
   ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp`` (``select_sdp_backend``). The fused
   kernels keep no T x T matrix: they save their output and a float32 logsumexp, and their backward
   allocates fp32 accumulators (flash: ``dq_accum`` (B, T_128, H, D_32) and ``softmax_d``
@@ -23,6 +24,9 @@ behaviours whose memory differs on CUDA:
   in the query dtype and padded to a multiple of 16 columns (``convert_boolean_attn_mask``,
   ``preprocess_mask`` in ``attention.cpp``) and saved for backward by the efficient kernel.
   Math falls back to the real composite ops (the T x T probabilities are materialised).
+* **Local attention** (``--attn local:W``): on CUDA the technique runs compiled FlexAttention
+  (``FlexAttentionEmu``: output + fp32 logsumexp, no T x W scores), not the blocked fallback that
+  CPU/meta tensors select (``cuda_local_attention``).
 
 Known limitations: ops reached only through C++ composites are not re-cast (CUDA autocast acts on
 every aten op, this mode on the Python-level functions HF models call); cuDNN attention (preferred
@@ -271,8 +275,13 @@ def choose_backend(query, key, value, attn_mask, enable_gqa) -> str:
     if half and attn_mask is None and d_q == key.shape[-1] == d_v and d_q <= 256:
         return "flash"
     align = 8 if half else 4
+    # The efficient kernel rejects grouped-query inputs (``check_batch_size_and_num_heads_dense
+    # <false /*supports_grouped_query_attention*/>`` in its constraints): q heads != k heads with
+    # ``enable_gqa`` goes to math. transformers passes ``enable_gqa`` when there is no mask
+    # (``use_gqa_in_sdpa``), expecting flash, so fp32 GQA models without padding hit this.
+    gqa = query.shape[-3] != key.shape[-3]
     if query.dtype in (torch.float32, torch.float16, torch.bfloat16) and d_q % align == 0 \
-            and d_v % align == 0 and d_q == key.shape[-1]:
+            and d_v % align == 0 and d_q == key.shape[-1] and not gqa:
         return "efficient"
     return "math"
 
@@ -377,6 +386,69 @@ class EfficientAttentionEmu(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class FlexAttentionEmu(torch.autograd.Function):
+    """Memory behaviour of compiled FlexAttention (``torch.nn.attention.flex_attention``).
+
+    Forward: the output (B, H, T, Dv) in the query dtype and a float32 logsumexp (B, H, T); both
+    saved with q, k, v (k/v at their own head count: ``enable_gqa`` does not expand them).
+    Backward: a float32 ``delta`` (B, H, T) and the gradients dq, dk, dv. The block mask (a few
+    int32 tensors of (B, H, T/128[, T/128])) is negligible and not counted.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        b, h, t, _d = q.shape
+        out = torch.empty((b, h, t, v.shape[-1]), dtype=q.dtype, device=q.device)  # (B, H, T, Dv)
+        lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)  # (B, H, T)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, _out, lse = ctx.saved_tensors
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # (B, H, T)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        del delta
+        return dq, dk, dv
+
+
+def _flex_local_attention(q, k, v, window: int, causal: bool = True, scale=None,
+                          attention_mask=None, dropout: float = 0.0, training: bool = False):
+    """``engine.techniques.local_attention.local_attention`` as it runs on CUDA: FlexAttention
+    (emulated) for self-attention, the dense masked path for a 4-D mask, else blocked."""
+    from engine.techniques import local_attention as la
+
+    if q.shape[2] == k.shape[2]:
+        keep = la._keep_mask(attention_mask, q.shape[2], k.shape[2])
+        if keep is not None and keep.dim() == 4:
+            return la.dense_masked_attention(q, k, v, window, causal, scale, keep)
+        return FlexAttentionEmu.apply(q, k, v)
+    return la.blocked_local_attention(q, k, v, window, causal, scale, attention_mask, dropout,
+                                      training)
+
+
+class cuda_local_attention:  # noqa: N801 - used as a context manager
+    """While active, local attention (``--attn local:W``) takes its CUDA path (FlexAttention),
+    not the CPU fallback that meta tensors would select (``flex_available`` needs a CUDA device).
+    """
+
+    def __enter__(self):
+        try:
+            from engine.techniques import local_attention as la
+        except ImportError:
+            self.module = None
+            return self
+        self.module = la
+        self.saved = la.local_attention
+        la.local_attention = _flex_local_attention
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.local_attention = self.saved
+        return False
+
+
 def sdpa_saved_bytes_per_layer(b: int, h: int, t: int, d: int, elt: int, backend: str) -> int:
     """Bytes a fused SDPA call adds beyond q/k/v: the output and the fp32 logsumexp."""
     if backend == "flash":
@@ -387,7 +459,9 @@ def sdpa_saved_bytes_per_layer(b: int, h: int, t: int, d: int, elt: int, backend
 __all__ = [
     "CudaEmulation",
     "EfficientAttentionEmu",
+    "FlexAttentionEmu",
     "FlashAttentionEmu",
     "choose_backend",
+    "cuda_local_attention",
     "sdpa_saved_bytes_per_layer",
 ]

@@ -17,6 +17,17 @@ H100 calibration (bench/results/probe_h100_2026-11-24.jsonl, torch 2.11+cu130): 
 after CUDA init, 647 MiB after the first fp32 matmul with 52 MiB reserved (a 4 MiB tensor's 20 MiB
 segment + the 32 MiB cuBLAS workspace), 737 MiB after a bf16 matmul (cuBLASLt kernels): context =
 737 - 52 = 685 MiB. Training adds the autograd thread's handle (not yet measured separately).
+
+H100 recalibration (bench/results/measure_h100_2026-11-25/matrix.jsonl: 22 ``headroom measure``
+runs, one process at a time, device_used - peak_reserved; see
+bench/results/estimates_vs_h100_2026-11-25.md): the difference is the same to the MiB for every
+model and shape and depends only on mode and precision: 687 MiB for fp32 inference, 695 MiB for
+bf16-amp inference, 751 MiB for fp32 training, 767 MiB for bf16-amp training. So: a 687 MiB base
+(context + one cuBLAS handle's fp32 kernels), +64 MiB in training (autograd's backward thread
+has its own cuBLAS/cuBLASLt handle), +8 MiB per handle for half-precision matmul kernels
+(``context_half_bytes``; applied to fp16/bf16 autocast and pure half weights alike). Runs with
+many distinct batch shapes (dynamic padding, token budgets) loaded up to ~110 MiB more kernels
+(bench/results/batching_h100_2026-11-25): not modelled.
 """
 
 from __future__ import annotations
@@ -37,14 +48,17 @@ class DeviceConstants:
     expandable_small_page: int  # expandable segments: page of the small pool
     expandable_large_page: int  # expandable segments: page of the large pool
     capacity_bytes: int  # total device memory (for "fits" checks)
+    context_train_extra_bytes: int = 0  # training: the autograd thread's own library handles
+    context_half_bytes: int = 0  # per handle, once half-precision (fp16/bf16) matmuls ran
 
 
 #: Calibrated per device kind; "default" is used when the kind is unknown.
 DEVICES: dict[str, DeviceConstants] = {
-    "h100": DeviceConstants("h100", context_bytes=685 * MiB, cublas_workspace_bytes=32 * MiB,
+    "h100": DeviceConstants("h100", context_bytes=687 * MiB, cublas_workspace_bytes=32 * MiB,
                             workspace_handles_train=2, workspace_handles_infer=1,
                             expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
-                            capacity_bytes=80 * 1024 * MiB),
+                            capacity_bytes=80 * 1024 * MiB,
+                            context_train_extra_bytes=64 * MiB, context_half_bytes=8 * MiB),
     "h200": DeviceConstants("h200", context_bytes=520 * MiB, cublas_workspace_bytes=32 * MiB,
                             workspace_handles_train=2, workspace_handles_infer=1,
                             expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
@@ -71,6 +85,17 @@ def constants(target: str, kind: str | None = None) -> DeviceConstants:
     if target != "cuda":
         return DEVICES["cpu"]
     return DEVICES.get(kind or device_kind(), DEVICES["default"])
+
+
+def context_bytes(target: str, training: bool, half: bool, kind: str | None = None) -> int:
+    """Device memory outside the caching allocator during a run: the CUDA context, loaded kernels
+    and library handles (``device_used - reserved``)."""
+    c = constants(target, kind)
+    if target != "cuda":
+        return 0
+    handles = c.workspace_handles_train if training else c.workspace_handles_infer
+    return (c.context_bytes + (c.context_train_extra_bytes if training else 0)
+            + (c.context_half_bytes * handles if half else 0))
 
 
 def workspace_bytes(target: str, training: bool, kind: str | None = None) -> int:

@@ -12,7 +12,8 @@ breakdown by category and the caching allocator's reserved bytes (``allocator.si
 
 For a CUDA target, ``cuda_emulation.CudaEmulation`` replays CUDA's autocast op lists, fused
 dropout and SDPA kernel choice and memory (flash / memory-efficient keep no T x T matrix), and
-storages are rounded to the allocator's 512-byte blocks.
+storages are rounded to the allocator's 512-byte blocks; local attention takes its CUDA path
+(FlexAttention, emulated) instead of the blocked CPU fallback.
 
 Sources: the measurement protocol of DESIGN.md ("What measured means"); PyTorch's MemTracker for
 the categories; ``torch/optim/adam.py: _multi_tensor_adam`` (the foreach step's ``exp_avg_sq_sqrt``
@@ -240,6 +241,10 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     with contextlib.ExitStack() as stack:
         for m in modes:
             stack.enter_context(m)
+        if emu is not None and cuda:
+            from engine.estimate.cuda_emulation import cuda_local_attention
+
+            stack.enter_context(cuda_local_attention())
         if training:
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
