@@ -15,3 +15,6 @@ for alloc in default expandable; do
   timeout 60 python3 -m engine measure --model gpt2 --mode train --precision bf16-amp --padding dynamic --batch 8 --seq 512 --steps 200 --alloc $alloc --target cuda --json | tail -1 > $OUT/alloc_dynamic_$alloc.json
 done
 tail -3 $OUT/*.log
+# Second call (issue 5, ~6 minutes): the batching rows the budget cut.
+#   PYTHONPATH=. python3 bench/gpu_batching.py --out $OUT/batching3.jsonl --budget-s 540 \
+#     --only gpt2/bucketed+pad64,Qwen2.5-0.5B/dynamic,Qwen2.5-0.5B/bucketed,Qwen2.5-0.5B/bucketed+pad64
