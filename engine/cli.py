@@ -50,7 +50,14 @@ PROFILE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--mlp": ("mlp", {"choices": profile_mod.MLPS}),
     "--ffn-chunks": ("ffn_chunks", {"type": int, "metavar": "N"}),
     "--distill-from": ("distill_from", {"metavar": "NAME|DIR"}),
+    "--teacher-precision": ("teacher_precision", {"choices": profile_mod.TEACHER_PRECISIONS,
+                                                  "help": "distillation teacher's weight dtype "
+                                                          "(auto: the student's half dtype on CUDA)"}),
     "--alloc": ("alloc", {"metavar": "default|expandable|pool:SIZE"}),
+    "--alloc-max-split": ("alloc_max_split", {"type": lambda v: "" if v.strip().lower() in ("", "none", "off")
+                                              else v.strip(), "metavar": "SIZE|none",
+                                              "help": "never split cached blocks this large "
+                                                      "(max_split_size_mb), e.g. 512MiB"}),
     "--steps": ("steps", {"type": int, "metavar": "N"}),
     "--seed": ("seed", {"type": int, "metavar": "N"}),
     "--memory-cap": ("memory_cap_bytes", {"type": profile_mod.parse_bytes, "metavar": "SIZE",

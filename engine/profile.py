@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import BadInput
+from engine.units import format_bytes
 
 SCHEMA_VERSION = 1
 
@@ -29,6 +30,8 @@ TARGETS = ("cuda", "cpu")
 PADDINGS = ("fixed", "dynamic", "bucketed", "token-budget")
 MLPS = ("default", "geglu")
 PRUNE_KINDS = ("unstructured", "heads", "ffn")
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_SPLIT_FLOOR_MIB = 20  # PyTorch refuses max_split_size_mb <= 20 (kLargeBuffer, 20 MiB)
 
 _ATTN_RE = re.compile(r"^(sdpa|eager|local:(\d+))$")
 _PRUNE_RE = re.compile(r"^(unstructured|heads|ffn):(0(\.\d+)?|1(\.0+)?|\.\d+)$")
@@ -62,7 +65,9 @@ class Profile:
     mlp: str = "default"  # default | geglu (gated GeGLU block of matched parameter count)
     ffn_chunks: int = 1  # feed-forward applied to N sequence chunks (1 = off)
     distill_from: str = ""  # teacher model (preset or folder) for knowledge distillation
+    teacher_precision: str = "auto"  # teacher weights: auto (student's half dtype on CUDA) | fp32|bf16|fp16
     alloc: str = "default"  # default | expandable | pool:SIZE (CUDA caching allocator setup)
+    alloc_max_split: str = ""  # "" | SIZE: blocks this large or larger are never split (max_split_size_mb)
     steps: int = 3  # measured steps (the first is warm-up, excluded from timings)
     seed: int = 0  # seed for data order, init and sampling
     memory_cap_bytes: int = 0  # simulated device capacity for CPU runs (0 = none)
@@ -91,6 +96,16 @@ class Profile:
         if not self.alloc.lower().startswith("pool:"):
             return 0
         return parse_bytes(self.alloc.split(":", 1)[1])
+
+    @property
+    def alloc_max_split_bytes(self) -> int:
+        """``alloc_max_split`` in bytes (a whole number of MiB), else 0 (no limit)."""
+        return parse_bytes(self.alloc_max_split) if self.alloc_max_split.strip() else 0
+
+    @property
+    def alloc_max_split_mib(self) -> int:
+        """``max_split_size_mb`` for PYTORCH_CUDA_ALLOC_CONF, else 0 (not set)."""
+        return self.alloc_max_split_bytes // 2**20
 
     def replace(self, **changes: Any) -> "Profile":
         """A validated copy with some fields changed."""
@@ -168,6 +183,8 @@ def validate(profile: Profile) -> Profile:
         raise BadInput(f"alloc must be default, expandable or pool:SIZE (e.g. pool:8GiB); got {p.alloc!r}")
     if p.alloc.lower().startswith("pool:"):
         parse_bytes(p.alloc.split(":", 1)[1])
+    if p.alloc_max_split.strip():
+        _check_max_split(p)
     if p.micro_batches > p.batch:
         raise BadInput(f"micro_batches ({p.micro_batches}) cannot exceed batch ({p.batch})")
     if p.micro_batches > 1 and p.mode != "train":
@@ -177,7 +194,29 @@ def validate(profile: Profile) -> Profile:
                        "for training use micro_batches")
     if p.distill_from and p.mode != "train":
         raise BadInput("distill_from (knowledge distillation) applies to training only")
+    if p.teacher_precision not in TEACHER_PRECISIONS:
+        raise BadInput(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}; "
+                       f"got {p.teacher_precision!r}")
+    if p.teacher_precision != "auto" and not p.distill_from:
+        raise BadInput(f"teacher_precision {p.teacher_precision!r} needs a distillation teacher: "
+                       f"set distill_from, or leave teacher_precision at auto")
     return p
+
+
+def _check_max_split(p: Profile) -> None:
+    """``alloc_max_split``: a size, a whole number of MiB above 20 MiB (what PyTorch accepts)."""
+    try:
+        size = parse_bytes(p.alloc_max_split)
+    except BadInput:
+        raise BadInput(f"alloc_max_split must be a size such as 256MiB or 1GiB (blocks this large "
+                       f"are never split); got {p.alloc_max_split!r}") from None
+    if size <= MAX_SPLIT_FLOOR_MIB * 2**20:
+        raise BadInput(f"alloc_max_split must be above {MAX_SPLIT_FLOOR_MIB} MiB (PyTorch refuses "
+                       f"smaller max_split_size_mb); got {p.alloc_max_split!r} = {format_bytes(size)} "
+                       f"(write a unit, e.g. 512MiB)")
+    if size % 2**20:
+        raise BadInput(f"alloc_max_split must be a whole number of MiB (PyTorch's max_split_size_mb); "
+                       f"got {p.alloc_max_split!r} = {size / 2**20:.2f} MiB")
 
 
 def from_dict(data: dict[str, Any]) -> Profile:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.errors import BadInput, Cancelled
-from engine.estimate import allocator, analytic, estimate, traced
+from engine.estimate import allocator, analytic, estimate, estimate_shape, traced
 from engine.estimate.allocator import KLARGE_BUFFER, KSMALL_BUFFER, simulate
 from engine.profile import Profile
 from engine.results import ALLOCATED_CATEGORIES
@@ -153,6 +153,31 @@ def test_distillation_adds_teacher():
     assert dist.breakdown["weights"] > plain.breakdown["weights"]
 
 
+@pytest.mark.parametrize("method", ["analytic", "traced"])
+def test_teacher_precision_halves_the_teacher_weights(method):
+    base = Profile(model="tiny-llama", distill_from="tiny-gpt2", batch=2, seq=32, target="cpu")
+    plain = estimate(base.replace(distill_from=""), method).breakdown["weights"]
+    by = {tp: estimate(base.replace(teacher_precision=tp), method) for tp in ("auto", "fp32", "bf16")}
+    teacher = {tp: r.breakdown["weights"] - plain for tp, r in by.items()}
+    assert teacher["auto"] == teacher["fp32"] > 0  # auto on CPU: the fp32 student's dtype
+    assert teacher["bf16"] * 2 == pytest.approx(teacher["fp32"], rel=0.01)
+    assert by["bf16"].peak_allocated_bytes < by["fp32"].peak_allocated_bytes
+    # on CUDA a bf16-amp student already gets a bf16 teacher (auto); fp32 asks for the full copy
+    cuda = base.replace(target="cuda", precision="bf16-amp")
+    assert estimate(cuda.replace(teacher_precision="fp32"), method).breakdown["weights"] > \
+        estimate(cuda, method).breakdown["weights"] == estimate(cuda.replace(teacher_precision="bf16"),
+                                                                 method).breakdown["weights"]
+
+
+def test_analytic_teacher_precision_close_to_traced():
+    for tp, precision in (("bf16", "fp32"), ("fp32", "bf16"), ("fp16", "bf16-amp")):
+        p = Profile(model="tiny-gpt2", distill_from="tiny-llama", batch=2, seq=128, target="cpu",
+                    precision=precision, teacher_precision=tp)
+        a = estimate(p, "analytic").peak_allocated_bytes
+        t = estimate(p, "traced").peak_allocated_bytes
+        assert abs(a - t) / t < 0.10, (tp, precision, a, t)
+
+
 # ----- the allocator model -----------------------------------------------------------------
 def test_round_and_segment_sizes():
     assert allocator.round_size(1) == 512
@@ -191,6 +216,39 @@ def test_pool_prereserves():
     assert s.peak_reserved == 1 << 30
     r = estimate(Profile(model="tiny-gpt2", batch=2, seq=32, alloc="pool:2GiB"), "traced")
     assert r.peak_reserved_bytes >= 2 << 30
+
+
+def test_max_split_size_keeps_big_blocks_whole():
+    # CUDACachingAllocator with max_split_size_mb:256: a cached 300 MiB block is not split for two
+    # 100 MiB tensors (get_free_block refuses an oversize block for a smaller request), and a
+    # 300 MiB request is not served by a 512 MiB block (20 MiB rounding limit for oversize ones).
+    events = [("a", 300 * MiB), ("a", -1), ("b", 100 * MiB), ("c", 100 * MiB)]
+    assert simulate(events).peak_reserved == 300 * MiB
+    assert simulate(events, max_split=256 * MiB).peak_reserved == 500 * MiB
+    events = [("a", 512 * MiB), ("a", -1), ("b", 300 * MiB), ("b", -1), ("c", 500 * MiB)]
+    assert simulate(events, max_split=256 * MiB).peak_reserved == 812 * MiB
+    assert simulate(events).peak_reserved == 512 * MiB
+    # below the limit, blocks split as before; an oversize block within 20 MiB is reused whole
+    small = [("a", 200 * MiB), ("a", -1), ("b", 50 * MiB), ("c", 50 * MiB)]
+    assert simulate(small, max_split=256 * MiB).peak_reserved == 200 * MiB
+    near = [("a", 300 * MiB), ("a", -1), ("b", 290 * MiB)]
+    s = simulate(near, max_split=256 * MiB)
+    assert s.peak_reserved == 300 * MiB and s.peak_allocated == 300 * MiB  # handed out unsplit
+    # a pre-reserved pool at or above the limit is never carved up
+    pool = [("x", 30 * MiB)]
+    assert simulate(pool, pool_bytes=512 * MiB).peak_reserved == 512 * MiB
+    assert simulate(pool, pool_bytes=512 * MiB, max_split=256 * MiB).peak_reserved == 542 * MiB
+    assert allocator.reserved_from_sizes([30 * MiB], [], pool_bytes=512 * MiB,
+                                         max_split=256 * MiB) == 542 * MiB
+    assert allocator.reserved_from_sizes([30 * MiB], [], pool_bytes=512 * MiB) == 512 * MiB
+    # expandable segments split regardless (should_split): the limit is not modelled there
+    assert simulate(events, expandable=True, max_split=256 * MiB).peak_reserved == \
+        simulate(events, expandable=True).peak_reserved
+    # both estimators pass the profile's setting to the model
+    p = Profile(model="tiny-gpt2", batch=2, seq=32, alloc="pool:512MiB")
+    for method in ("analytic", "traced"):
+        with_limit = estimate(p.replace(alloc_max_split="256MiB"), method).peak_reserved_bytes
+        assert with_limit > estimate(p, method).peak_reserved_bytes, method
 
 
 def test_analytic_arch_uses_built_shapes():
@@ -264,3 +322,53 @@ def test_device_used_context_by_mode_and_precision():
     assert device.context_bytes("cpu", True, True) == 0
     r = estimate(Profile(model="tiny-gpt2", batch=2, seq=32, precision="bf16-amp"), "analytic")
     assert r.device_used_bytes - r.peak_reserved_bytes == device.context_bytes("cuda", True, True)
+
+
+# ----- reserved over the plan's batch shapes (fragmentation.py) ------------------------------
+def _varied_dataset(tmp_path) -> str:
+    import json
+
+    words = "the allocator keeps every segment it has reserved until empty cache".split()
+    path = tmp_path / "varied.jsonl"
+    with path.open("w") as fh:
+        for i in range(48):
+            n = 4 + (i * 37) % 120  # 4..123 words: many distinct padded lengths
+            fh.write(json.dumps({"text": " ".join(words[j % len(words)] for j in range(n))}) + "\n")
+    return str(path)
+
+
+def _replayed(p, seq):
+    from engine.estimate import _traced_reserved, fragmentation
+
+    worst = max(seq, key=lambda s: s[0][0] * s[0][1])
+    ev = traced.trace_step(p, worst[0], has_padding=worst[1]).events
+    events, _info = fragmentation.sequence_events(p, worst, ev, seq=seq)
+    single = _traced_reserved(p, ev)
+    return single if events is None else max(single, _traced_reserved(p, events))
+
+
+def test_plan_replay_more_shapes_never_lowers_reserved():
+    p = Profile(model="tiny-gpt2", batch=8, seq=128, precision="bf16-amp", padding="dynamic")
+    base = [((2, 96), True), ((4, 96), True)]
+    more = base + [((5, 100), True), ((7, 112), True)]
+    r1, r2 = _replayed(p, base), _replayed(p, more)
+    assert r2 >= r1
+    # growing batches: every one is a record, and the replay is above one step at the largest
+    single = _replayed(p, [((7, 112), True)])
+    assert r2 > single
+
+
+def test_dynamic_reserved_at_least_fixed_and_deterministic(tmp_path):
+    data = _varied_dataset(tmp_path)
+    p = Profile(model="tiny-gpt2", batch=8, seq=128, precision="bf16-amp", padding="dynamic",
+                dataset=data)
+    r = estimate(p, "traced")
+    fixed = estimate_shape(p.replace(padding="fixed"), r.peak_batch_shape, True, "traced")
+    assert r.peak_allocated_bytes == fixed.peak_allocated_bytes
+    assert r.peak_reserved_bytes >= fixed.peak_reserved_bytes
+    assert r.extra["distinct_shapes"] > 1
+    again = estimate(p, "traced")
+    assert again.peak_reserved_bytes == r.peak_reserved_bytes
+    assert again.extra.get("replayed") == r.extra.get("replayed")
+    a = estimate(p, "analytic")
+    assert any("distinct batch shapes" in n for n in a.notes)

@@ -156,6 +156,8 @@ def _technique_profiles(corpus: Path) -> dict[str, Profile]:
                                                         precision="bf16-amp", micro_batches=2),
         "gpt2_infer_local_ffnchunks": base.replace(model="tiny-gpt2", mode="infer", seq=128, attn="local:16",
                                                    ffn_chunks=4, padding="dynamic"),
+        "llama_fp16_teacher_max_split": base.replace(model="tiny-llama", distill_from="tiny-gpt2",
+                                                     teacher_precision="fp16", alloc_max_split="512MiB"),
     }
 
 
@@ -200,6 +202,20 @@ def test_allocator_setting_comes_before_torch(corpus):
     assert "prune.l1_unstructured" in text and "PRUNE_FRACTION = 0.5" in text
     pool = export_script(_profiles(corpus)["gpt2_pool"])
     assert "POOL_BYTES = 67108864" in pool and "PYTORCH_CUDA_ALLOC_CONF" not in pool
+
+
+def test_teacher_precision_and_max_split_in_the_script(corpus):
+    text = export_script(_technique_profiles(corpus)["llama_fp16_teacher_max_split"])
+    conf = 'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"'
+    assert text.index(conf) < text.index("import torch")
+    assert "TEACHER_DTYPE = torch.float16" in text and "    teacher.to(TEACHER_DTYPE)" in text
+    assert "(fp16 teacher)" in text.split('"""')[1]  # the header's settings line
+    both = Profile(model="tiny-gpt2", alloc="expandable", alloc_max_split="1GiB", target="cpu")
+    assert '= "expandable_segments:True,max_split_size_mb:1024"' in export_script(both)
+    auto = export_script(Profile(model="tiny-gpt2", distill_from="tiny-gpt2", precision="bf16-amp"))
+    assert "TEACHER_DTYPE" not in auto and "teacher.to(torch.bfloat16)" in auto
+    md = export_summary_markdown(_technique_profiles(corpus)["llama_fp16_teacher_max_split"])
+    assert "| teacher precision | `fp16` |" in md and "| allocator max split size | `512MiB` |" in md
 
 
 def test_header_names_version_date_estimate_and_measured():

@@ -39,6 +39,12 @@ def test_every_field_has_a_comment():
     ({"alloc": "pool:lots"}, "alloc must be"),
     ({"micro_batches": 4, "batch": 2}, "cannot exceed batch"),
     ({"schema_version": 99}, "newer"),
+    ({"teacher_precision": "int8", "distill_from": "gpt2"}, "teacher_precision must be one of"),
+    ({"teacher_precision": "bf16"}, "needs a distillation teacher"),
+    ({"alloc_max_split": "lots"}, "alloc_max_split must be a size"),
+    ({"alloc_max_split": "512MB"}, "whole number of MiB"),
+    ({"alloc_max_split": "20MiB"}, "above 20 MiB"),
+    ({"alloc_max_split": "512"}, "above 20 MiB"),  # a bare number is bytes, as everywhere
 ])
 def test_bad_fields_are_one_line_errors(data, message):
     with pytest.raises(BadInput) as exc:
@@ -91,3 +97,29 @@ def test_parse_bytes():
     assert pm.parse_bytes("512") == 512
     with pytest.raises(BadInput):
         pm.parse_bytes("lots")
+
+
+def test_teacher_precision_and_max_split_fields():
+    p = Profile(distill_from="gpt2", teacher_precision="bf16", alloc_max_split="1GiB")
+    assert pm.validate(p) is p
+    assert p.alloc_max_split_bytes == 1 << 30 and p.alloc_max_split_mib == 1024
+    assert Profile().alloc_max_split_bytes == 0 and Profile().teacher_precision == "auto"
+    assert p.non_defaults() == {"distill_from": "gpt2", "teacher_precision": "bf16",
+                                "alloc_max_split": "1GiB"}
+    assert pm.from_dict(json.loads(pm.dumps(p))) == p
+    # the teacher precision goes with the teacher: inference (no teacher) refuses it too
+    with pytest.raises(BadInput, match="applies to training only"):
+        p.replace(mode="infer")
+
+
+def test_cli_flags_for_teacher_precision_and_max_split():
+    from engine import cli
+
+    args = cli.build_parser().parse_args(
+        ["estimate", "--distill-from", "tiny-gpt2", "--teacher-precision", "fp16",
+         "--alloc", "expandable", "--alloc-max-split", "256MiB"])
+    p = cli.profile_from_args(args)
+    assert (p.teacher_precision, p.alloc, p.alloc_max_split) == ("fp16", "expandable", "256MiB")
+    args = cli.build_parser().parse_args(["estimate", "--alloc-max-split", "none"])
+    assert cli.profile_from_args(args).alloc_max_split == ""
+    assert cli.main(["estimate", "--teacher-precision", "bf16"]) == cli.EXIT_BAD_INPUT

@@ -237,7 +237,55 @@ def test_distillation_rules():
     assert float(distillation.distillation_loss(s, s.clone())) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("student", ["tiny-gpt2", "tiny-llama"])
+def test_teacher_precision_builds_the_teacher_in_that_dtype(student):
+    base = Profile(model=student, distill_from="tiny-gpt2", target="cpu", precision="bf16-amp")
+    assert distillation.teacher_dtype(base, "cpu") == torch.float32  # auto on CPU: the student's
+    ids = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(1))
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        p = base.replace(teacher_precision=name)
+        assert distillation.teacher_dtype(p, "cuda") == dtype == distillation.teacher_dtype(p, "cpu")
+        teacher = distillation.build_teacher(p, "cpu")
+        assert {t.dtype for t in teacher.parameters()} == {dtype}
+        assert not any(t.requires_grad for t in teacher.parameters())
+        if name != "fp32":
+            with torch.no_grad():
+                logits = teacher(input_ids=ids).logits
+            assert logits.dtype == dtype and torch.isfinite(logits.float()).all()
+    # auto keeps today's rule: on CUDA the student's half dtype
+    assert distillation.teacher_dtype(base, "cuda") == torch.bfloat16
+
+
 # ----- memory pooling, explanations, composition --------------------------------------------
+def test_max_split_size_in_the_allocator_conf(monkeypatch):
+    from engine.measure import runner
+
+    p = Profile(model="tiny-gpt2", alloc_max_split="512MiB")
+    assert memory_pool.applies(p)
+    assert memory_pool.alloc_conf(p) == "max_split_size_mb:512"
+    both = p.replace(alloc="expandable")
+    assert memory_pool.alloc_conf(both) == "expandable_segments:True,max_split_size_mb:512"
+    assert memory_pool.alloc_conf(p.replace(alloc="pool:256MiB")) == "max_split_size_mb:512"
+    user = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64,garbage_collection_threshold:0.6"}
+    env = memory_pool.child_env(both, user)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == ("garbage_collection_threshold:0.6,"
+                                             "expandable_segments:True,max_split_size_mb:512")
+    # measure sets it before CUDA starts, keeping the user's other keys
+    assert runner.allocator_conf(both)[0] == "expandable_segments:True,max_split_size_mb:512"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,roundup_power2_divisions:4")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    notes: list[str] = []
+    runner.configure_allocator(p, notes)
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "roundup_power2_divisions:4,max_split_size_mb:512"
+    assert notes == ["PYTORCH_CUDA_ALLOC_CONF=roundup_power2_divisions:4,max_split_size_mb:512"]
+    notes = []
+    assert runner.configure_allocator(p.replace(target="cpu"), notes) is None
+    assert notes == ["allocator settings apply to CUDA only; ignored on CPU"]
+    assert any("never splits it" in n for n in check_compatible(p.replace(alloc="pool:1GiB")))
+
+
 def test_memory_pool_settings():
     p = Profile(model="tiny-gpt2")
     assert memory_pool.alloc_conf(p) is None

@@ -133,6 +133,7 @@ def _traced_reserved(profile: Profile, events) -> int:
     c = device.constants(profile.target)
     stats = allocator.simulate(events, expandable=profile.alloc == "expandable",
                                pool_bytes=profile.alloc_pool_bytes,
+                               max_split=profile.alloc_max_split_bytes,
                                small_page=c.expandable_small_page,
                                large_page=c.expandable_large_page)
     return stats.peak_reserved
@@ -150,7 +151,8 @@ def estimate(profile: Profile, method: str = "auto",
     shapes, shape_note = batch_candidates(profile)
     _check_stop(should_stop)
     _progress(progress, 0.2, "analytic estimate")
-    return _estimate_at(profile, method, shapes, [shape_note], started, progress, should_stop)
+    return _estimate_at(profile, method, shapes, [shape_note], started, progress, should_stop,
+                        plan_order=profile.padding != "fixed")
 
 
 def estimate_shape(profile: Profile, shape: tuple[int, int], padded: bool = True,
@@ -165,7 +167,10 @@ def estimate_shape(profile: Profile, shape: tuple[int, int], padded: bool = True
                         None)
 
 
-def _estimate_at(profile, method, shapes, notes, started, progress, should_stop) -> EstimateResult:
+def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
+                 plan_order: bool = False) -> EstimateResult:
+    """``plan_order``: the shapes come from a plan of several shapes; reserved accounts for its
+    order (``fragmentation.py``)."""
     a_out, shape, padded = _analytic(profile, shapes, should_stop)
     if method == "auto":
         from engine.estimate.analytic import arch_of
@@ -179,6 +184,12 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop)
 
     workspace = device.workspace_bytes(profile.target, profile.mode == "train")
     if method == "analytic":
+        if plan_order and profile.target == "cuda":
+            from engine.estimate import fragmentation
+
+            n_distinct = len(set(fragmentation.plan_sequence(profile)))
+            if n_distinct > 1:
+                notes.append(fragmentation.analytic_note(profile, n_distinct))
         peak = a_out.peak_allocated
         result = EstimateResult(
             method="analytic", peak_allocated_bytes=peak,
@@ -206,6 +217,17 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop)
             events.insert(1, ("__ws1__", workspace - workspace // 2))
     # CPU: no caching allocator to model (measure reports RSS growth there); reserved = allocated.
     reserved = _traced_reserved(profile, events) if profile.target == "cuda" else 0
+    frag = {}
+    if plan_order and profile.target == "cuda":
+        from engine.estimate import fragmentation
+
+        _progress(progress, 0.92, "allocator over the plan's shapes")
+        seq_events, frag = fragmentation.sequence_events(profile, (tuple(shape), padded), events,
+                                                         should_stop)
+        if seq_events is not None:
+            frag["single_step_reserved_bytes"] = reserved
+            reserved = max(reserved, _traced_reserved(profile, seq_events))
+            notes.append(fragmentation.traced_note(frag, reserved))
     breakdown = dict(outcome.breakdown)
     breakdown["temporaries"] = breakdown.get("temporaries", 0) + workspace
     peak = outcome.peak_allocated + workspace
@@ -221,7 +243,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop)
         extra={"padded": padded, "peak_step": outcome.peak_step,
                "analytic_peak_allocated_bytes": a_out.peak_allocated,
                "sdpa_backends": list(outcome.backends),
-               "candidates": [list(s) for s, _ in shapes]})
+               "candidates": [list(s) for s, _ in shapes], **frag})
     _progress(progress, 1.0, "done")
     return result
 

@@ -16,11 +16,20 @@ Source: ``c10/cuda/CUDACachingAllocator.cpp`` (PyTorch 2.x), its constants and p
   a segment boundary, so fragmentation across segments disappears;
 * ``pool:SIZE`` (Headroom's pre-reserved pool): a SIZE-byte block is allocated and freed before
   the model, so later large requests are carved from it.
+* ``max_split_size_mb:M`` (``alloc_max_split``): a large-pool block is split only for a request
+  below M (``should_split``: ``size < max_split_size() && remaining > kSmallSize``), so a segment of
+  M or more is handed out whole; and ``get_free_block`` refuses the best-fitting cached block when
+  the request is below M and the block is M or more ("do not return an oversized block for a
+  large request"), or when the request is M or more and the block exceeds it by ``kLargeBuffer``
+  (20 MiB) or more. Such requests get a new segment instead. Oversize segments are rounded like
+  any other (``get_allocation_size``).
 
-Known limitations: one stream only; ``max_split_size_mb``, ``roundup_power2_divisions`` and
-garbage-collection thresholds are not modelled; no out-of-memory retry (cache flush) is modelled,
-so reserved near the device's capacity is overestimated; the expandable page sizes are read from
-``device.py`` (calibrate there).
+Known limitations: one stream only; ``roundup_power2_divisions`` and garbage-collection thresholds
+are not modelled; ``max_split_size_mb`` is modelled without expandable segments only (with them
+PyTorch splits regardless, and this model ignores the limit); no out-of-memory retry (cache flush,
+``release_available_cached_blocks`` freeing oversize blocks first) is modelled, so reserved near
+the device's capacity is overestimated; the expandable page sizes are read from ``device.py``
+(calibrate there).
 """
 
 from __future__ import annotations
@@ -97,8 +106,10 @@ class CachingAllocator:
     """Replays malloc/free of a single stream; ``reserved`` is what the driver handed out."""
 
     def __init__(self, expandable: bool = False, small_page: int = KSMALL_BUFFER,
-                 large_page: int = KLARGE_BUFFER):
+                 large_page: int = KLARGE_BUFFER, max_split: int = 0):
         self.expandable = expandable
+        # max_split_size in bytes; 0 = unlimited (PyTorch's default, SIZE_MAX)
+        self.max_split = max_split if max_split > 0 and not expandable else 0
         self.pools = {True: _Pool(True), False: _Pool(False)}
         self.next_addr = 0
         self.reserved = 0
@@ -121,6 +132,8 @@ class CachingAllocator:
         small = size <= KSMALL_SIZE
         pool = self.pools[small]
         block = pool.best_fit(size)
+        if block is not None and not small and self._oversize_refused(block, size):
+            block = None
         if block is None:
             block = self._grow(small, size)
         else:
@@ -189,10 +202,20 @@ class CachingAllocator:
         self._exp_tail[small] = block
         return block
 
+    def _oversize_refused(self, block: _Block, size: int) -> bool:
+        """``get_free_block``'s max_split_size checks on the best-fitting cached block."""
+        m = self.max_split
+        if not m:
+            return False
+        if size < m and block.size >= m:
+            return True  # an oversize block is not split for a smaller request
+        return size >= m and block.size >= size + KLARGE_BUFFER
+
     def _split(self, block: _Block, size: int, pool: _Pool) -> _Block:
         remaining = block.size - size
         small = block.seg[0]
-        if (small and remaining >= KMIN_BLOCK) or (not small and remaining > KSMALL_SIZE):
+        large_ok = remaining > KSMALL_SIZE and (not self.max_split or size < self.max_split)
+        if (small and remaining >= KMIN_BLOCK) or (not small and large_ok):
             rest = _Block(block.addr + size, remaining, block.seg)
             rest.prev, rest.next = block, block.next
             if block.next is not None:
@@ -219,12 +242,13 @@ class CachingAllocator:
 
 def simulate(events: Iterable[tuple[int, int]], *, expandable: bool = False,
              pool_bytes: int = 0, small_page: int = KSMALL_BUFFER,
-             large_page: int = KLARGE_BUFFER) -> AllocatorStats:
+             large_page: int = KLARGE_BUFFER, max_split: int = 0) -> AllocatorStats:
     """Replay (id, +bytes) allocations and (id, -bytes) frees; return the peaks.
 
-    ``pool_bytes`` pre-reserves a block of that size (allocated and freed first).
+    ``pool_bytes`` pre-reserves a block of that size (allocated and freed first); ``max_split``
+    is ``max_split_size_mb`` in bytes (0: unlimited).
     """
-    alloc = CachingAllocator(expandable, small_page, large_page)
+    alloc = CachingAllocator(expandable, small_page, large_page, max_split)
     if pool_bytes > 0:
         alloc.malloc("__pool__", pool_bytes)
         alloc.free("__pool__")
@@ -239,16 +263,18 @@ def simulate(events: Iterable[tuple[int, int]], *, expandable: bool = False,
 
 def reserved_from_sizes(persistent: Iterable[int], transient_peak: Iterable[int], *,
                         expandable: bool = False, pool_bytes: int = 0,
-                        small_page: int = KSMALL_BUFFER, large_page: int = KLARGE_BUFFER) -> int:
+                        small_page: int = KSMALL_BUFFER, large_page: int = KLARGE_BUFFER,
+                        max_split: int = 0) -> int:
     """Reserved bytes for the analytic estimator, which knows tensor sizes but not their order.
 
     All tensors are taken as allocated and never freed (perfect cache reuse between phases, a
     lower bound for fragmentation), in closed form instead of a replay: small requests pack into
     2 MiB segments, 1-10 MiB requests into 20 MiB segments, larger ones get their own segment
     rounded to 2 MiB. Expandable segments map the pools' totals in pages. A pre-reserved pool
-    serves large requests first.
+    serves large requests first; with ``max_split`` (bytes, 0: unlimited) it serves only requests
+    below max_split, and none when the pool itself is max_split or larger (never split).
     """
-    small = mid = large = 0
+    small = mid = large = oversize = 0
     for n in list(persistent) + list(transient_peak):
         if n <= 0:
             continue
@@ -257,6 +283,8 @@ def reserved_from_sizes(persistent: Iterable[int], transient_peak: Iterable[int]
             small += r
         elif r < KMIN_LARGE_ALLOC:
             mid += r
+        elif max_split and not expandable and r >= max_split:
+            oversize += -(-r // KROUND_LARGE) * KROUND_LARGE  # own segment, never shared
         else:
             large += -(-r // KROUND_LARGE) * KROUND_LARGE
     if expandable:
@@ -264,8 +292,10 @@ def reserved_from_sizes(persistent: Iterable[int], transient_peak: Iterable[int]
                 + -(-(mid + large) // large_page) * large_page + max(0, pool_bytes - mid - large))
     reserved_small = -(-small // KSMALL_BUFFER) * KSMALL_BUFFER
     reserved_mid = -(-mid // KLARGE_BUFFER) * KLARGE_BUFFER
-    reserved_large = large
+    reserved_large = large + oversize
     if pool_bytes:
         pool = -(-pool_bytes // KROUND_LARGE) * KROUND_LARGE
-        return reserved_small + max(pool, reserved_mid + reserved_large)
+        if max_split and pool >= max_split:
+            return reserved_small + pool + reserved_mid + reserved_large  # the pool is never split
+        return reserved_small + max(pool, reserved_mid + large) + oversize
     return reserved_small + reserved_mid + reserved_large

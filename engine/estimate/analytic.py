@@ -169,7 +169,7 @@ def _arch(key: tuple) -> Arch:
 def arch_of(profile: Profile, teacher: bool = False) -> Arch:
     if teacher:
         profile = profile.replace(model=profile.distill_from, prune="", mlp="default",
-                                  distill_from="")
+                                  distill_from="", teacher_precision="auto")
     return _arch(tuple(getattr(profile, f) for f in _ARCH_FIELDS))
 
 
@@ -368,11 +368,26 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
 
 
 def _teacher_elt(profile: Profile) -> int:
-    """Bytes per teacher weight: the distillation technique's rule (bf16/fp16 teacher on CUDA
-    for half-precision profiles, ``engine.techniques.distillation.teacher_dtype``)."""
+    """Bytes per teacher weight: the distillation technique's rule (``teacher_precision``; auto:
+    bf16/fp16 teacher on CUDA for half-precision profiles, ``engine.techniques.distillation.
+    teacher_dtype``)."""
+    if profile.teacher_precision != "auto":
+        return 4 if profile.teacher_precision == "fp32" else 2
     if profile.target == "cuda" and profile.precision != "fp32":
         return 2
     return 2 if profile.precision in ("bf16", "fp16") else 4
+
+
+def _teacher_precision(profile: Profile) -> str:
+    """The precision the teacher's forward computes in, as ``layer_cost`` understands it: the
+    student's autocast when there is one (it casts the teacher's matmuls too), else its weights'."""
+    if profile.precision in ("bf16-amp", "fp16-amp"):
+        return profile.precision
+    if _teacher_elt(profile) == 4:
+        return "fp32"
+    if profile.teacher_precision == "auto":
+        return profile.precision  # auto picks a half dtype only for a half-precision student
+    return profile.teacher_precision
 
 
 def _distill_loss_costs(arch: Arch, t_arch: Arch, b: int, t: int, precision: str, cuda: bool,
@@ -387,7 +402,8 @@ def _distill_loss_costs(arch: Arch, t_arch: Arch, b: int, t: int, precision: str
     log-softmax, ``exp(target)`` and the hard-label log-softmax, plus three gradients of N x V.
     """
     e = 2 if precision != "fp32" else 4  # the student's logits dtype
-    te = 2 if (precision != "fp32" or t_elt == 2) else 4  # the teacher's logits dtype
+    # the teacher's logits dtype: autocast's for AMP, else its weights' (teacher_precision)
+    te = 2 if precision in ("bf16-amp", "fp16-amp") else t_elt
     E = b * t
     V = min(arch.vocab, t_arch.vocab)
     causal = arch.task == "causal-lm"
@@ -484,6 +500,13 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         # Step 2 forward at the loss.
         add("forward", w_all, g_prev, states, acts,
             tmp_common + loss_fwd + teacher_logits)
+        if t_arch is not None:
+            # The teacher's own forward (no_grad, before the student's): one block's tensors live
+            # at a time, in the teacher's compute dtype, then its logits.
+            t_cost = layer_cost(t_arch, b, t, _teacher_precision(profile), cuda, "sdpa", padded,
+                                False)
+            add("forward", w_all, g_prev, states, 0,
+                tmp_common + max(sum(t_cost.saved) + t_cost.fwd_transient, teacher_logits))
         # Step 2 backward: start (at the loss), then layer by layer.
         layer_g = [_r(p * (4 if precision not in ("bf16", "fp16") else 2), cuda)
                    for p in arch.layer_params]
@@ -535,6 +558,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         reserved_fb = reserved_from_sizes(persistent, transient,
                                           expandable=profile.alloc == "expandable",
                                           pool_bytes=profile.alloc_pool_bytes,
+                                          max_split=profile.alloc_max_split_bytes,
                                           small_page=c.expandable_small_page,
                                           large_page=c.expandable_large_page)
         reserved = max(peak, reserved_fb)

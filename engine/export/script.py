@@ -22,6 +22,7 @@ from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
 from engine.export.literals import dict_block, docstring_safe, literal, noqa_long_lines
 from engine.export.techniques import Port, model_techniques
 from engine.profile import Profile
+from engine.techniques.memory_pool import alloc_conf
 
 _AUTOCAST = {"bf16-amp": "torch.bfloat16", "fp16-amp": "torch.float16"}
 _PURE = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
@@ -169,7 +170,8 @@ def _summary_line(profile: Profile) -> str:
     if profile.ffn_chunks > 1:
         parts.append(f"feed-forward in {profile.ffn_chunks} chunks")
     if profile.distill_from:
-        parts.append(f"distilled from {docstring_safe(_short(profile.distill_from))}")
+        teacher = f" ({profile.teacher_precision} teacher)" if profile.teacher_precision != "auto" else ""
+        parts.append(f"distilled from {docstring_safe(_short(profile.distill_from))}{teacher}")
     return ", ".join(parts)
 
 
@@ -181,7 +183,7 @@ def _imports(s: _Script, profile: Profile) -> str:
                  key=key)
     third = sorted((i for i in s.imports if i not in std), key=key)
     out = ""
-    if profile.alloc.lower() == "expandable":
+    if alloc_conf(profile):
         # The allocator reads its configuration once, when CUDA starts: set it before torch loads.
         std = [i for i in std if i != "import os"]
         out += "import os\n\n" + _alloc_lines(profile) + "\n\n"
@@ -192,10 +194,17 @@ def _imports(s: _Script, profile: Profile) -> str:
 
 def _alloc_lines(profile: Profile) -> str:
     """The allocator setting, before torch is imported (as ``engine.techniques.memory_pool``)."""
-    if profile.alloc.lower() == "expandable":
-        return ("# Expandable segments grow in place instead of new fixed-size ones.\n"
+    conf = alloc_conf(profile)
+    if conf:
+        why = []
+        if "expandable_segments" in conf:
+            why.append("# Expandable segments grow in place instead of new fixed-size ones.")
+        if "max_split_size_mb" in conf:
+            why.append(f"# Cached blocks of {profile.alloc_max_split_mib} MiB or more are never split "
+                       "(nor given to smaller tensors).")
+        return ("\n".join(why) + "\n"
                 "# The allocator reads this once, when CUDA starts: set it before torch is imported.\n"
-                'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"')
+                f'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "{conf}"')
     return "# pool:SIZE needs no allocator setting: the pool is reserved before the model (PeakMemory)."
 
 
@@ -262,6 +271,9 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
 
         s.const("TEMPERATURE", TEMPERATURE, "distillation: both distributions softened by this")
         s.const("ALPHA", ALPHA, "distillation: weight of the ordinary loss on the labels (the rest: KL)")
+        if profile.teacher_precision != "auto":
+            s.const("TEACHER_DTYPE", None, f"teacher_precision {profile.teacher_precision}: the frozen "
+                    "teacher's weights", raw=_TEACHER_DTYPES[profile.teacher_precision])
     _model_constants(s, model, "MODEL")
     if teacher is not None:
         _model_constants(s, teacher, "TEACHER", "the distillation teacher: ")
@@ -386,18 +398,27 @@ _TEACHER_HALF = {"bf16-amp": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16-a
                  "fp16": "torch.float16"}
 
 
+_TEACHER_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+
+
 def _teacher_code(profile: Profile, teacher: ModelFacts) -> str:
-    half = _TEACHER_HALF.get(profile.precision)
+    chosen = profile.teacher_precision != "auto"
+    half = None if chosen else _TEACHER_HALF.get(profile.precision)
     doc = ["def build_teacher(device):",
            '    """The distillation teacher: built like the student but without its techniques (dense,',
            '    unpruned), frozen: eval mode, no gradients.']
-    if half:
+    if chosen:
+        doc[-1] += " Its weights are stored in TEACHER_DTYPE on any"
+        doc.append("    device: a frozen teacher needs no fp32 master copy.\"\"\"")
+    elif half:
         doc[-1] += " On a GPU it is stored in the precision the student"
         doc.append("    computes in: a frozen teacher needs no fp32 master copy.\"\"\"")
     else:
         doc[-1] += '"""'
     lines = doc + _build_lines(profile, teacher, "TEACHER", "teacher")
-    if half:
+    if chosen:
+        lines.append("    teacher.to(TEACHER_DTYPE)")
+    elif half:
         lines += ['    if device.type == "cuda":', f"        teacher.to({half})"]
     lines += ["    teacher.eval()", "    teacher.requires_grad_(False)", "    return teacher"]
     return "\n".join(lines)
@@ -412,13 +433,15 @@ def distillation_loss(logits, teacher_logits, labels):
     student = logits[..., :vocab].float()  # (B, T, V)
     teacher = teacher_logits[..., :vocab].detach().float()  # (B, T, V)
 #SHIFT#
-    student, teacher = student.reshape(-1, vocab), teacher.reshape(-1, vocab)  # (N, V)
+    # New names: the (B, T, V) fp32 copies stay alive until the loss returns, as in Headroom's loop.
+    student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)  # (N, V)
     valid = labels.reshape(-1) != -100  # (N,)
-    kl = F.kl_div(F.log_softmax(student / TEMPERATURE, -1), F.log_softmax(teacher / TEMPERATURE, -1),
+    kl = F.kl_div(F.log_softmax(student_rows / TEMPERATURE, -1),
+                  F.log_softmax(teacher_rows / TEMPERATURE, -1),
                   reduction="none", log_target=True).sum(-1)  # (N,)
     kl = (kl * valid).sum() / valid.sum().clamp(min=1)
     kl = kl * TEMPERATURE ** 2
-    ce = F.cross_entropy(student, labels.reshape(-1), ignore_index=-100)
+    ce = F.cross_entropy(student_rows, labels.reshape(-1), ignore_index=-100)
     return (1.0 - ALPHA) * kl + ALPHA * ce
 '''
 

@@ -20,7 +20,7 @@ _FIELD_LABELS = {
     "padding": "padding", "pad_multiple": "pad to a multiple of", "max_tokens": "token budget",
     "micro_batches": "micro-batches", "chunk_input": "input windows (tokens)", "prune": "pruning",
     "mlp": "feed-forward", "ffn_chunks": "feed-forward chunks", "distill_from": "distillation teacher",
-    "alloc": "allocator", "steps": "steps", "seed": "seed", "memory_cap_bytes": "simulated capacity",
+    "teacher_precision": "teacher precision", "alloc": "allocator", "alloc_max_split": "allocator max split size", "steps": "steps", "seed": "seed", "memory_cap_bytes": "simulated capacity",
     "trust_remote_code": "trust remote code",
 }
 
@@ -70,7 +70,7 @@ def _selected_explanations(profile: Profile) -> list[tuple[str, str]]:
         keys.append("ffn_chunking")
     if profile.distill_from:
         keys.append("distillation")
-    if profile.alloc != "default":
+    if profile.alloc != "default" or profile.alloc_max_split:
         keys.append("memory_pool")
     titles = {"fixed_padding": "Fixed padding", "dynamic_padding": "Dynamic padding",
               "bucketing": "Length bucketing", "token_budget": "Token-budget batching",

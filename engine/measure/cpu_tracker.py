@@ -28,6 +28,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.units import format_bytes
+
 try:  # torch >= 2.5 exposes it at the top level; older releases under torch.cuda
     _OOM_BASE = torch.OutOfMemoryError
 except AttributeError:  # pragma: no cover
@@ -85,8 +87,9 @@ class LiveBytesTracker(TorchDispatchMode):
             # Like the CUDA allocator: the allocation that does not fit is refused, not counted.
             self.oom_raised = True
             raise SimulatedOutOfMemory(
-                f"simulated capacity of {self.cap_bytes} bytes exceeded: {self.live_bytes} bytes "
-                f"of live tensors, {nbytes - (old or 0)} more requested")
+                f"simulated capacity of {format_bytes(self.cap_bytes)} exceeded: "
+                f"{format_bytes(self.live_bytes)} of live tensors, "
+                f"{format_bytes(nbytes - (old or 0))} more requested")
         if old is None:
             self._refs[key] = weakref.ref(st, lambda _r, k=key: self._forget(k))
         self._sizes[key] = nbytes

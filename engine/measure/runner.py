@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.errors import BadInput, Cancelled
+from engine.units import format_bytes
 
 #: Entries kept by ``--snapshot`` (torch.cuda.memory._record_memory_history).
 SNAPSHOT_MAX_ENTRIES = 100_000
@@ -112,8 +113,11 @@ def allocator_conf(profile) -> tuple[str | None, Any, str]:
     alloc = profile.alloc.lower()
     if pool is not None and hasattr(pool, "alloc_conf"):
         return pool.alloc_conf(profile), pool, ""
-    if alloc == "expandable":
-        return "expandable_segments:True", pool, ""
+    if alloc == "expandable" or profile.alloc_max_split_mib:
+        parts = ["expandable_segments:True"] if alloc == "expandable" else []
+        if profile.alloc_max_split_mib:
+            parts.append(f"max_split_size_mb:{profile.alloc_max_split_mib}")
+        return ",".join(parts), pool, ""
     if alloc.startswith("pool:"):
         return None, pool, ("the pre-reserved pool (memory_pool technique) is not available in this "
                             "build; ran with the default allocator")
@@ -131,7 +135,7 @@ def configure_allocator(profile, notes: list[str]):
     if note and profile.target == "cuda":
         notes.append(note)
     if profile.target != "cuda":
-        if alloc != "default":
+        if alloc != "default" or profile.alloc_max_split:
             notes.append("allocator settings apply to CUDA only; ignored on CPU")
         return None
     current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
@@ -143,7 +147,8 @@ def configure_allocator(profile, notes: list[str]):
     torch_mod = sys.modules.get("torch")
     if wanted != current and torch_mod is not None and torch_mod.cuda.is_initialized():
         raise BadInput(f"CUDA is already initialised with PYTORCH_CUDA_ALLOC_CONF={current or '(unset)'}; "
-                       f"alloc {profile.alloc!r} needs {conf} in a fresh process (run `headroom measure`)")
+                       f"the profile's allocator settings need {conf} in a fresh process "
+                       f"(run `headroom measure`)")
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = wanted
     notes.append(f"PYTORCH_CUDA_ALLOC_CONF={wanted}")
     return pool
@@ -692,7 +697,7 @@ def run_measure(profile, progress: Progress | None = None,
         notes.append("CPU: peak = tracked live tensor bytes; reserved = RSS growth; "
                      "timings include the tracker's per-op overhead")
         if profile.memory_cap_bytes:
-            notes.append(f"simulated capacity {profile.memory_cap_bytes} bytes of live tensors")
+            notes.append(f"simulated capacity {format_bytes(profile.memory_cap_bytes)} of live tensors")
     if precision != profile.precision:
         result_kwargs.setdefault("extra", {})["precision_ran"] = precision
 

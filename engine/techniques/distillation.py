@@ -9,10 +9,12 @@ Loop contract (the measure loop and the exported script do this)::
     loss = distillation_loss(s_logits, t_logits, labels, profile)
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
-Teacher precision rule: on CUDA the teacher is stored in bf16 whenever the student computes in
-bf16 (``bf16-amp`` or pure ``bf16``) and in fp16 for ``fp16-amp``/``fp16``; otherwise (fp32 student,
-or CPU) it keeps the student's weight dtype. A frozen teacher needs no fp32 master copy: half
-precision halves its weight memory, and it keeps no activations (``no_grad``).
+Teacher precision rule (``profile.teacher_precision``): ``fp32``, ``bf16`` or ``fp16`` store the
+teacher's weights in that dtype on any device. ``auto``: on CUDA the teacher is stored in bf16
+whenever the student computes in bf16 (``bf16-amp`` or pure ``bf16``) and in fp16 for
+``fp16-amp``/``fp16``; otherwise (fp32 student, or CPU) it keeps the student's weight dtype. A
+frozen teacher needs no fp32 master copy: half precision halves its weight memory (and, outside
+autocast, its forward's activations and logits), and it keeps no activations (``no_grad``).
 
 Vocabulary rule: teacher and student must share the tokenizer. Vocab sizes that differ only by
 padding rows (e.g. 50257 vs 50304) are handled by slicing both logits to the common first
@@ -38,7 +40,8 @@ EXPLANATION = (
     "Knowledge distillation trains the (smaller) student model to match a frozen teacher's "
     "output distribution: loss = KL(teacher || student) on temperature-softened logits, times T², "
     "plus a weighted ordinary loss on the labels. The teacher runs forward only, under no_grad, "
-    "so it adds its weights (kept in bf16/fp16 on a GPU when the student uses that precision) and "
+    "so it adds its weights (kept in bf16/fp16 on a GPU when the student uses that precision, or in "
+    "the teacher precision chosen) and "
     "one forward's temporary activations, but no gradients, optimizer state or saved activations. "
     "Each step costs one extra teacher forward pass. Teacher and student must share the tokenizer "
     "(same vocabulary)."
@@ -60,6 +63,9 @@ def teacher_dtype(profile: "Profile", device) -> "torch.dtype":
 
     from engine.models import dtype_of
 
+    chosen = getattr(profile, "teacher_precision", "auto")
+    if chosen != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[chosen]
     dev = getattr(device, "type", str(device).split(":")[0])
     if dev == "cuda":
         if profile.precision in ("bf16-amp", "bf16"):

@@ -121,8 +121,16 @@ def check_compatible(profile: "Profile") -> list[str]:
     if profile.ffn_chunks > 1 and profile.is_training and not profile.checkpointing:
         notes.append("feed-forward chunking in training without checkpointing saves little: "
                      "autograd keeps every chunk's intermediates")
-    if profile.alloc.lower() != "default" and profile.target != "cuda":
+    if (profile.alloc.lower() != "default" or profile.alloc_max_split) and profile.target != "cuda":
         notes.append("allocator settings (memory pooling) apply to CUDA runs only")
+    split = profile.alloc_max_split_bytes
+    if split and profile.alloc_pool_bytes >= split:
+        notes.append(f"the pool ({profile.alloc_pool_bytes / 2**20:g} MiB) is not below the max split "
+                     f"size ({split // 2**20} MiB): the allocator never splits it, so only requests "
+                     f"within 20 MiB of its size can use it")
+    if split and profile.alloc.lower() == "expandable":
+        notes.append("with expandable segments PyTorch splits blocks regardless of max_split_size_mb; "
+                     "it only keeps oversize cached blocks from smaller requests")
     if profile.distill_from:
         from engine.models import load_config
         from engine.techniques.distillation import check_vocab

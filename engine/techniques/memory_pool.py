@@ -8,6 +8,12 @@ carved out of it (a warm pool: no cudaMalloc during the steps). Caveat: blocks u
 from separate 2 MiB "small" segments, never from the big one, and the big segment is split only
 for large allocations, so reserved memory can still grow beyond SIZE.
 
+``alloc_max_split = SIZE`` (with any of the three) adds ``max_split_size_mb:M`` (M = SIZE in MiB):
+the caching allocator never splits a cached block of M or more and does not hand one to a smaller
+request (PyTorch's ``CUDACachingAllocator``: ``should_split`` / ``get_free_block``). Big tensors then
+get segments of their own that small ones cannot fragment, at the cost of more reserved memory when
+sizes vary. A pool of M or more is therefore never carved up.
+
 ``PYTORCH_CUDA_ALLOC_CONF`` is read when CUDA initialises: the measure child process must set it
 in its environment before importing/initialising torch.cuda (``child_env``).
 """
@@ -30,20 +36,39 @@ EXPLANATION = (
     "and out-of-memory errors when tensor sizes vary (dynamic padding, variable batches). "
     "'pool:SIZE' reserves one block of SIZE bytes before the run so later allocations are carved out "
     "of it without calling the driver; it does not lower the peak, and small (<1 MiB) tensors still "
-    "use their own 2 MiB segments. Allocated peak, reserved peak and fragmentation are measured "
-    "for each setting."
+    "use their own 2 MiB segments. 'Max split size' (max_split_size_mb) stops the allocator from "
+    "splitting cached blocks of that size or more, so large blocks are not fragmented by small "
+    "tensors; it can raise reserved memory when large sizes vary. Allocated peak, reserved peak and "
+    "fragmentation are measured for each setting."
 )
 
 
 def applies(profile: "Profile") -> bool:
-    return profile.alloc.lower() != "default"
+    return profile.alloc.lower() != "default" or bool(profile.alloc_max_split_bytes)
 
 
 def alloc_conf(profile: "Profile") -> str | None:
-    """The PYTORCH_CUDA_ALLOC_CONF value the profile needs (None: leave the environment as is)."""
+    """The PYTORCH_CUDA_ALLOC_CONF value the profile needs (None: leave the environment as is).
+
+    ``expandable`` -> ``expandable_segments:True``; ``alloc_max_split`` -> ``max_split_size_mb:M``
+    (both, comma-separated, when both are set). default and pool:SIZE need no setting (the pool is
+    made by ``prereserve``).
+    """
+    parts = []
     if profile.alloc.lower() == "expandable":
-        return "expandable_segments:True"
-    return None  # default, and pool:SIZE (the pool is made by prereserve, not by a setting)
+        parts.append("expandable_segments:True")
+    if profile.alloc_max_split_mib:
+        parts.append(f"max_split_size_mb:{profile.alloc_max_split_mib}")
+    return ",".join(parts) or None
+
+
+def merge_conf(current: str | None, conf: str) -> str:
+    """``current`` with ``conf``'s keys set (other keys, e.g. the user's garbage_collection_threshold,
+    kept): ``merge_conf("a:1,b:2", "b:3")`` -> ``"a:1,b:3"``."""
+    parts = [x.strip() for x in (current or "").split(",") if x.strip()]
+    new = [x.strip() for x in conf.split(",") if x.strip()]
+    keys = {x.split(":", 1)[0] for x in new}
+    return ",".join([x for x in parts if x.split(":", 1)[0] not in keys] + new)
 
 
 def child_env(profile: "Profile", base: dict | None = None) -> dict:
@@ -51,9 +76,7 @@ def child_env(profile: "Profile", base: dict | None = None) -> dict:
     env = dict(os.environ if base is None else base)
     value = alloc_conf(profile)
     if value:
-        old = env.get(ENV, "")
-        parts = [p for p in old.split(",") if p and not p.startswith("expandable_segments")]
-        env[ENV] = ",".join(parts + [value])
+        env[ENV] = merge_conf(env.get(ENV, ""), value)
     return env
 
 
