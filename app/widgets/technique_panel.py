@@ -17,12 +17,14 @@ from app import engine_bridge
 from app.state import AppState
 from app.widgets.common import NoteLabel
 from engine import models
-from engine.profile import PADDINGS, PRECISIONS, TASKS
+from engine.profile import MAX_SPLIT_FLOOR_MIB, PADDINGS, PRECISIONS, TASKS, TEACHER_PRECISIONS
 
 _PRECISION_LABELS = {"fp32": "fp32 (off)", "fp16-amp": "fp16 autocast + GradScaler",
                      "bf16-amp": "bf16 autocast", "fp16": "pure fp16 weights", "bf16": "pure bf16 weights"}
 _TASK_LABELS = {"auto": "auto (from the model)", "causal-lm": "causal LM", "masked-lm": "masked LM",
                 "classification": "sequence classification"}
+_TEACHER_PRECISION_LABELS = {"auto": "auto (student's half dtype on GPU)", "fp32": "fp32",
+                             "bf16": "bf16", "fp16": "fp16"}
 _PADDING_LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
                    "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
 
@@ -121,7 +123,7 @@ class TechniquePanel(QScrollArea):
         self.setWidget(inner)
         self.setWidgetResizable(True)
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.setMinimumWidth(340)
+        self.setMinimumWidth(300)
 
         # --- the run itself -----------------------------------------------------------------
         self.mode = _combo({"train": "Training step", "infer": "Inference (forward only)"})
@@ -181,7 +183,13 @@ class TechniquePanel(QScrollArea):
         self.teacher.addItem("")
         self.teacher.addItems(models.list_presets())
         self.teacher.lineEdit().setPlaceholderText("off (no teacher)")
-        self._group("distillation", "Knowledge distillation", "distillation", [("Teacher", self.teacher)])
+        self.teacher_precision = _combo({k: _TEACHER_PRECISION_LABELS[k] for k in TEACHER_PRECISIONS})
+        self.teacher_precision.setToolTip(
+            "The frozen teacher's weight dtype. auto: bf16/fp16 on a GPU when the student computes in "
+            "that precision, else the student's weight dtype. bf16/fp16 halve the teacher's weights "
+            "and (outside autocast) its forward's activations and logits. Needs a teacher.")
+        self._group("distillation", "Knowledge distillation", "distillation",
+                    [("Teacher", self.teacher), ("Teacher precision", self.teacher_precision)])
         self.alloc = _combo({"default": "Default caching allocator", "expandable": "Expandable segments",
                              "pool": "Pre-reserved pool"})
         self.pool_gib = QDoubleSpinBox()
@@ -189,8 +197,15 @@ class TechniquePanel(QScrollArea):
         self.pool_gib.setSuffix(" GiB")
         self.pool_gib.setKeyboardTracking(False)
         self.pool_gib.setValue(4.0)
+        self.max_split = _spin(MAX_SPLIT_FLOOR_MIB, 1 << 20, 64, "off")
+        self.max_split.setSuffix(" MiB")
+        self.max_split.setToolTip(
+            "PYTORCH_CUDA_ALLOC_CONF max_split_size_mb: cached blocks this large or larger are never "
+            f"split, nor given to smaller tensors (off: no limit; PyTorch needs more than "
+            f"{MAX_SPLIT_FLOOR_MIB} MiB). Less fragmentation of big blocks, possibly more reserved memory.")
         self._group("allocator", "Memory pooling (allocator)", "allocator",
-                    [("Allocator", self.alloc), ("Pool size", self.pool_gib)])
+                    [("Allocator", self.alloc), ("Pool size", self.pool_gib),
+                     ("Max split size", self.max_split)])
         self._layout.addStretch(1)
 
         self._connect()
@@ -246,11 +261,13 @@ class TechniquePanel(QScrollArea):
         edit(self.attn.currentIndexChanged, self._attn_value)
         edit(self.window.valueChanged, self._attn_value)
         edit(self.geglu.toggled, lambda: {"mlp": "geglu" if self.geglu.isChecked() else "default"})
-        self.teacher.activated.connect(lambda *_: self._on_edited({"distill_from": self.teacher.currentText().strip()}))
-        self.teacher.lineEdit().editingFinished.connect(
-            lambda: self._on_edited({"distill_from": self.teacher.currentText().strip()}))
+        self.teacher.activated.connect(lambda *_: self._on_edited(self._teacher_value()))
+        self.teacher.lineEdit().editingFinished.connect(lambda: self._on_edited(self._teacher_value()))
+        edit(self.teacher_precision.currentIndexChanged,
+             lambda: {"teacher_precision": self.teacher_precision.currentData()})
         edit(self.alloc.currentIndexChanged, self._alloc_value)
         edit(self.pool_gib.valueChanged, self._alloc_value)
+        edit(self.max_split.valueChanged, self._max_split_value)
 
     def _show_padding_note(self, padding: str) -> None:
         key = engine_bridge.PADDING_KEYS.get(padding, "")
@@ -265,8 +282,17 @@ class TechniquePanel(QScrollArea):
     def _mode_fixes(self) -> dict[str, Any]:
         """Switching mode turns off what the other mode cannot do, instead of refusing the switch."""
         if self.mode.currentData() == "infer":
-            return {"micro_batches": 1, "distill_from": ""}
+            return {"micro_batches": 1, "distill_from": "", "teacher_precision": "auto"}
         return {"chunk_input": 0}
+
+    def _teacher_value(self) -> dict[str, Any]:
+        teacher = self.teacher.currentText().strip()
+        # no teacher, no teacher precision (the profile refuses one without the other)
+        return {"distill_from": teacher} if teacher else {"distill_from": "", "teacher_precision": "auto"}
+
+    def _max_split_value(self) -> dict[str, Any]:
+        mib = self.max_split.value()
+        return {"alloc_max_split": f"{mib}MiB" if mib > MAX_SPLIT_FLOOR_MIB else ""}
 
     def _prune_value(self) -> dict[str, Any]:
         kind = self.prune_kind.currentData()
@@ -332,10 +358,13 @@ class TechniquePanel(QScrollArea):
             self.geglu.setChecked(p.mlp == "geglu")
             self.teacher.setCurrentText(p.distill_from)
             self.teacher.setEnabled(p.mode == "train")
+            set_combo(self.teacher_precision, p.teacher_precision)
+            self.teacher_precision.setEnabled(p.mode == "train" and bool(p.distill_from))
             set_combo(self.alloc, "pool" if p.alloc.lower().startswith("pool:") else p.alloc)
             if p.alloc_pool_bytes:
                 self.pool_gib.setValue(p.alloc_pool_bytes / 1024**3)
             self.pool_gib.setEnabled(p.alloc_pool_bytes > 0)
+            self.max_split.setValue(p.alloc_max_split_mib or MAX_SPLIT_FLOOR_MIB)
             self.checkpointing.setEnabled(p.mode == "train")
         finally:
             self._updating = False
