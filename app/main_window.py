@@ -15,6 +15,7 @@ from app import engine_bridge
 from app.estimator import EstimateController
 from app.state import AppState
 from app.theme import apply_theme
+from app.widgets.common import HorizontalScrollArea
 from app.widgets.compare_view import CompareView
 from app.widgets.dataset_panel import DatasetPanel
 from app.widgets.estimate_view import EstimateView
@@ -66,8 +67,11 @@ class MainWindow(QMainWindow):
         left.setStretchFactor(1, 1)
         left.setSizes([200, 460, 190])
 
+        # The estimate view's bars and legends want ~480 px; in a scroll area they scroll instead of
+        # setting the window's minimum width (usable down to ~950 px wide).
+        estimate_scroll = HorizontalScrollArea(self.estimate_view)
         estimate_tab = QSplitter(Qt.Orientation.Vertical)
-        estimate_tab.addWidget(self.estimate_view)
+        estimate_tab.addWidget(estimate_scroll)
         estimate_tab.addWidget(self.run_panel)
         estimate_tab.setSizes([520, 330])
         self.tabs = QTabWidget()

@@ -68,6 +68,7 @@ def _slug(name: str) -> str:
 
 class AppState(QObject):
     profiles_changed = Signal()  # entries added, removed or renamed
+    profile_renamed = Signal(str, str)  # old name, new name (before profiles_changed)
     current_changed = Signal(int)  # another profile was selected
     profile_changed = Signal(object)  # the selected profile's fields changed (the new Profile)
     estimate_changed = Signal(object)  # the selected profile's estimate (EstimateResult | None)
@@ -148,6 +149,7 @@ class AppState(QObject):
             self.measured_changed.emit(None)
         self.message_changed.emit("", "")
         if new.name != old.name:
+            self.profile_renamed.emit(old.name, new.name)
             self.profiles_changed.emit()
         self.profile_changed.emit(new)
         self._schedule_save()
@@ -188,7 +190,10 @@ class AppState(QObject):
             self.message_changed.emit("error", f"there is already a profile named {name!r}")
             return False
         entry = self._entries[index]
+        old_name = entry.profile.name
         entry.profile = entry.profile.replace(name=name)
+        if old_name != name:
+            self.profile_renamed.emit(old_name, name)
         self.profiles_changed.emit()
         if index == self._current:
             self.profile_changed.emit(entry.profile)

@@ -698,6 +698,61 @@ def test_cpu_run_under_a_simulated_capacity_ends_out_of_memory_as_a_result(qtbot
 
 
 # ----- profiles ----------------------------------------------------------------------------------
+def test_teacher_precision_and_max_split_controls_edit_the_profile(qtbot, window):
+    t, state = window.techniques, window.state
+    assert not t.teacher_precision.isEnabled()  # no teacher yet
+    assert t.teacher_precision.toolTip() and "max_split_size_mb" in t.max_split.toolTip()
+    t.teacher.setCurrentText("tiny-gpt2")
+    t.teacher.lineEdit().editingFinished.emit()
+    assert t.teacher_precision.isEnabled()
+    t.teacher_precision.setCurrentIndex(t.teacher_precision.findData("bf16"))
+    assert state.profile.teacher_precision == "bf16"
+    t.max_split.setValue(512)
+    assert state.profile.alloc_max_split == "512MiB"
+    t.max_split.setValue(t.max_split.minimum())  # "off"
+    assert state.profile.alloc_max_split == "" and t.max_split.text() == "off"
+    state.update(alloc_max_split="1GiB")  # a loaded profile shows in the control
+    assert t.max_split.value() == 1024
+    # clearing the teacher (or switching to inference) resets its precision instead of refusing
+    t.teacher.setCurrentText("")
+    t.teacher.lineEdit().editingFinished.emit()
+    p = state.profile
+    assert (p.distill_from, p.teacher_precision) == ("", "auto") and not t.teacher_precision.isEnabled()
+    state.update(distill_from="tiny-gpt2", teacher_precision="fp16")
+    assert t.teacher_precision.currentData() == "fp16"
+    t.mode.setCurrentIndex(t.mode.findData("infer"))
+    assert (state.profile.distill_from, state.profile.teacher_precision) == ("", "auto")
+
+
+def test_hidden_profile_stays_hidden_when_renamed(qtbot, window):
+    w = window
+    w.duplicate_action.trigger()
+    w.compare_view.set_shown("tiny copy", False)
+    w.profiles.list.item(1).setText("renamed")  # in-place rename
+    assert w.compare_view.hidden == {"renamed"}
+    assert json.loads(w.state.settings.value("compare/hidden")) == ["renamed"]
+    w.state.update(name="renamed again")  # a name change from anywhere
+    assert w.compare_view.hidden == {"renamed again"}
+    w.state.set_estimate(w.state.profile, fake_estimate(1.0))
+    w.state.select(0)
+    w.state.set_estimate(w.state.profile, fake_estimate(2.0))
+    assert [r["name"] for r in w.compare_view.rows()] == ["tiny"]
+
+
+def test_window_is_usable_below_1000_px_wide(qtbot, window):
+    w = window
+    assert w.minimumSizeHint().width() < 1000
+    w.resize(960, 800)
+    qtbot.waitUntil(lambda: w.width() == 960)
+    # the estimate view scrolls sideways instead of being squeezed below its minimum
+    assert w.estimate_view.width() >= w.estimate_view.minimumSizeHint().width()
+    w.resize(1400, 900)
+    qtbot.waitUntil(lambda: w.width() == 1400)
+    area = w.estimate_view.parentWidget().parentWidget()  # viewport, then the scroll area
+    assert w.estimate_view.width() == area.viewport().width()  # full width: looks as before
+    assert area.horizontalScrollBar().maximum() == 0, (area.size(), w.estimate_view.size())
+
+
 def test_rename_delete_and_the_last_profile_stays(qtbot, window):
     w = window
     w.duplicate_action.trigger()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pyqtgraph as pg
+from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QApplication, QLabel
+from PySide6.QtWidgets import QApplication, QFrame, QLabel, QScrollArea, QWidget
 
 from engine.results import MemoryCategory
 
@@ -180,3 +181,42 @@ def restyle_all() -> None:
 
 def color(name: str) -> QColor:
     return QColor(name)
+
+
+class HorizontalScrollArea(QScrollArea):
+    """Scrolls its widget sideways when the area is narrower than the widget's minimum width.
+
+    Vertically nothing changes: the widget always gets the area's height, as in a plain splitter
+    (``QScrollArea.setWidgetResizable`` would give word-wrapped layouts their taller preferred
+    height). So wherever the widget fits, it looks exactly as it would without the scroll area.
+    """
+
+    def __init__(self, widget: QWidget, parent=None) -> None:
+        super().__init__(parent)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidgetResizable(False)
+        self.setWidget(widget)
+        # draw nothing of its own: the tab page's background shows through, as without the area
+        self.viewport().setAutoFillBackground(False)
+        widget.setAutoFillBackground(False)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt override
+        # narrow as needed, but as tall as the widget needs (a splitter keeps giving it that)
+        inner = self.widget()
+        return QSize(120, inner.minimumSizeHint().height() if inner is not None else 120)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt override
+        return self.widget().sizeHint() if self.widget() is not None else super().sizeHint()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        inner = self.widget()
+        if inner is None:
+            return
+        need = inner.minimumSizeHint().width()
+        bar = self.horizontalScrollBar().sizeHint().height() if self.width() < need else 0
+        inner.resize(max(self.width(), need), max(0, self.height() - bar))

@@ -290,6 +290,7 @@ class CompareView(QWidget):
         self.refresh_button.clicked.connect(self.refresh)
         self.png_button.clicked.connect(self._on_png_clicked)
         self.csv_button.clicked.connect(self._on_csv_clicked)
+        state.profile_renamed.connect(self._on_profile_renamed)
         state.profiles_changed.connect(self.refresh)
         state.estimate_changed.connect(lambda _r: self._schedule_redraw())
         state.measured_changed.connect(lambda _r: self._schedule_redraw())
@@ -382,6 +383,13 @@ class CompareView(QWidget):
             action.toggled.connect(lambda on, n=name: self.set_shown(n, on))
         self.choose_menu.addSeparator()
         self.choose_menu.addAction("Show all", self._show_all)
+
+    def _on_profile_renamed(self, old: str, new: str) -> None:
+        """A left-out profile stays left out under its new name (the choice is kept by name)."""
+        if old in self.hidden:
+            self.hidden.discard(old)
+            self.hidden.add(new)
+            self._state.settings.setValue("compare/hidden", json.dumps(sorted(self.hidden)))
 
     def _show_all(self) -> None:
         self.hidden.clear()
