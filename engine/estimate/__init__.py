@@ -70,7 +70,9 @@ def batch_candidates(profile: Profile) -> tuple[list[tuple[tuple[int, int], bool
                                profile.trust_remote_code)
     if not lengths:
         raise BadInput(f"dataset {profile.dataset!r} has no texts")
-    plan = batching.plan_batches(lengths, profile)
+    from engine.estimate.fragmentation import plan_of
+
+    plan = plan_of(profile, lengths)  # batching.plan_batches, memoized
     shapes: dict[tuple[int, int], bool] = {}
     for idx, t in plan:
         padded = any(min(lengths[i], profile.seq) < t for i in idx)
