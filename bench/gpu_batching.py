@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from gpu_measure_matrix import KEEP, last_json, last_line, run  # noqa: E402
+from gpu_measure_matrix import KEEP, last_json, last_line, recorder, run  # noqa: E402
 
 GiB = 2 ** 30
 STRATEGIES = (  # (label, padding, pad_multiple, token budget?)
@@ -185,16 +185,8 @@ def main() -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with out_path.open("w", encoding="utf-8") as fh:
-        def record(row: dict) -> None:
-            rows.append(row)
-            fh.write(json.dumps(row, default=str) + "\n")
-            fh.flush()
-            status = "OOM" if row.get("oom") else ("ok" if row["rc"] == 0 else f"rc={row['rc']}")
-            peak = row.get("peak_allocated_bytes")
-            print(f"[{time.perf_counter() - started:6.1f}s] {row['model']:<14} {row['strategy']:<15} "
-                  f"{status:<6} peak={'-' if peak is None else f'{peak / GiB:.3f} GiB'} "
-                  f"useful tok/s={row.get('useful_tokens_per_s', 0) or 0:,.0f} "
-                  f"({row.get('wall_s', 0):.1f}s) {row.get('error', '')}", flush=True)
+        record = recorder(fh, rows, started, lambda row: f"{row['model']:<14} {row['strategy']:<15}",
+                          "useful_tokens_per_s", "useful tok/s")
 
         for spec in runs:
             row = dict(spec, target=args.target, precision=args.precision)

@@ -92,6 +92,22 @@ KEEP = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "bre
         "elapsed_s", "extra", "timeline")
 
 
+def recorder(fh, rows: list, started: float, label, rate_key: str, rate_name: str):
+    """record(row): keep the row, write it as a JSON line at once (a later crash loses nothing) and
+    print a progress line: elapsed, label(row), status, peak, rate, wall time, error."""
+    def record(row: dict) -> None:
+        rows.append(row)
+        fh.write(json.dumps(row, default=str) + "\n")
+        fh.flush()
+        status = "OOM" if row.get("oom") else ("ok" if row["rc"] == 0 else f"rc={row['rc']}")
+        peak = row.get("peak_allocated_bytes")
+        print(f"[{time.perf_counter() - started:6.1f}s] {label(row)} {status:<6} "
+              f"peak={'-' if peak is None else f'{peak / GiB:.3f} GiB'} "
+              f"{rate_name}={row.get(rate_key, 0) or 0:,.0f} ({row.get('wall_s', 0):.1f}s) "
+              f"{row.get('error', '')}", flush=True)
+    return record
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="engine measure over a model matrix on a GPU")
     ap.add_argument("--out", required=True, help="JSON lines output file")
@@ -127,17 +143,9 @@ def main() -> int:
                     configs.append(key)
     rows = []
     with out_path.open("w", encoding="utf-8") as fh:
-        def record(row: dict) -> None:
-            rows.append(row)
-            fh.write(json.dumps(row, default=str) + "\n")
-            fh.flush()
-            status = "OOM" if row.get("oom") else ("ok" if row["rc"] == 0 else f"rc={row['rc']}")
-            peak = row.get("peak_allocated_bytes")
-            print(f"[{time.perf_counter() - started:6.1f}s] {row['kind']:<6} {row['model']:<18} "
-                  f"{row['mode']:<5} {row['precision']:<8} ckpt={int(row['checkpointing'])} {status:<6} "
-                  f"peak={'-' if peak is None else f'{peak / GiB:.3f} GiB'} "
-                  f"tok/s={row.get('tokens_per_s', 0) or 0:,.0f} ({row['wall_s']:.1f}s) "
-                  f"{row.get('error', '')}", flush=True)
+        record = recorder(fh, rows, started, lambda row: (
+            f"{row['kind']:<6} {row['model']:<18} {row['mode']:<5} {row['precision']:<8} "
+            f"ckpt={int(row['checkpointing'])}"), "tokens_per_s", "tok/s")
 
         for model, mode, precision, ckpt in configs:
             base = {"model": model, "mode": mode, "precision": precision, "checkpointing": ckpt,
