@@ -194,8 +194,12 @@ class TaskRunner(QObject):
 
     def _on_result(self, job_id: int, result: Any) -> None:
         if job_id == self._job_id and self._running:
+            # Not running any more before anyone sees the result: Cancel must not stay enabled
+            # beside a finished run until the worker's "done" status arrives.
+            self._set_running(False)
             self.result_ready.emit(result)
 
     def _on_failed(self, job_id: int, message: str) -> None:
         if job_id == self._job_id and self._running:
+            self._set_running(False)
             self.failed.emit(message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 
@@ -175,6 +176,23 @@ def test_bad_edit_shows_message_not_dialog(qtbot, window):
     assert w.message.isVisibleTo(w) and "micro_batches" in w.message.text()
     assert w.state.profile.micro_batches == 1
     assert w.techniques.micro_batches.value() == 1
+
+
+def test_signal_emits_keep_reference_counts():
+    """PySide6 6.12.0 loses a reference to True/False on every emit; on Python 3.11 the app then
+    aborts ("bool_dealloc") after a few hundred signals. pyproject.toml excludes that version."""
+    from PySide6.QtCore import QObject, Signal
+
+    class Emitter(QObject):
+        changed = Signal(object)
+
+    e = Emitter()
+    e.changed.connect(lambda value: None)
+    before = (sys.getrefcount(True), sys.getrefcount(False), sys.getrefcount(None))
+    for _ in range(200):
+        e.changed.emit(None)
+    after = (sys.getrefcount(True), sys.getrefcount(False), sys.getrefcount(None))
+    assert all(a >= b - 5 for a, b in zip(after, before)), (before, after)
 
 
 # ----- measured runs -----------------------------------------------------------------------------
