@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pyqtgraph as pg
+import shiboken6
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication, QFrame, QLabel, QScrollArea, QWidget
@@ -137,6 +139,7 @@ def make_plot(title: str = "", left: str = "", bottom: str = "") -> pg.PlotWidge
         item.setLabel("bottom", bottom)
     item.showGrid(x=False, y=True, alpha=0.25)
     style_plot(plot)
+    follow_theme(plot)
     return plot
 
 
@@ -151,6 +154,7 @@ class NoteLabel(QLabel):
         font.setPointSizeF(max(7.5, font.pointSizeF() * 0.9))
         self.setFont(font)
         self.on_theme_changed()
+        follow_theme(self)
 
     def on_theme_changed(self) -> None:
         app = QApplication.instance()
@@ -166,12 +170,25 @@ def note_label(text: str = "") -> QLabel:
     return NoteLabel(text)
 
 
+# Widgets that restyle themselves when the palette changes. An explicit list, not a walk over
+# QApplication.allWidgets(): that walk wraps every C++ widget, including ones a garbage collection
+# triggered mid-walk may destroy, and it crashed a CI run with a segmentation fault.
+_themed: list[weakref.ref] = []
+
+
+def follow_theme(widget: QWidget) -> None:
+    """Restyle ``widget`` on every palette change: ``style_plot`` for a plot, else its ``on_theme_changed``."""
+    _themed.append(weakref.ref(widget))
+
+
 def restyle_all() -> None:
-    """After a palette change: plots, legends, notes and anything with ``on_theme_changed``."""
-    app = QApplication.instance()
-    if app is None:
-        return
-    for widget in app.allWidgets():
+    """After a palette change: every widget registered with ``follow_theme`` that is still alive."""
+    alive = [ref for ref in _themed if ref() is not None and shiboken6.isValid(ref())]
+    _themed[:] = alive
+    for ref in alive:
+        widget = ref()
+        if widget is None or not shiboken6.isValid(widget):  # destroyed by an earlier restyle
+            continue
         if isinstance(widget, pg.PlotWidget):
             style_plot(widget)
         hook = getattr(widget, "on_theme_changed", None)

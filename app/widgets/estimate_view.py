@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QApplication, QCheckBox, QDialog, QDialogButtonBo
 from app.estimator import EstimateController
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, STATUS_COLORS, byte_unit,
-                                center_lines, legend_text_color, make_plot, note_label, stacked_parts,
+                                center_lines, follow_theme, legend_text_color, make_plot, note_label, stacked_parts,
                                 text_item)
 from engine.units import format_bytes
 
@@ -95,6 +95,7 @@ class EstimateView(QWidget):
 
     def __init__(self, state: AppState, controller: EstimateController, parent=None) -> None:
         super().__init__(parent)
+        follow_theme(self)
         self._state = state
         self._controller = controller
         self._estimate = None

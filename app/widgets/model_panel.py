@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, Q
                                QListWidget, QListWidgetItem, QPushButton, QVBoxLayout)
 
 from app.state import AppState
-from app.widgets.common import error_color, note_label
+from app.widgets.common import error_color, follow_theme, note_label
 from app.worker import TaskRunner
 from engine import models
 
@@ -48,6 +48,7 @@ class ModelPanel(QGroupBox):
 
     def __init__(self, state: AppState, parent=None) -> None:
         super().__init__("Model", parent)
+        follow_theme(self)
         self._state = state
         self._cache: dict[tuple, object] = {}
         self._runner = TaskRunner("model-facts", self)
