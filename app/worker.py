@@ -110,6 +110,10 @@ class Worker(QObject):
                 self._stops.pop(job_id, None)
 
 
+#: Threads whose job outlived ``TaskRunner.shutdown``'s wait; kept alive until they end.
+_still_running: list[tuple[QThread, QObject]] = []
+
+
 class TaskRunner(QObject):
     """One background thread for one kind of work (estimates, measurements, data statistics).
 
@@ -170,7 +174,10 @@ class TaskRunner(QObject):
         """Cancel and stop the thread (call before the owner goes away)."""
         self.cancel()
         self._thread.quit()
-        self._thread.wait(timeout_ms)
+        if not self._thread.wait(timeout_ms):
+            # A job that does not check its stop event (a long tokenizer call) is still running:
+            # keep the thread and its worker referenced, since destroying a running QThread aborts.
+            _still_running.append((self._thread, self._worker))
 
     # ----- private ------------------------------------------------------------------------
     def _set_running(self, running: bool) -> None:
