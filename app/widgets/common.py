@@ -177,7 +177,7 @@ _themed: list[weakref.ref] = []
 
 
 def follow_theme(widget: QWidget) -> None:
-    """Restyle ``widget`` on every palette change: ``style_plot`` for a plot, else its ``on_theme_changed``."""
+    """Restyle ``widget`` on every palette change (``style_plot`` for a plot, then ``on_theme_changed``)."""
     _themed.append(weakref.ref(widget))
 
 

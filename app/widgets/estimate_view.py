@@ -12,8 +12,8 @@ from PySide6.QtWidgets import (QApplication, QCheckBox, QDialog, QDialogButtonBo
 from app.estimator import EstimateController
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, STATUS_COLORS, byte_unit,
-                                center_lines, follow_theme, legend_text_color, make_plot, note_label, stacked_parts,
-                                text_item)
+                                center_lines, follow_theme, legend_text_color, make_plot, note_label,
+                                stacked_parts, text_item)
 from engine.units import format_bytes
 
 _TIGHT_MARGIN = 0.10
