@@ -6,7 +6,7 @@ configurations are also run through bench/bare_loop.py (written without the engi
 engine's numbers agree with a plain PyTorch loop (target: peak within 1%, tokens/s within 3%).
 
     PYTHONPATH=. python3 bench/gpu_measure_matrix.py --out /tmp/matrix.jsonl [--steps 5]
-        [--batch 8] [--seq 512] [--budget-s 420] [--models gpt2,bert-base-uncased,...] [--quick]
+        [--batch 8] [--seq 512] [--budget-s 420] [--models gpt2,bert-base-uncased,...] [--modes train,infer] [--quick]
 
 Matrix: bert-base-uncased, gpt2, Qwen2.5-0.5B, Llama-3.2-1B x train/infer x fp32/bf16-amp x
 checkpointing on/off (training only: inference keeps no activations to recompute). Data: a
@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="per run")
+    ap.add_argument("--modes", default="train,infer", help="which of train,infer to run")
     ap.add_argument("--quick", action="store_true", help="only the cross-checked configurations")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-loop cross-checks")
     ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
@@ -134,7 +135,7 @@ def main() -> int:
 
     configs = []
     for model in models:
-        for mode in ("train", "infer"):
+        for mode in [m for m in ("train", "infer") if m in args.modes.split(",")]:
             for precision in ("fp32", "bf16-amp"):
                 for ckpt in ((False, True) if mode == "train" else (False,)):
                     key = (model, mode, precision, ckpt)

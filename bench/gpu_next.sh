@@ -6,7 +6,7 @@ export PYTHONPATH=.
 timeout 120 python3 bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp --steps 12 > $OUT/diag_bert.log 2>&1
 timeout 120 python3 bench/diag_step_overhead.py --model Qwen2.5-0.5B --precision bf16-amp --checkpointing --steps 8 > $OUT/diag_qwen.log 2>&1
 # Issue 3: the two Llama-3.2-1B inference rows of the matrix, with their bare-loop cross-check.
-timeout 90 python3 bench/gpu_measure_matrix.py --models Llama-3.2-1B --quick --out $OUT/llama_infer.jsonl --steps 10 --budget-s 80 > $OUT/llama_infer.log 2>&1
+timeout 90 python3 bench/gpu_measure_matrix.py --models Llama-3.2-1B --modes infer --out $OUT/llama_infer.jsonl --steps 10 --budget-s 80 > $OUT/llama_infer.log 2>&1
 # Issue 8: export vs measure with more steps (5 timed steps were too few to compare tokens/s).
 timeout 150 python3 bench/gpu_export_check.py --steps 20 --out $OUT/export_check.jsonl > $OUT/export_check.log 2>&1
 # Issue 6: FFN chunking in inference; allocator settings with dynamic shapes.
