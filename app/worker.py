@@ -177,6 +177,7 @@ class TaskRunner(QObject):
         if not self._thread.wait(timeout_ms):
             # A job that does not check its stop event (a long tokenizer call) is still running:
             # keep the thread and its worker referenced, since destroying a running QThread aborts.
+            _still_running[:] = [(t, w) for t, w in _still_running if t.isRunning()]
             _still_running.append((self._thread, self._worker))
 
     # ----- private ------------------------------------------------------------------------

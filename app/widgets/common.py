@@ -171,8 +171,8 @@ def note_label(text: str = "") -> QLabel:
 
 
 # Widgets that restyle themselves when the palette changes. An explicit list, not a walk over
-# QApplication.allWidgets(): that walk wraps every C++ widget, including ones a garbage collection
-# triggered mid-walk may destroy, and it crashed a CI run with a segmentation fault.
+# QApplication.allWidgets(): that walk wraps every C++ widget, including ones being torn down, and a
+# CI run died with a segmentation fault inside it.
 _themed: list[weakref.ref] = []
 
 
@@ -181,13 +181,16 @@ def follow_theme(widget: QWidget) -> None:
     _themed.append(weakref.ref(widget))
 
 
+def _alive(widget) -> bool:
+    return widget is not None and shiboken6.isValid(widget)
+
+
 def restyle_all() -> None:
     """After a palette change: every widget registered with ``follow_theme`` that is still alive."""
-    alive = [ref for ref in _themed if ref() is not None and shiboken6.isValid(ref())]
-    _themed[:] = alive
-    for ref in alive:
+    _themed[:] = [ref for ref in _themed if _alive(ref())]
+    for ref in list(_themed):
         widget = ref()
-        if widget is None or not shiboken6.isValid(widget):  # destroyed by an earlier restyle
+        if not _alive(widget):  # destroyed by an earlier widget's restyle
             continue
         if isinstance(widget, pg.PlotWidget):
             style_plot(widget)
