@@ -231,3 +231,33 @@ def test_first_pass_reported_apart_from_the_steady_state(tmp_path):
 def test_incompatible_techniques_are_bad_input_before_running():
     with pytest.raises(BadInput, match="ffn_chunks"):
         run_measure(cpu(model="tiny-llama", ffn_chunks=8, seq=4))
+
+
+def test_cuda_probe_reads_the_counters_torch_reads(monkeypatch):
+    """The CUDA probe indexes the allocator's nested stats once per point; the numbers must be the
+    ones torch.cuda.memory_allocated / max_memory_allocated / memory_reserved / max_memory_reserved
+    give for the same stats (checked here through torch's own flattening, without a GPU)."""
+    from types import SimpleNamespace
+
+    from engine.measure.runner import _CudaProbe
+
+    def pools(current, peak):
+        return {p: {"current": current, "peak": peak, "allocated": 0, "freed": 0}
+                for p in ("all", "small_pool", "large_pool")}
+
+    stats = {"allocated_bytes": pools(5_000, 9_000), "reserved_bytes": pools(20_000, 40_000),
+             "active_bytes": pools(1, 2), "num_ooms": 0}
+    resets = []
+    fake = SimpleNamespace(cuda=SimpleNamespace(memory_stats_as_nested_dict=lambda device: stats,
+                                                reset_peak_memory_stats=resets.append))
+    monkeypatch.setattr(torch.cuda.memory, "memory_stats_as_nested_dict", lambda device=None: stats)
+
+    probe = _CudaProbe(fake, "cuda:0")
+    probe.baseline = 1_000
+    assert probe.allocated() == torch.cuda.memory_allocated() - 1_000 == 4_000
+    assert probe.reserved() == torch.cuda.memory_reserved() == 20_000
+    end = probe.phase_end()
+    assert end.peak == torch.cuda.max_memory_allocated() - 1_000 == 8_000
+    assert end.peak_reserved == torch.cuda.max_memory_reserved() == 40_000
+    assert (end.allocated, end.reserved) == (4_000, 20_000)
+    assert resets == ["cuda:0"]  # the peaks are reset after they are read
