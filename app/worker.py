@@ -9,6 +9,7 @@ the worker: ``BadInput`` and any other error become ``failed(message)``; ``Cance
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import traceback
@@ -45,6 +46,10 @@ def warm_imports() -> None:
             import transformers.models.auto.modeling_auto  # noqa: F401
         except Exception:  # noqa: BLE001 - the job itself will report what is missing
             pass
+        # torch and transformers leave ~400k long-lived objects; every automatic full collection
+        # would walk them all (~250 ms on 2 cores, the GUI thread frozen meanwhile). Moved to the
+        # permanent generation, they are never walked again; they live as long as the app anyway.
+        gc.freeze()
         _warmed = True
 
 
