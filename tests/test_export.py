@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.data import fallback_tokenizer
 from engine.errors import BadInput
 from engine.export import export_profile_json, export_script, export_summary_markdown
 from engine.profile import Profile
@@ -175,11 +177,25 @@ def test_script_is_standalone_and_lint_clean(tmp_path, corpus):
         modules |= {node.module.split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom)}
         assert not modules & {"engine", "headroom", "app"}, path
-        assert modules <= {"argparse", "ast", "csv", "gc", "inspect", "json", "math", "os", "statistics",
+        assert modules <= {"argparse", "ast", "base64", "csv", "gc", "lzma", "tokenizers", "inspect", "json", "math", "os", "statistics",
                            "sys", "sysconfig", "time", "warnings", "weakref", "pathlib", "torch",
                            "transformers", "pydoc_data", "resource", "pyarrow"}, modules
         assert ast.get_docstring(tree).startswith(("Train ", "Run inference"))
     _lint(paths)
+
+
+def test_fallback_tokenizer_is_embedded_not_a_path(tmp_path):
+    """A preset has no tokenizer of its own: the script carries Headroom's fallback (no path into the
+    checkout or the venv, which a copied script would not find) and tokenizes exactly as the engine."""
+    path = _write(Profile(model="tiny-gpt2", target="cpu", batch=2, seq=64), tmp_path, "embedded")
+    text = path.read_text()
+    for place in (str(ROOT), sys.prefix, "resources/", "fallback.json"):
+        assert place not in text, place
+    script = runpy.run_path(str(path), run_name="exported")  # defines, does not run main()
+    theirs, ours = script["load_tokenizer"](), fallback_tokenizer()
+    texts = ["Memory planner: fits or not?", "  tabs\tand ünïcode €", "<s> special </s>"]
+    assert theirs(texts)["input_ids"] == ours(texts)["input_ids"]
+    assert [theirs.pad_token_id, theirs.mask_token_id] == [ours.pad_token_id, ours.mask_token_id]
 
 
 def test_only_selected_techniques_and_non_defaults_appear(corpus):

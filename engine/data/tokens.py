@@ -35,7 +35,8 @@ _CHUNK = 1024
 
 
 @functools.lru_cache(maxsize=1)
-def _fallback_json() -> str:
+def fallback_json() -> str:
+    """The fallback tokenizer's serialized JSON (``tokenizers.Tokenizer.from_str`` reads it)."""
     try:
         return FALLBACK_PATH.read_text(encoding="utf-8")
     except OSError:
@@ -52,7 +53,7 @@ def fallback_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer.from_str(_fallback_json())
+    backend = Tokenizer.from_str(fallback_json())
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, **FALLBACK_SPECIAL_TOKENS)
     # No model limit of its own: the profile's seq decides truncation (and silences length warnings).
     tok.model_max_length = 1 << 30

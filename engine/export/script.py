@@ -10,7 +10,10 @@ only non-default settings (plus what every run needs) appear as constants.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import functools
+import lzma
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +102,8 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     s.add("memory", snippets.LIVE_BYTES + "\n" + peak)
     _step_section(s, profile, model, teacher)
     _main_section(s, profile, model, teacher)
+    if not model.has_tokenizer:  # last: a long blob would bury the code above
+        s.add("the fallback tokenizer: its JSON, xz-compressed, base64", _embedded_fallback_tokenizer())
     text = _header(profile, model, estimate, measured, notes) + _imports(s, profile) + "\n"
     text += _section("settings from the Headroom profile (non-defaults, and what every run needs)")
     text += "\n" + "\n".join(s.constants) + "\n"
@@ -106,6 +111,17 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
         text += "\n\n" + _section(title) + "\n" + code + "\n"
     text += '\n\nif __name__ == "__main__":\n    main()\n'
     return noqa_long_lines(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_fallback_tokenizer() -> str:
+    """``FALLBACK_TOKENIZER_XZ``: the script carries the tokenizer itself, so it runs without Headroom
+    (233 KB of JSON become 84 KB of base64; ``b64decode`` skips the line breaks)."""
+    from engine.data.tokens import fallback_json
+
+    encoded = base64.b64encode(lzma.compress(fallback_json().encode("utf-8"))).decode("ascii")
+    lines = textwrap.wrap(encoded, 100)
+    return 'FALLBACK_TOKENIZER_XZ = """\n' + "\n".join(lines) + '\n"""'
 
 
 # ----- header and imports ------------------------------------------------------------------------
@@ -179,7 +195,7 @@ def _imports(s: _Script, profile: Profile) -> str:
     def key(line: str) -> tuple[bool, str]:
         return (line.startswith("from "), line.split()[1])
 
-    std = sorted((i for i in s.imports if i.split()[1].split(".")[0] not in ("torch", "transformers")),
+    std = sorted((i for i in s.imports if i.split()[1].split(".")[0] not in ("tokenizers", "torch", "transformers")),
                  key=key)
     third = sorted((i for i in s.imports if i not in std), key=key)
     out = ""
@@ -277,10 +293,6 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
     _model_constants(s, model, "MODEL")
     if teacher is not None:
         _model_constants(s, teacher, "TEACHER", "the distillation teacher: ")
-    if not model.has_tokenizer:
-        from engine.data import FALLBACK_PATH
-
-        s.const("TOKENIZER_FILE", str(FALLBACK_PATH.resolve()), "Headroom's fallback BPE tokenizer")
 
 
 def _model_constants(s: _Script, model: ModelFacts, prefix: str, what: str = "") -> None:
@@ -313,6 +325,7 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
         trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
         s.add("tokenizer", snippets.FOLDER_TOKENIZER.format(trust=trust))
     else:
+        s.imports |= {"import base64", "import lzma", "import tokenizers"}
         s.add("tokenizer", snippets.FALLBACK_TOKENIZER)
     plan = {"fixed": snippets.PLAN_FIXED, "dynamic": snippets.PLAN_DYNAMIC,
             "bucketed": snippets.PLAN_BUCKETED, "token-budget": snippets.PLAN_TOKEN_BUDGET}[profile.padding]

@@ -134,10 +134,11 @@ def load_texts():
 
 FALLBACK_TOKENIZER = '''
 def load_tokenizer():
-    """Headroom's bundled byte-level BPE (the preset has no tokenizer; memory depends on token
-    counts, not on which tokens they are)."""
+    """Headroom's byte-level BPE, embedded at the end of this script (the preset has no tokenizer;
+    memory depends on token counts, not on which tokens they are)."""
+    backend = tokenizers.Tokenizer.from_str(lzma.decompress(base64.b64decode(FALLBACK_TOKENIZER_XZ)).decode())
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=TOKENIZER_FILE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", mask_token="<mask>", cls_token="<cls>", sep_token="<sep>")
     tokenizer.model_max_length = 1 << 30  # SEQ decides truncation
     return tokenizer
