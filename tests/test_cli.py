@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine import cli
+from engine.models import PRESET_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,7 @@ def test_inspect_gpt2_builtin_json():
 
 
 def test_inspect_config_only_folder(tmp_path):
-    cfg = (ROOT / "resources/models/gpt2/config.json").read_text()
+    cfg = (PRESET_DIR / "gpt2" / "config.json").read_text()
     (tmp_path / "config.json").write_text(cfg)
     code = cli.main(["inspect", "--model", str(tmp_path), "--json"])
     assert code == 0

@@ -1,8 +1,9 @@
 """Tokenizers and tokenization: the model's own tokenizer when it has one, else Headroom's fallback.
 
-The fallback (``resources/tokenizer/fallback.json``, built by ``scripts/build_fallback_tokenizer.py``)
-is a byte-level BPE with 8192 tokens trained on the built-in corpus: presets are architecture-only,
-and token counts, not token identities, are what memory depends on.
+The fallback (``engine/resources/tokenizer/fallback.json``, built by
+``scripts/build_fallback_tokenizer.py``) is a byte-level BPE with 8192 tokens trained on the
+built-in corpus: presets are architecture-only, and token counts, not token identities, are what
+memory depends on.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.errors import BadInput, Cancelled
+from engine.resources import RESOURCES
 
-# resources/ sits at the repository root (packaged as data next to engine/).
-RESOURCES = Path(__file__).resolve().parent.parent.parent / "resources"
 FALLBACK_PATH = RESOURCES / "tokenizer" / "fallback.json"
 FALLBACK_VOCAB_SIZE = 8192
 #: Special tokens of the fallback tokenizer (ids 0..6 in this order).
