@@ -11,7 +11,6 @@ import pytest
 
 from engine.errors import BadInput
 from engine.measure import MeasureProcess, measure_in_child
-from engine.measure.process import REPO_ROOT
 from engine.profile import Profile
 
 
@@ -37,7 +36,7 @@ def test_oom_in_the_child_is_a_result_with_progress_and_exit_3():
 def test_cli_oom_exit_status_and_no_traceback():
     cmd = [sys.executable, "-m", "engine", "measure", "--model", "tiny-gpt2", "--target", "cpu",
            "--batch", "16", "--seq", "256", "--steps", "2", "--memory-cap", "8MiB", "--json"]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
     assert '"oom": true' in done.stdout
@@ -63,6 +62,21 @@ def test_cancel_ends_the_child_within_two_seconds_and_leaves_nothing():
 def test_bad_input_in_the_child_is_bad_input_here():
     with pytest.raises(BadInput, match="exceeds tiny-gpt2's limit"):
         measure_in_child(Profile(model="tiny-gpt2", target="cpu", seq=4096))
+
+
+def test_the_child_runs_this_engine_whatever_the_cwd_and_pythonpath(tmp_path, monkeypatch):
+    """The child is ``sys.executable -P -m engine``: a folder named engine in the cwd is not what it
+    imports, nor does it need the checkout as cwd or on PYTHONPATH."""
+    decoy = tmp_path / "engine"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('imported the decoy engine')\n")
+    (decoy / "__main__.py").write_text("raise SystemExit('ran the decoy engine')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", ".")  # relative: resolved against the cwd, where the decoy is
+    with MeasureProcess(Profile(model="tiny-gpt2", target="cpu", seq=4096), start=False) as proc:
+        assert proc.command("p.json")[:4] == [sys.executable, "-P", "-m", "engine"]
+        with pytest.raises(BadInput, match="exceeds tiny-gpt2's limit"):
+            proc.wait()
 
 
 def test_should_stop_cancels_measure_in_child():

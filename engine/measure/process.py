@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 
 from engine.errors import BadInput, Cancelled
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+#: The folder holding the ``engine`` package this process runs (site-packages, or a checkout).
+ENGINE_HOME = Path(__file__).resolve().parent.parent.parent
 #: Seconds between SIGTERM and SIGKILL when cancelling.
 TERMINATE_GRACE_S = 1.5
 _ERROR_PREFIX = "headroom: error: "
@@ -55,8 +56,12 @@ class MeasureEvent:
 
 def _child_env(profile) -> dict[str, str]:
     env = dict(os.environ)
-    paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # The child imports the engine this process runs. An installed one it finds anyway; a plain
+    # checkout (PYTHONPATH=. or started from its root) is named absolutely, so neither the cwd nor a
+    # relative PYTHONPATH decides what the child imports.
+    if str(ENGINE_HOME) not in _site_dirs():
+        paths = [str(ENGINE_HOME)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -68,6 +73,14 @@ def _child_env(profile) -> dict[str, str]:
     if conf and profile.target == "cuda":
         env["PYTORCH_CUDA_ALLOC_CONF"] = merge_alloc_conf(env.get("PYTORCH_CUDA_ALLOC_CONF"), conf)
     return env
+
+
+def _site_dirs() -> set[str]:
+    import site
+    import sysconfig
+
+    dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    return {str(Path(d).resolve()) for d in dirs}
 
 
 class MeasureProcess:
@@ -99,7 +112,8 @@ class MeasureProcess:
         return self._proc.pid if self._proc is not None else None
 
     def command(self, profile_path: str) -> list[str]:
-        cmd = [self.python, "-m", "engine", "measure", profile_path, "--json", "--progress"]
+        # -P: the cwd is not put on the child's sys.path, so a folder named engine there is not imported.
+        cmd = [self.python, "-P", "-m", "engine", "measure", profile_path, "--json", "--progress"]
         if self.snapshot:
             cmd += ["--snapshot", str(self.snapshot)]
         return cmd
@@ -117,7 +131,7 @@ class MeasureProcess:
             kwargs["start_new_session"] = True  # its own process group: cancel ends all of it
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        self._proc = subprocess.Popen(self.command(path), cwd=str(REPO_ROOT), env=_child_env(self.profile),
+        self._proc = subprocess.Popen(self.command(path), env=_child_env(self.profile),
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, encoding="utf-8",
                                       errors="replace", bufsize=1, **kwargs)
