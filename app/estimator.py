@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from app import engine_bridge
 from app.state import AppState
 from app.worker import TaskRunner
+from engine.estimate import estimate
 
 DEBOUNCE_MS = 150
 
@@ -32,10 +32,6 @@ class EstimateController(QObject):
         self._runner.running_changed.connect(self.estimating_changed)
         state.profile_changed.connect(self._on_profile_changed)
         state.current_changed.connect(lambda _i: self.schedule())
-
-    @property
-    def available(self) -> bool:
-        return engine_bridge.estimate_fn() is not None
 
     @property
     def traced(self) -> bool:
@@ -62,15 +58,11 @@ class EstimateController(QObject):
         self.schedule()
 
     def _on_timer(self) -> None:
-        fn = engine_bridge.estimate_fn()
-        if fn is None:
-            self.status_changed.emit("The estimator (engine.estimate) is not available yet in this build.")
-            return
-        self._start(fn, self._state.profile, "analytic")
+        self._start(self._state.profile, "analytic")
 
-    def _start(self, fn, profile, method: str) -> None:
+    def _start(self, profile, method: str) -> None:
         self.status_changed.emit(f"estimating ({method})…")
-        self._runner.start(lambda progress, should_stop: fn(profile, method=method),
+        self._runner.start(lambda progress, should_stop: estimate(profile, method=method),
                            context=(profile, method))
 
     def _on_result(self, result) -> None:
@@ -78,9 +70,7 @@ class EstimateController(QObject):
         self._state.set_estimate(profile, result)
         self.status_changed.emit("")
         if method == "analytic" and self._traced and profile == self._state.profile:
-            fn = engine_bridge.estimate_fn()
-            if fn is not None:  # the analytic answer shows at once; the traced one replaces it
-                self._start(fn, profile, "traced")
+            self._start(profile, "traced")  # the analytic answer shows at once; the traced one replaces it
 
     def _on_failed(self, message: str) -> None:
         profile, method = self._runner.context

@@ -11,7 +11,6 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFileDialog, QHeaderVi
                                QMenu, QMessageBox, QSplitter, QTableWidget, QTableWidgetItem, QTabWidget,
                                QVBoxLayout, QWidget)
 
-from app import engine_bridge
 from app.estimator import EstimateController
 from app.state import AppState
 from app.theme import apply_theme
@@ -25,6 +24,7 @@ from app.widgets.run_panel import RunPanel
 from app.widgets.target_panel import TargetPanel
 from app.widgets.technique_panel import TechniquePanel
 from app.worker import TaskRunner
+from engine.export import export_script, export_summary_markdown
 from engine.profile import Profile
 
 _MESSAGE_STYLES = {
@@ -137,12 +137,6 @@ class MainWindow(QMainWindow):
                                           "Write a standalone training script (torch + transformers) for this profile")
         self.summary_action = self._action("Export s&ummary…", "Ctrl+Shift+E", self.export_summary_dialog,
                                            "Write a Markdown summary: settings, estimate, measurement, why")
-        if engine_bridge.export_fn() is None:
-            self.export_action.setEnabled(False)
-            self.export_action.setToolTip("Script export (engine.export) is not available yet in this build")
-            self.export_action.setStatusTip(self.export_action.toolTip())
-        if engine_bridge.summary_fn() is None:
-            self.summary_action.setEnabled(False)
         self.open_model_action = self._action("Open &model folder…", "Ctrl+Shift+M", self.model_panel._on_open_clicked,
                                               "A folder holding config.json (weights optional)")
         self.open_data_action = self._action("Open &dataset file…", "Ctrl+Shift+O", self.dataset_panel._on_open_clicked,
@@ -292,18 +286,15 @@ class MainWindow(QMainWindow):
     def export_script_to(self, path: str) -> bool:
         """Write the engine's standalone script of the selected profile (its estimate and measured
         peaks go into the script's header). Runs off the GUI thread; ``export_finished`` tells."""
-        return self._export_to(path, engine_bridge.export_fn(), "Script export")
+        return self._export_to(path, export_script, "Script export")
 
     def export_summary_to(self, path: str) -> bool:
         """Write the engine's Markdown summary of the selected profile (off the GUI thread)."""
-        return self._export_to(path, engine_bridge.summary_fn(), "Summary export")
+        return self._export_to(path, export_summary_markdown, "Summary export")
 
     def _export_to(self, path: str, fn, what: str) -> bool:
         """Start an export; False if it cannot start. The text is made and written on a worker
         thread (building the model's facts takes a moment), atomically (QSaveFile)."""
-        if fn is None:
-            self.state.show_message("warning", f"{what} is not available yet in this build.")
-            return False
         entry = self.state.current
         profile, estimate, measured = entry.profile, entry.estimate, entry.measured
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import engine
 from engine import profile as profile_mod
-from engine.errors import BadInput, Cancelled, NotYetAvailable
+from engine.errors import BadInput, Cancelled
 from engine.profile import Profile
 
 EXIT_BAD_INPUT = 2
@@ -173,10 +173,7 @@ def _with_version(d: dict[str, Any], started: float) -> dict[str, Any]:
 
 
 def cmd_estimate(args: argparse.Namespace, profile: Profile, started: float) -> int:
-    try:
-        from engine.estimate import estimate
-    except ImportError:
-        raise NotYetAvailable("estimate is not available yet in this build") from None
+    from engine.estimate import estimate
     result = estimate(profile, method=args.method)
     d = _with_version(result.to_dict(), started)
     d["elapsed_s"] = time.perf_counter() - started
@@ -185,10 +182,7 @@ def cmd_estimate(args: argparse.Namespace, profile: Profile, started: float) -> 
 
 
 def cmd_measure(args: argparse.Namespace, profile: Profile, started: float) -> int:
-    try:
-        from engine.measure import run_measure
-    except ImportError:
-        raise NotYetAvailable("measure is not available yet in this build") from None
+    from engine.measure import run_measure
 
     def progress(fraction: float, message: str) -> None:
         if args.progress:
@@ -201,10 +195,7 @@ def cmd_measure(args: argparse.Namespace, profile: Profile, started: float) -> i
 
 
 def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
-    try:
-        from engine.plan import plan
-    except ImportError:
-        raise NotYetAvailable("plan is not available yet in this build") from None
+    from engine.plan import plan
     result = plan(profile, budget_bytes=args.budget, vary=args.vary)
     d = _with_version(result.to_dict(), started)
     _emit(d, args.json, lambda x: json.dumps(x, indent=2, default=str))
@@ -214,10 +205,8 @@ def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
 def _export_estimate(profile: Profile) -> Any:
     """The analytic estimate for the script's header and the summary; None where it cannot be made
     here (a dataset that exists only on the target machine, say): the export does not need it."""
-    try:
-        from engine.estimate import estimate
-    except ImportError:
-        return None
+    from engine.estimate import estimate
+
     try:
         return estimate(profile, method="analytic")
     except (BadInput, NotImplementedError):
@@ -225,10 +214,7 @@ def _export_estimate(profile: Profile) -> Any:
 
 
 def cmd_export(args: argparse.Namespace, profile: Profile, started: float) -> int:
-    try:
-        from engine.export import export_profile_json, export_script, export_summary_markdown
-    except ImportError:
-        raise NotYetAvailable("export is not available yet in this build") from None
+    from engine.export import export_profile_json, export_script, export_summary_markdown
     from engine.techniques.explanations import check_compatible
 
     check_compatible(profile)  # incompatible combinations: the same one-line error as estimate/measure
@@ -275,10 +261,7 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile, started: float) -> i
 
 
 def cmd_compare(args: argparse.Namespace, started: float) -> int:
-    try:
-        from engine.compare import compare_profiles, write_csv
-    except ImportError:
-        raise NotYetAvailable("compare is not available yet in this build") from None
+    from engine.compare import compare_profiles, write_csv
     profiles = [profile_mod.load(p) for p in args.profiles]
     rows = compare_profiles(profiles, measure=args.measure)
     if args.csv:

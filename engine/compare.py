@@ -65,7 +65,7 @@ def compare_profiles(profiles: Sequence[Profile], measure: bool = False,
         est = estimate(profile)
         measured = None
         if measure:
-            from engine.measure_process import measure_in_child
+            from engine.measure.process import measure_in_child
 
             if progress:
                 progress((i + 0.5) / len(profiles), f"{profile.name}: measuring")

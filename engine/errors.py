@@ -8,9 +8,5 @@ class BadInput(ValueError):
     """
 
 
-class NotYetAvailable(BadInput):
-    """A subcommand or technique whose engine part has not landed yet."""
-
-
 class Cancelled(Exception):
     """``should_stop()`` returned True during a long engine call."""

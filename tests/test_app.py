@@ -64,13 +64,6 @@ def window(qtbot):
     w.shutdown()
 
 
-def need_estimate():
-    """Skip unless engine.estimate.estimate is there (the package exists before the function)."""
-    mod = pytest.importorskip("engine.estimate")
-    if not hasattr(mod, "estimate"):
-        pytest.skip("engine.estimate.estimate is not available yet")
-
-
 def wait_idle(qtbot, w, timeout=60000):
     """Until the model facts and dataset statistics workers are done."""
     qtbot.waitUntil(lambda: not (w.model_panel._runner.is_running or w.dataset_panel._runner.is_running
@@ -154,7 +147,6 @@ def test_estimate_view_bars_status_and_difference(qtbot, window):
 
 # ----- live estimate -----------------------------------------------------------------------------
 def test_choose_preset_change_batch_estimate_moves(qtbot, window):
-    need_estimate()
     w = window
     items = w.model_panel.presets.findItems("tiny-llama", pytest.importorskip("PySide6.QtCore").Qt.MatchFlag.MatchExactly)
     with qtbot.waitSignal(w.state.estimate_changed, timeout=30000,
@@ -197,7 +189,6 @@ def test_signal_emits_keep_reference_counts():
 
 # ----- measured runs -----------------------------------------------------------------------------
 def test_measure_tiny_gpt2_on_cpu_event_loop_stays_responsive(qtbot, window):
-    pytest.importorskip("engine.measure_process")
     w = window
     wait_idle(qtbot, w)
     gaps = []
@@ -239,7 +230,6 @@ def test_measure_tiny_gpt2_on_cpu_event_loop_stays_responsive(qtbot, window):
 
 
 def test_cancel_a_run(qtbot, window):
-    pytest.importorskip("engine.measure_process")
     w = window
     w.state.update(steps=50, batch=4, seq=64)
     assert w.run_panel.start()
@@ -291,7 +281,6 @@ def test_duplicate_and_compare(qtbot, window):
 
 
 def test_compare_estimates_every_profile(qtbot, window):
-    need_estimate()
     w = window
     w.duplicate_action.trigger()
     w.techniques.seq.setValue(64)
@@ -357,9 +346,6 @@ def test_broken_model_folder_shows_message_and_app_stays_usable(qtbot, window, t
 
 def test_export_script(qtbot, window, tmp_path):
     w = window
-    if not w.export_action.isEnabled():
-        assert "not available" in w.export_action.toolTip()
-        pytest.skip("engine.export is not available yet")
     out = tmp_path / "train.py"
     wait_idle(qtbot, w)  # the live estimate must not replace the known one below
     w.state.set_estimate(w.state.profile, fake_estimate(1.0))
@@ -632,12 +618,11 @@ def test_technique_controls_edit_the_profile(qtbot, window):
 
 
 def test_estimate_is_debounced(qtbot, window):
-    need_estimate()
     w = window
     wait_idle(qtbot, w)
     starts = []
     original = w.estimator._start
-    w.estimator._start = lambda fn, profile, method: (starts.append(profile.batch), original(fn, profile, method))
+    w.estimator._start = lambda profile, method: (starts.append(profile.batch), original(profile, method))
     for batch in (3, 4, 5, 6):
         w.techniques.batch.setValue(batch)
     assert starts == []  # nothing yet: the edits are still within the debounce interval
@@ -702,7 +687,6 @@ def test_per_layer_breakdown_on_demand(qtbot, window):
 
 # ----- measured runs: a real out-of-memory result on CPU -----------------------------------------
 def test_cpu_run_under_a_simulated_capacity_ends_out_of_memory_as_a_result(qtbot, window):
-    pytest.importorskip("engine.measure_process")
     w = window
     w.state.update(memory_cap_bytes=4 * MiB, batch=4, seq=64)
     with qtbot.waitSignal(w.run_panel.run_finished, timeout=120000) as blocker:

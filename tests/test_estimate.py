@@ -38,7 +38,8 @@ def test_traced_matches_real_cpu_run(model, precision, mode, ckpt):
 
 
 def test_traced_matches_measure_cpu_run():
-    measure = pytest.importorskip("engine.measure")
+    from engine import measure
+
     p = Profile(model="tiny-llama", target="cpu", precision="fp32", batch=2, seq=32, steps=2)
     measured = measure.run_measure(p).peak_allocated_bytes
     est = estimate(p, "traced").peak_allocated_bytes

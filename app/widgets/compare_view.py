@@ -16,12 +16,12 @@ from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QMenu, QPushButton,
                                QToolButton, QVBoxLayout, QWidget)
 
-from app import engine_bridge
 from app.state import AppState
 from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, byte_unit, legend_text_color,
                                 make_plot,
                                 note_label, text_item)
 from app.worker import TaskRunner
+from engine.estimate import estimate
 
 _EST_OFFSET, _MEAS_OFFSET, _WIDTH = -0.2, 0.2, 0.36
 
@@ -299,13 +299,8 @@ class CompareView(QWidget):
     # ----- public -------------------------------------------------------------------------
     def refresh(self) -> None:
         """Estimate every profile that has no estimate yet (off the GUI thread), then redraw."""
-        fn = engine_bridge.estimate_fn()
         missing = [e.profile for e in self._state.entries if e.estimate is None
                    and e.profile.name not in self.hidden]
-        if fn is None:
-            self.info.setText("The estimator is not available yet in this build.")
-            self._redraw()
-            return
         if not missing:
             self._redraw()
             return
@@ -318,7 +313,7 @@ class CompareView(QWidget):
                     break
                 progress(i / len(missing), p.name)
                 try:
-                    out.append((p, fn(p, method="analytic"), ""))
+                    out.append((p, estimate(p, method="analytic"), ""))
                 except Exception as exc:  # noqa: BLE001 - one bad profile must not hide the others
                     out.append((p, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             return out

@@ -163,8 +163,6 @@ class EstimateView(QWidget):
         controller.status_changed.connect(self._on_engine_status)
         self._estimate = state.current.estimate
         self._measured = state.current.measured
-        if not controller.available:
-            self._on_engine_status("The estimator (engine.estimate) is not available yet in this build.")
         self.on_theme_changed()
         self._redraw()
 

@@ -1,7 +1,7 @@
 """Measured run: Run / Cancel, progress with step counter and elapsed / remaining time, the OOM
 banner, tokens/s, and the memory timeline (allocated and reserved after each phase of each step).
 
-The run itself happens in a child process (``engine.measure_process``) driven from a TaskRunner
+The run itself happens in a child process (``engine.measure.process``) driven from a TaskRunner
 thread, so an out-of-memory error or a crash cannot take the app down; cancel kills the child.
 """
 
@@ -16,10 +16,10 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
                                QVBoxLayout, QWidget)
 
-from app import engine_bridge
 from app.state import AppState
 from app.widgets.common import byte_unit, center_lines, error_color, legend_text_color, make_plot, text_item
 from app.worker import TaskRunner
+from engine.measure.process import measure_in_child
 from engine.units import format_bytes
 
 #: Above this many parameters a CPU run is slow enough to ask first.
@@ -106,10 +106,6 @@ class RunPanel(QWidget):
         self._runner.status_changed.connect(self._on_status)
         self._runner.running_changed.connect(self._on_running_changed)
         state.measured_changed.connect(self._on_measured_changed)
-        if engine_bridge.measure_fn() is None:
-            self.run_button.setEnabled(False)
-            self.run_button.setToolTip("Measuring (engine.measure_process) is not available yet in this build")
-            self.step_label.setText("Measuring is not available yet in this build")
         self._on_measured_changed(state.current.measured)
 
     # ----- public -------------------------------------------------------------------------
@@ -119,10 +115,6 @@ class RunPanel(QWidget):
 
     def start(self) -> bool:
         """Start measuring the selected profile (cancelling a running measurement first)."""
-        fn = engine_bridge.measure_fn()
-        if fn is None:
-            self._state.show_message("warning", "Measuring is not available yet in this build.")
-            return False
         profile = self._state.profile
         if not self._preflight(profile):
             return False
@@ -135,7 +127,8 @@ class RunPanel(QWidget):
         self.progress.setValue(0)
         self.step_label.setText(f"Starting {profile.name} on {profile.target}…")
         self._runner.start(lambda progress, should_stop:
-                           fn(profile, progress=progress, should_stop=should_stop), context=profile)
+                           measure_in_child(profile, progress=progress, should_stop=should_stop),
+                           context=profile)
         return True
 
     def cancel(self) -> None:

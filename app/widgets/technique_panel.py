@@ -13,11 +13,11 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                                QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
-from app import engine_bridge
 from app.state import AppState
 from app.widgets.common import NoteLabel
 from engine import models
 from engine.profile import MAX_SPLIT_FLOOR_MIB, PADDINGS, PRECISIONS, TASKS, TEACHER_PRECISIONS
+from engine.techniques.explanations import explanations
 
 _PRECISION_LABELS = {"fp32": "fp32 (off)", "fp16-amp": "fp16 autocast + GradScaler",
                      "bf16-amp": "bf16 autocast", "fp16": "pure fp16 weights", "bf16": "pure bf16 weights"}
@@ -25,6 +25,26 @@ _TASK_LABELS = {"auto": "auto (from the model)", "causal-lm": "causal LM", "mask
                 "classification": "sequence classification"}
 _TEACHER_PRECISION_LABELS = {"auto": "auto (student's half dtype on GPU)", "fp32": "fp32",
                              "bf16": "bf16", "fp16": "fp16"}
+#: Panel group -> the engine's explanation keys (several: one paragraph each).
+_EXPLANATION_KEYS = {"amp": ("amp",), "checkpointing": ("checkpointing",), "pruning": ("pruning",),
+                     "chunking": ("micro_batching", "chunked_input", "ffn_chunking"),
+                     "attention": ("local_attention",), "geglu": ("geglu",),
+                     "distillation": ("distillation",), "allocator": ("memory_pool",)}
+#: Padding strategy (Profile.padding) -> the engine's explanation key; the padding note follows it.
+_PADDING_KEYS = {"fixed": "fixed_padding", "dynamic": "dynamic_padding", "bucketed": "bucketing",
+                 "token-budget": "token_budget"}
+
+
+def _group_explanations() -> dict[str, str]:
+    """Panel group -> the engine's own text (the engine's keys are in the result too)."""
+    texts = explanations()
+    found = dict(texts)
+    for group, keys in _EXPLANATION_KEYS.items():
+        found[group] = "\n\n".join(texts[key] for key in keys)
+    found["padding"] = texts[_PADDING_KEYS["fixed"]]  # until the profile's padding is shown
+    return found
+
+
 _PADDING_LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
                    "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
 
@@ -115,7 +135,7 @@ class TechniquePanel(QScrollArea):
         super().__init__(parent)
         self._state = state
         self._updating = False
-        self._explanations = engine_bridge.explanations()
+        self._explanations = _group_explanations()
         self.groups: dict[str, QGroupBox] = {}
         inner = QWidget()
         self._layout = QVBoxLayout(inner)
@@ -270,7 +290,7 @@ class TechniquePanel(QScrollArea):
         edit(self.max_split.valueChanged, self._max_split_value)
 
     def _show_padding_note(self, padding: str) -> None:
-        key = engine_bridge.PADDING_KEYS.get(padding, "")
+        key = _PADDING_KEYS.get(padding, "")
         text = self._explanations.get(key) or self._explanations.get("padding", "")
         box = self.groups["padding"]
         note = box.findChild(ExplainNote, "explain_padding")
