@@ -10,7 +10,7 @@ import torch
 
 from engine.errors import BadInput, Cancelled
 from engine.measure import run_measure
-from engine.measure.cpu_tracker import LiveBytesTracker, SimulatedOutOfMemory
+from engine.measure.probes import LiveBytesTracker, SimulatedOutOfMemory
 from engine.profile import Profile
 from engine.results import ALLOCATED_CATEGORIES, MeasureResult
 
@@ -59,6 +59,29 @@ def test_tracker_counts_params_grads_states_exactly():
     assert tracker.live_bytes == weights + states
     capped = LiveBytesTracker(cap_bytes=1000)
     with pytest.raises(SimulatedOutOfMemory), capped:
+        torch.zeros(1000)
+
+
+def test_tracker_source_runs_standalone_with_torch_only():
+    """The exported script embeds ``probes.portable_source()``: it must define a working tracker
+    from torch alone (no engine import), counting what the engine's copy counts."""
+    from engine.measure import probes
+
+    source = probes.portable_source()
+    assert "from engine" not in source and "import engine" not in source
+    space: dict = {}
+    exec("import weakref\nimport torch\nfrom torch.utils._python_dispatch import TorchDispatchMode\n"
+         + source, space)
+    standalone, ours = space["LiveBytesTracker"](), LiveBytesTracker()
+    for tracker in (standalone, ours):
+        with tracker:
+            x = torch.ones(256)  # 1 KiB
+            y = x[:10] * 2  # a view counts nothing; the product 40 bytes
+            del x
+        assert (tracker.live_bytes, tracker.peak_bytes) == (40, 1024 + 40)
+        del y
+    capped = space["LiveBytesTracker"](cap_bytes=1000)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated capacity of 1000 B exceeded"), capped:
         torch.zeros(1000)
 
 
@@ -239,7 +262,7 @@ def test_cuda_probe_reads_the_counters_torch_reads(monkeypatch):
     give for the same stats (checked here through torch's own flattening, without a GPU)."""
     from types import SimpleNamespace
 
-    from engine.measure.runner import _CudaProbe
+    from engine.measure.probes import CudaProbe as _CudaProbe
 
     def pools(current, peak):
         return {p: {"current": current, "peak": peak, "allocated": 0, "freed": 0}

@@ -1,6 +1,6 @@
 """Model-side techniques on small real models: they change what they claim, and nothing else.
 
-Peaks are live tensor bytes counted by ``engine.measure.cpu_tracker.LiveBytesTracker`` (the same
+Peaks are live tensor bytes counted by ``engine.measure.probes.LiveBytesTracker`` (the same
 counter a measured CPU run uses).
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.errors import BadInput
-from engine.measure.cpu_tracker import LiveBytesTracker
+from engine.measure.probes import LiveBytesTracker
 from engine.models import build_model, count_parameters
 from engine.profile import Profile
 from engine.techniques import apply_model_techniques

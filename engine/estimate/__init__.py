@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from engine.errors import BadInput, Cancelled
 from engine.profile import Profile
-from engine.results import EstimateResult, LayerBytes
+from engine.results import EstimateResult, LayerBytes, MemoryCategory
 
 METHODS = ("auto", "analytic", "traced")
 
@@ -231,7 +231,8 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             reserved = max(reserved, _traced_reserved(profile, seq_events))
             notes.append(fragmentation.traced_note(frag, reserved))
     breakdown = dict(outcome.breakdown)
-    breakdown["temporaries"] = breakdown.get("temporaries", 0) + workspace
+    tmp = MemoryCategory.TEMPORARIES.value
+    breakdown[tmp] = breakdown.get(tmp, 0) + workspace
     peak = outcome.peak_allocated + workspace
     reserved = max(reserved, peak)
     if outcome.backends:

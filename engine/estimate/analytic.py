@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from engine.estimate import device as dev
 from engine.estimate.allocator import reserved_from_sizes, round_size
 from engine.profile import Profile
+from engine.results import MemoryCategory as C
 
 _ARCH_FIELDS = ("model", "trust_remote_code", "mode", "task", "prune", "mlp", "precision",
                 "distill_from")
@@ -483,8 +484,9 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
 
     def add(phase: str, w, g, o, a, tmp):
         total = w + g + o + a + tmp
-        candidates.append((total, phase, {"weights": w, "gradients": g, "optimizer": o,
-                                          "activations": a, "temporaries": tmp}))
+        candidates.append((total, phase, {C.WEIGHTS.value: w, C.GRADIENTS.value: g,
+                                          C.OPTIMIZER.value: o, C.ACTIVATIONS.value: a,
+                                          C.TEMPORARIES.value: tmp}))
 
     if training:
         teacher_logits = 0

@@ -3,12 +3,17 @@
 The profile's model is built on ``meta`` (techniques applied, ``engine.models.build_model``) and
 runs on ``meta`` tensors (shapes, dtypes and storages but no data: nothing is allocated;
 ``FakeTensorMode`` is ~10x slower here and cannot fake CUDA tensors on a CPU-only torch build).
-Then the measured protocol runs (``engine.measure.runner``'s loop): the optimizer with its CUDA defaults (``foreach=True`` on CUDA, for-loop on CPU; ``fused=False``),
+Then the measured protocol runs (``engine.measure.loop``), on the step tensors measure makes
+(``engine.measure.inputs``): the optimizer with its CUDA defaults (``foreach=True`` on CUDA,
+for-loop on CPU; ``fused=False``),
 two steps of forward + loss + backward + optimizer step + ``zero_grad(set_to_none=True)`` (step 1
 creates the optimizer states lazily, step 2 runs backward with states present: together they hold
 every peak of the 3-step measurement), with gradient accumulation over up to two micro-batches.
-``tracker.MemoryTracker`` records each storage's allocation and release; the peak, its phase, the
-breakdown by category and the caching allocator's reserved bytes (``allocator.simulate``) follow.
+``engine.measure.probes.LiveBytesTracker`` (the CPU measure's tracker, recording) logs each
+storage's allocation and release with its category (priority: weights, gradients, optimizer,
+activations, i.e. saved for backward via ``saved_tensors_hooks``, then temporaries); the peak, its
+phase, the breakdown by category and the caching allocator's reserved bytes
+(``allocator.simulate``) follow.
 
 For a CUDA target, ``cuda_emulation.CudaEmulation`` replays CUDA's autocast op lists, fused
 dropout and SDPA kernel choice and memory (flash / memory-efficient keep no T x T matrix), and
@@ -36,8 +41,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.estimate import tracker as trk
+from engine.measure.inputs import micro_parts, placeholder_step, to_device
+from engine.measure.probes import LiveBytesTracker
 from engine.profile import Profile
+from engine.results import ALLOCATED_CATEGORIES, MemoryCategory
+from engine.techniques import distillation
 
 
 @dataclass
@@ -53,6 +61,10 @@ class TraceOutcome:
     timeline: tuple[tuple[str, int], ...] = ()  # (phase starting, live bytes at that point)
     notes: list[str] = field(default_factory=list)
 
+
+C = MemoryCategory
+#: The tracker's categories, highest priority first (a storage keeps the highest it was given).
+_LABELS = tuple(c.value for c in ALLOCATED_CATEGORIES)
 
 _ARCH_FIELDS = ("model", "trust_remote_code", "mode", "task", "precision", "checkpointing",
                 "checkpoint_every", "attn", "prune", "mlp", "ffn_chunks", "target")
@@ -81,7 +93,7 @@ def _meta_model(profile: Profile, teacher: bool = False) -> torch.nn.Module:
                                             ffn_chunks=1, checkpointing=False, attn="sdpa"), f)
                     for f in _ARCH_FIELDS)
         model = copy.deepcopy(_cached_meta_model(key, True))
-        model.to(teacher_dtype(profile))
+        model.to(distillation.teacher_dtype(profile, profile.target))
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -91,48 +103,6 @@ def _meta_model(profile: Profile, teacher: bool = False) -> torch.nn.Module:
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # as measure: a scoring forward returns no KV cache
     return model
-
-
-def teacher_dtype(profile: Profile) -> torch.dtype:
-    """Teacher weights' dtype: the distillation technique's rule for the target, else the student's."""
-    try:
-        from engine.techniques import distillation as dist  # another engineer's module
-
-        fn = getattr(dist, "teacher_dtype", None)
-        if fn is not None:
-            return fn(profile, profile.target)
-    except ImportError:
-        pass
-    from engine.models import dtype_of
-
-    return dtype_of(profile)
-
-
-def _distill_loss_fn():
-    try:
-        from engine.techniques import distillation as dist
-
-        for name in ("distillation_loss", "distill_loss"):
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                return fn
-    except ImportError:
-        pass
-    return default_distill_loss
-
-
-def default_distill_loss(student_logits, teacher_logits, labels, profile=None,
-                         temperature: float = 2.0, alpha: float = 0.5):
-    """Hinton et al. 2015: T^2 * KL(softmax(t/T) || softmax(s/T)) mixed with the hard-label CE."""
-    import torch.nn.functional as F
-
-    vocab = student_logits.shape[-1]
-    s = student_logits.float().reshape(-1, vocab)  # (N, V)
-    t = teacher_logits.float().reshape(-1, vocab)  # (N, V)
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                  reduction="batchmean", log_target=True) * temperature ** 2
-    ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=-100)
-    return (1 - alpha) * kl + alpha * ce
 
 
 class _Scalars:
@@ -148,25 +118,6 @@ class _Scalars:
         if t.is_floating_point():
             return 1.0
         return 1
-
-
-def _make_inputs(b: int, t: int, task: str, has_padding: bool, device: str = "meta",
-                 labels: bool = True):
-    """The tensors measure copies to the device: ids, mask (and labels when training)."""
-    ids = torch.zeros((b, t), dtype=torch.long, device=device)  # (B, T)
-    mask = torch.ones((b, t), dtype=torch.long, device=device)  # (B, T)
-    if not labels:
-        return ids, mask, None
-    if task == "classification":
-        lab = torch.zeros((b,), dtype=torch.long, device=device)  # (B,)
-    else:
-        lab = torch.zeros((b, t), dtype=torch.long, device=device)  # (B, T), -100 at padding
-    return ids, mask, lab
-
-
-@contextlib.contextmanager
-def _nullctx():
-    yield
 
 
 def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: bool = True,
@@ -195,13 +146,15 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         from engine.estimate.cuda_emulation import CudaEmulation
 
         emu = CudaEmulation(autocast_dtype=amp, target=target)
-    tracker = trk.MemoryTracker(cuda_rounding=cuda, scalar=_Scalars(has_padding))
+    # Storages rounded to the CUDA caching allocator's 512-byte blocks (kMinBlockSize) on CUDA.
+    tracker = LiveBytesTracker(block_bytes=512 if cuda else 0, labels=_LABELS,
+                               layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
     for p in list(model.parameters()) + list(model.buffers()):
-        tracker.track(p, trk.WEIGHTS)
+        tracker.track(p, C.WEIGHTS.value)
     if teacher is not None:
         for p in list(teacher.parameters()) + list(teacher.buffers()):
-            tracker.track(p, trk.WEIGHTS)
-    tracker.mark_phase("start")
+            tracker.track(p, C.WEIGHTS.value)
+    tracker.mark("start")
 
     # Per-block activation accounting (first forward only).
     hooks = []
@@ -221,13 +174,13 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
 
     def autocast_ctx():
         if amp is None:
-            return _nullctx()
+            return contextlib.nullcontext()
         if emu is not None:
             return _EmuAutocast(emu)
         return torch.autocast("cpu", dtype=amp)
 
     def pack(t):
-        tracker.classify(t, trk.ACTIVATIONS)
+        tracker.classify(t, C.ACTIVATIONS.value)
         return t
 
     def unpack(t):
@@ -235,7 +188,15 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
 
     training = profile.mode == "train"
     b, t = batch_shape
-    distill = _distill_loss_fn() if teacher is not None else None
+    # The step tensors measure makes for this shape, split (and, inference, cut to the first
+    # window) before tracking starts: only their copies to the device are counted, as in measure.
+    step_data = placeholder_step(b, t, task, training)
+    if training:
+        micro = micro_parts(step_data, profile.micro_batches)
+    else:
+        w = profile.chunk_input
+        tw = min(w, t) if w else t
+        window = (step_data.input_ids[:, :tw], step_data.attention_mask[:, :tw])
     peak_step = 1
     modes = [m for m in (emu, tracker) if m is not None]
     with contextlib.ExitStack() as stack:
@@ -250,26 +211,26 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
             trainable = [p for p in model.parameters() if p.requires_grad]
             for p in trainable:
                 p.register_post_accumulate_grad_hook(
-                    lambda p: tracker.classify(p.grad, trk.GRADIENTS))
+                    lambda p: tracker.classify(p.grad, C.GRADIENTS.value))
             opt = _optimizer(profile, trainable, cuda)
             if teacher is not None:
                 teacher.eval()
-            micro = _micro_sizes(b, profile.micro_batches)
             for step in range(steps):
-                before_peak = tracker.peak
-                for j, mb in enumerate(micro[:2]):
+                before_peak = tracker.peak_bytes
+                for part in micro[:2]:
                     if should_stop is not None and should_stop():
                         raise Cancelled("estimate cancelled")
-                    tracker.mark_phase("forward")
+                    tracker.mark("forward")
                     # measure copies each micro-batch to the device inside the step
-                    ids, mask, labels = _make_inputs(mb, t, task, has_padding, device)
+                    ids, mask, labels = (to_device(x, device) for x in part)
                     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                         with autocast_ctx():
                             if teacher is not None:
                                 with torch.no_grad():
                                     t_logits = teacher(input_ids=ids, attention_mask=mask).logits
                                 logits = model(input_ids=ids, attention_mask=mask).logits
-                                loss = distill(logits, t_logits, labels, profile)
+                                loss = distillation.distillation_loss(logits, t_logits, labels,
+                                                                      profile)
                                 del t_logits, logits
                             else:
                                 loss = model(input_ids=ids, attention_mask=mask,
@@ -279,14 +240,14 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                         if profile.precision == "fp16-amp":
                             loss = loss * 65536.0  # GradScaler.scale
                         tracker.layer_tracking = False
-                        tracker.mark_phase("backward")
+                        tracker.mark("backward")
                         if emu is not None:
                             emu.backward(loss)
                         else:
                             loss.backward()
                         del loss
                     del ids, mask, labels
-                tracker.mark_phase("optimizer")
+                tracker.mark("optimizer")
                 if profile.precision == "fp16-amp":  # GradScaler.unscale_: in place
                     grads = [p.grad for p in trainable if p.grad is not None]
                     if grads:
@@ -296,31 +257,29 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                 for state in opt.state.values():
                     for v in state.values():
                         if isinstance(v, torch.Tensor):
-                            tracker.classify(v, trk.OPTIMIZER)
+                            tracker.classify(v, C.OPTIMIZER.value)
                 opt.zero_grad(set_to_none=True)
-                tracker.mark_phase("end")
-                if tracker.peak > before_peak:
+                tracker.mark("end")
+                if tracker.peak_bytes > before_peak:
                     peak_step = step + 1
         else:
             model.eval()
-            w = profile.chunk_input
-            tw = min(w, t) if w else t
-            ids, mask, _labels = _make_inputs(b, tw, task, has_padding, device, labels=False)
-            tracker.mark_phase("forward")
+            ids, mask = (to_device(x, device) for x in window)
+            tracker.mark("forward")
             with torch.no_grad(), autocast_ctx():
                 out = model(input_ids=ids, attention_mask=mask)
                 del out
-            del ids, mask, _labels
+            del ids, mask
     for h in hooks:
         h.remove()
     peak_event = tracker.peak_event
     outcome = TraceOutcome(
-        peak_allocated=tracker.peak,
+        peak_allocated=tracker.peak_bytes,
         breakdown=tracker.breakdown_at(peak_event),
         peak_phase=tracker.phase_at(peak_event),
         peak_step=peak_step,
         events=list(tracker.events),
-        layer_activations=tracker.layer_activation_bytes(),
+        layer_activations=tracker.layer_bytes(),
         params=params,
         backends=tuple(sorted(set(emu.backend_log))) if emu is not None else (),
         timeline=tuple(tracker.timeline),
@@ -338,13 +297,6 @@ class _EmuAutocast:
 
     def __exit__(self, *exc):
         self.emu.set_autocast(False)
-
-
-def _micro_sizes(b: int, n: int) -> list[int]:
-    """Rows per micro-batch as ``torch.tensor_split`` cuts them (largest first)."""
-    k = max(1, min(n, b))
-    base, extra = divmod(b, k)
-    return [base + (1 if i < extra else 0) for i in range(k)]
 
 
 def _optimizer(profile: Profile, params, cuda: bool):

@@ -65,13 +65,13 @@ def _child_env(profile) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from engine.measure.runner import allocator_conf, merge_alloc_conf
+        from engine.techniques.memory_pool import alloc_conf, merge_conf
 
-        conf = allocator_conf(profile)[0]
+        conf = alloc_conf(profile)
     except Exception:  # noqa: BLE001 - the child sets it again and reports problems itself
         conf = None
     if conf and profile.target == "cuda":
-        env["PYTORCH_CUDA_ALLOC_CONF"] = merge_alloc_conf(env.get("PYTORCH_CUDA_ALLOC_CONF"), conf)
+        env["PYTORCH_CUDA_ALLOC_CONF"] = merge_conf(env.get("PYTORCH_CUDA_ALLOC_CONF"), conf)
     return env
 
 
