@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="out.png")
     p.add_argument("--csv", metavar="out.csv")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the profiles' model folders' own code to run")
 
     p = sub.add_parser("inspect", help="model facts and dataset length statistics")
     _add_profile_flags(p)
@@ -128,6 +132,29 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     if "memory_cap_bytes" in changes and changes["memory_cap_bytes"] < 0:
         raise BadInput("--memory-cap must be positive")
     return profile_mod.validate(dataclasses.replace(base, **changes))
+
+
+#: Folders this invocation granted (revoked when ``main`` returns, for in-process callers).
+_granted_here: list[Any] = []
+
+
+def grant_remote_code(profile: Profile) -> Profile:
+    """``--trust-remote-code`` given by the user's hand: grant the profile's model folders for this
+    invocation (a profile file's own ``trust_remote_code`` only remembers the wish; engine.remote_code)."""
+    from engine import remote_code
+
+    for folder in remote_code.model_folders(profile):
+        if not remote_code.is_granted(folder):
+            remote_code.grant(folder)
+            _granted_here.append(folder)
+    return profile
+
+
+def _revoke_granted_here() -> None:
+    from engine import remote_code
+
+    while _granted_here:
+        remote_code.revoke(_granted_here.pop())
 
 
 def _emit(obj: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
@@ -263,6 +290,8 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile, started: float) -> i
 def cmd_compare(args: argparse.Namespace, started: float) -> int:
     from engine.compare import compare_profiles, write_csv
     profiles = [profile_mod.load(p) for p in args.profiles]
+    if args.trust_remote_code:
+        profiles = [grant_remote_code(dataclasses.replace(p, trust_remote_code=True)) for p in profiles]
     rows = compare_profiles(profiles, measure=args.measure)
     if args.csv:
         write_csv(rows, args.csv)
@@ -281,7 +310,31 @@ COMMANDS = {"estimate": cmd_estimate, "measure": cmd_measure, "plan": cmd_plan,
             "export": cmd_export, "inspect": cmd_inspect}
 
 
+def one_line(message: object) -> str:
+    """The error as exactly one line: a path or value holding a newline must not split it."""
+    text = str(message).strip() or "bad input"
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Unwind like Ctrl-C: `with MeasureProcess` ends the child, temp files are removed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is not None:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        _revoke_granted_here()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     try:
@@ -291,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args, started)
         profile = profile_from_args(args)
+        if getattr(args, "trust_remote_code", None):
+            grant_remote_code(profile)
         if args.command != "export":  # export writes a script even for models this machine lacks
             from engine.models import check_profile
 
@@ -300,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile_mod.save(profile, args.save)
         return code
     except BadInput as exc:
-        print(f"headroom: error: {exc}", file=sys.stderr)
+        print(f"headroom: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Cancelled:
         print("headroom: cancelled", file=sys.stderr)

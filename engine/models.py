@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine import remote_code, safe_json
 from engine.errors import BadInput
 from engine.resources import RESOURCES
 
@@ -90,7 +91,8 @@ def resolve(name: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise BadInput(f"model folder has no config.json: {path}")
         folder, kind = path.resolve(), "folder"
-    has_weights = any(folder.glob("*.safetensors"))
+    # An index counts too: loading checks that it names only safetensors shards in the folder.
+    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
     has_tokenizer = kind != "preset" and any((folder / f).is_file() for f in _TOKENIZER_FILES)
     return ModelSource(name=name, kind=kind, folder=folder, has_weights=has_weights,
                        has_tokenizer=has_tokenizer)
@@ -99,42 +101,85 @@ def resolve(name: str) -> ModelSource:
 @functools.lru_cache(maxsize=64)
 def _read_config_dict(config_path: str, mtime: float) -> dict[str, Any]:
     path = Path(config_path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BadInput(f"config.json is not UTF-8 text: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"config.json is not valid JSON ({exc.msg} at line {exc.lineno}): {path}") from None
+    data = safe_json.load_file(path, "model config")
     if not isinstance(data, dict):
         raise BadInput(f"config.json must hold a JSON object: {path}")
     return data
 
 
+def _code_allowed(source: ModelSource, requested: bool) -> bool:
+    """Whether this folder's own Python may run: the profile asks AND the user granted it in this
+    session (engine.remote_code); a profile file alone never enables it."""
+    return source.kind == "folder" and remote_code.allowed(source.folder, requested)
+
+
 def load_config(name: str, trust_remote_code: bool = False) -> "PretrainedConfig":
-    """The model's transformers config, read without executing anything from the folder."""
+    """The model's transformers config, read without executing anything from the folder unless
+    the profile asks for it (``trust_remote_code``) and the user granted the folder this session."""
     from transformers import CONFIG_MAPPING
 
     source = resolve(name)
     config_path = source.folder / "config.json"
-    data = dict(_read_config_dict(str(config_path), config_path.stat().st_mtime))
+    try:
+        mtime = config_path.stat().st_mtime
+    except OSError as exc:
+        raise BadInput(f"cannot read {config_path}: {exc.strerror or exc}") from None
+    data = dict(_read_config_dict(str(config_path), mtime))
     model_type = data.get("model_type")
     if not model_type or not isinstance(model_type, str):
         raise BadInput(f"config.json has no 'model_type', so the architecture is unknown: {config_path}")
-    if "auto_map" in data or model_type not in CONFIG_MAPPING:
-        if model_type not in CONFIG_MAPPING and not trust_remote_code:
-            raise BadInput(f"model type {model_type!r} needs the folder's own code; "
-                           f"pass --trust-remote-code to allow running it (off by default)")
-        if trust_remote_code:
-            from transformers import AutoConfig
+    allowed = _code_allowed(source, trust_remote_code)
+    if model_type not in CONFIG_MAPPING and not allowed:
+        asked = " (the profile asks for it, but only you can allow it, in this session)" \
+            if trust_remote_code else ""
+        raise BadInput(f"model type {model_type!r} needs the folder's own code{asked}; pass "
+                       f"--trust-remote-code (or confirm in the app) to allow running it")
+    if allowed and ("auto_map" in data or model_type not in CONFIG_MAPPING):
+        from transformers import AutoConfig
 
-            return AutoConfig.from_pretrained(str(source.folder), trust_remote_code=True,
-                                              local_files_only=True)
+        return AutoConfig.from_pretrained(str(source.folder), trust_remote_code=True,
+                                          local_files_only=True)
     data.pop("model_type", None)
+    data.pop("auto_map", None)  # without consent the folder's classes are never looked up
     try:
-        return CONFIG_MAPPING[model_type].from_dict(data)
-    except (TypeError, ValueError, KeyError) as exc:
+        config = CONFIG_MAPPING[model_type].from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise BadInput(f"config.json does not describe a valid {model_type} model: {first}") from None
+        raise BadInput(f"config.json does not describe a valid {model_type} model: {first[:200]}") from None
+    check_config_sizes(config, config_path)
+    return config
+
+
+#: Bounds for a config's sizes: far above every real model (Llama-3.1-405B: hidden 16384, 126
+#: layers, FFN 53248; Gemma: vocab 256k), low enough that arithmetic on them stays exact and fast.
+_CONFIG_LIMITS = {"hidden_size": 1 << 17, "num_attention_heads": 1 << 12, "num_hidden_layers": 1 << 12,
+                  "intermediate_size": 1 << 20, "vocab_size": 1 << 23, "num_key_value_heads": 1 << 12,
+                  "head_dim": 1 << 14, "max_position_embeddings": 1 << 27, "n_inner": 1 << 20,
+                  "n_positions": 1 << 27, "num_experts": 1 << 12, "num_local_experts": 1 << 12}
+
+
+def check_config_sizes(config: "PretrainedConfig", where: Path | str) -> None:
+    """One-line BadInput for sizes no model has (0 heads, a string width, 10**9 hidden units):
+    they would otherwise end in a division by zero, a TypeError or a day-long estimate."""
+    for key, limit in _CONFIG_LIMITS.items():
+        try:
+            value = getattr(config, key, None)  # attribute_map: gpt2's n_embd answers hidden_size
+        except (AttributeError, TypeError, ValueError):
+            value = None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadInput(f"config.json field {key!r} must be a whole number; got "
+                           f"{safe_json.short_repr(value)} ({where})")
+        optional_zero = key in ("n_inner", "num_experts", "num_local_experts", "num_key_value_heads")
+        if value < (0 if optional_zero else 1) or value > limit:
+            raise BadInput(f"config.json field {key!r} = {safe_json.short_repr(value)} is outside "
+                           f"1..{limit:,} ({where})")
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv, int) and kv and heads % kv:
+        raise BadInput(f"config.json: num_attention_heads ({heads}) is not a multiple of "
+                       f"num_key_value_heads ({kv}) ({where})")
 
 
 def family(config: "PretrainedConfig") -> str:
@@ -180,6 +225,52 @@ def check_profile(profile: "Profile") -> "PretrainedConfig":
     return config
 
 
+#: Largest safetensors header read (transformers' own limit is 100 MB); a bigger one is not a model.
+_MAX_INDEX_BYTES = 64 << 20
+
+
+def check_safetensors_weights(folder: Path) -> None:
+    """One-line BadInput unless the folder's weights are safetensors files that parse: an index may
+    name only ``*.safetensors`` shards inside the folder (never a pickle such as ``.bin``/``.pt``,
+    which ``torch.load`` would unpickle), and each file's header must be a valid safetensors header.
+    """
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        data = safe_json.load_file(index, "", max_bytes=_MAX_INDEX_BYTES)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BadInput(f"{index.name} has no weight_map: {index}")
+        shards = []
+        for shard in dict.fromkeys(weight_map.values()):
+            name = shard if isinstance(shard, str) else ""
+            if not name.endswith(".safetensors"):
+                raise BadInput(f"{index.name} points at {safe_json.short_repr(shard)}, which is not a "
+                               f"safetensors file; Headroom loads only safetensors weights (never "
+                               f"pickles): {folder}")
+            if Path(name).name != name or name.startswith("."):
+                raise BadInput(f"{index.name} points outside the model folder "
+                               f"({safe_json.short_repr(shard)}): {folder}")
+            shards.append(folder / name)
+    elif single.is_file():
+        shards = [single]
+    else:
+        stray = sorted(p.name for p in folder.glob("*.safetensors"))
+        raise BadInput(f"model folder holds {stray[0]} but no model.safetensors or "
+                       f"model.safetensors.index.json (transformers' names for its weights): {folder}")
+    from safetensors import safe_open
+
+    for shard in shards:
+        if not shard.is_file():
+            raise BadInput(f"weights file missing: {shard.name} (named in {index.name}) in {folder}")
+        try:
+            with safe_open(str(shard), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError (and OSError)
+            msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:160]
+            raise BadInput(f"{shard.name} is not a valid safetensors file ({msg}): {folder}") from None
+
+
 def attn_implementation(profile: "Profile") -> str:
     """The transformers attention implementation a profile builds with (local:W is applied later)."""
     return "eager" if profile.attn == "eager" else "sdpa"
@@ -222,19 +313,27 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
     if getattr(config, "pad_token_id", None) is None and task == "classification":
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     attn = attn_implementation(profile)
+    trust = _code_allowed(source, profile.trust_remote_code)
+    loading = source.has_weights and device != "meta"
+    if loading:
+        check_safetensors_weights(source.folder)
     try:
-        if source.has_weights and device != "meta":
+        if loading:
             model = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
                                         use_safetensors=True, attn_implementation=attn,
-                                        trust_remote_code=profile.trust_remote_code)
+                                        trust_remote_code=trust)
             model.to(device)
         else:
             with torch.device(device):
-                model = cls.from_config(config, attn_implementation=attn,
-                                        trust_remote_code=profile.trust_remote_code)
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0]
+                model = cls.from_config(config, attn_implementation=attn, trust_remote_code=trust)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, KeyError) as exc:
+        msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
         raise BadInput(f"cannot build {name} as {task}: {msg}") from None
+    except (OSError, RuntimeError) as exc:
+        if not loading:
+            raise
+        msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
+        raise BadInput(f"cannot load the weights in {source.folder}: {msg}") from None
     # transformers builds in the config's own `torch_dtype` (bf16 for Qwen/Llama configs); the
     # measured protocol is fp32 weights unless the profile asks for pure bf16/fp16.
     dtype = dtype_of(profile)
@@ -256,9 +355,12 @@ def load_tokenizer(profile: "Profile") -> "PreTrainedTokenizerBase | None":
 
     try:
         return AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True,
-                                             trust_remote_code=profile.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load the tokenizer in {source.folder}: {str(exc).splitlines()[0]}") from None
+                                             trust_remote_code=_code_allowed(source, profile.trust_remote_code))
+    except RecursionError:
+        raise BadInput(f"cannot load the tokenizer in {source.folder}: its files nest too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own (non-OSError) errors for bad files
+        msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
+        raise BadInput(f"cannot load the tokenizer in {source.folder}: {msg}") from None
 
 
 def count_parameters(model: "torch.nn.Module") -> int:

@@ -243,14 +243,16 @@ def from_dict(data: dict[str, Any]) -> Profile:
 
 def load(path: str | os.PathLike) -> Profile:
     """Read a profile JSON file (one-line BadInput for a missing file or bad content)."""
+    from engine import safe_json
+
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise BadInput(f"profile {path} is a folder; give a profile .json file")
+    if not path.exists():
         raise BadInput(f"profile file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"profile file {path} is not valid JSON: {exc.__class__.__name__}") from None
-    return from_dict(data)
+    if not path.is_file():
+        raise BadInput(f"profile {path} is not a regular file")
+    return from_dict(safe_json.load_file(path, "profile file", max_bytes=1 << 20))
 
 
 def dumps(profile: Profile) -> str:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                               QListWidget, QListWidgetItem, QPushButton, QVBoxLayout)
+                               QListWidget, QListWidgetItem, QMessageBox, QPushButton, QVBoxLayout)
 
 from app.state import AppState
 from app.widgets.common import error_color, follow_theme, note_label
 from app.worker import TaskRunner
-from engine import models
+from engine import models, remote_code
 
 _MAX_RECENT = 8
 _ROLE_NAME = Qt.ItemDataRole.UserRole
@@ -40,7 +40,35 @@ def model_folder_of(path: str | Path) -> Path | None:
 
 def _facts_key(profile) -> tuple:
     return (profile.model, profile.mode, profile.task, profile.mlp, profile.prune,
-            profile.trust_remote_code)
+            profile.trust_remote_code, remote_code.profile_granted(profile))
+
+
+def remote_code_question(folders: dict[Path, list[str]]) -> str:
+    """The confirmation text: every folder whose code would run, and its Python files."""
+    parts = ["Headroom is about to run Python code from these folders, with your rights. "
+             "Only allow it for folders you trust.", ""]
+    for folder, files in folders.items():
+        parts.append(f"{folder}")
+        shown = files[:15]
+        parts += [f"    {name}" for name in shown] or ["    (no .py files: transformers may still "
+                                                        "import modules the config names)"]
+        if len(files) > len(shown):
+            parts.append(f"    … and {len(files) - len(shown)} more")
+    parts += ["", "Allow this code to run for the rest of this session?"]
+    return "\n".join(parts)
+
+
+def confirm_remote_code(parent, folders: dict[Path, list[str]]) -> bool:
+    """Ask the user, naming the folders and their Python files; True only on an explicit Yes.
+
+    A profile file may remember that it needs the folder's code, but only this answer grants it
+    (engine.remote_code); tests replace this function.
+    """
+    box = QMessageBox(QMessageBox.Icon.Warning, "Run this model folder's code?",
+                      remote_code_question(folders),
+                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, parent)
+    box.setDefaultButton(QMessageBox.StandardButton.No)
+    return box.exec() == QMessageBox.StandardButton.Yes
 
 
 class ModelPanel(QGroupBox):
@@ -77,7 +105,11 @@ class ModelPanel(QGroupBox):
         self.on_theme_changed()
         self.trust_code = QCheckBox("Trust this folder's own model code")
         self.trust_code.setToolTip("Allow a model folder's Python code (auto_map in config.json) to run. "
-                                   "Off by default: only enable it for folders you trust.")
+                                   "Off by default: you are asked to confirm, for this session only.")
+        self.trust_note = note_label()
+        self.trust_note.setObjectName("trust_note")
+        self.trust_note.setWordWrap(True)
+        self.trust_note.hide()
         self.minilm_note = note_label()
         self.minilm_note.setObjectName("minilm_note")
         self.minilm_note.hide()
@@ -114,6 +146,7 @@ class ModelPanel(QGroupBox):
         layout.addWidget(self.recent)
         layout.addWidget(self.facts)
         layout.addWidget(self.trust_code)
+        layout.addWidget(self.trust_note)
         layout.addWidget(self.error)
 
         self._refresh_recent()
@@ -177,7 +210,31 @@ class ModelPanel(QGroupBox):
                 return
 
     def _on_trust_toggled(self, on: bool) -> None:
-        self._state.update(trust_remote_code=on)
+        profile = self._state.profile
+        if not on:
+            for folder in remote_code.model_folders(profile):
+                remote_code.revoke(folder)
+            self._state.update(trust_remote_code=False)
+            self._on_profile_changed(self._state.profile)
+            return
+        wanted = profile if profile.trust_remote_code else profile.replace(trust_remote_code=True)
+        folders = {f: remote_code.python_files(f) for f in remote_code.model_folders(wanted)}
+        if not folders or not confirm_remote_code(self, folders):
+            self._set_trust_box(False)
+            return
+        for folder in folders:
+            remote_code.grant(folder)
+        if profile.trust_remote_code:
+            # The field was already on (a loaded profile remembered it): the consent is what
+            # changed, so the views recompute what they could not before.
+            self._state.profile_changed.emit(profile)
+        else:
+            self._state.update(trust_remote_code=True)
+
+    def _set_trust_box(self, checked: bool) -> None:
+        self.trust_code.blockSignals(True)
+        self.trust_code.setChecked(checked)
+        self.trust_code.blockSignals(False)
 
     def _on_item_chosen(self, item: QListWidgetItem | None, _previous=None) -> None:
         if item is not None:
@@ -218,10 +275,12 @@ class ModelPanel(QGroupBox):
     def _on_profile_changed(self, profile) -> None:
         self._select_in_list(profile.model)
         is_folder = "/" in profile.model or "\\" in profile.model
-        self.trust_code.blockSignals(True)
-        self.trust_code.setChecked(profile.trust_remote_code)
-        self.trust_code.blockSignals(False)
+        granted = remote_code.profile_granted(profile)
+        self._set_trust_box(granted)
         self.trust_code.setVisible(is_folder or profile.trust_remote_code)
+        self.trust_note.setVisible(profile.trust_remote_code and not granted)
+        self.trust_note.setText("This profile asks to run its model folder's own code; nothing runs "
+                                "until you tick the box and confirm.")
         key = _facts_key(profile)
         if key in self._cache:
             self._show_facts(self._cache[key])

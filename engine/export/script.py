@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import engine
+from engine import remote_code
 from engine.errors import BadInput
 from engine.export import snippets
 from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
@@ -322,7 +323,7 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
     else:
         s.add("data", snippets.PARQUET)
     if model.has_tokenizer:
-        trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
+        trust = ", trust_remote_code=True" if remote_code.profile_granted(profile) else ""
         s.add("tokenizer", snippets.FOLDER_TOKENIZER.format(trust=trust))
     else:
         s.imports |= {"import base64", "import lzma", "import tokenizers"}
@@ -380,7 +381,7 @@ def _build_lines(profile: Profile, facts: ModelFacts, prefix: str, var: str) -> 
     """Body lines building one model (as ``engine.models.build_model`` does, techniques aside)."""
     cls = _AUTO_CLASS[facts.task]
     attn = "ATTENTION" if profile.attn == "eager" else '"sdpa"'
-    trust = ", trust_remote_code=True" if profile.trust_remote_code else ""
+    trust = ", trust_remote_code=True" if remote_code.profile_granted(profile) else ""
     lines = []
     if facts.kind == "preset":
         lines.append(f"    config = transformers.CONFIG_MAPPING[{prefix}_TYPE].from_dict({prefix}_CONFIG)")
