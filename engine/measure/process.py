@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine.errors import BadInput, Cancelled
+from engine.measure import child_guard
 
 #: The folder holding the ``engine`` package this process runs (site-packages, or a checkout).
 ENGINE_HOME = Path(__file__).resolve().parent.parent.parent
@@ -116,6 +117,10 @@ class MeasureProcess:
         cmd = [self.python, "-P", "-m", "engine", "measure", profile_path, "--json", "--progress"]
         if self.snapshot:
             cmd += ["--snapshot", str(self.snapshot)]
+        from engine import remote_code
+
+        if remote_code.profile_granted(self.profile):  # the user's consent, passed on by hand
+            cmd.append("--trust-remote-code")
         return cmd
 
     def start(self) -> None:
@@ -123,16 +128,23 @@ class MeasureProcess:
             return
         from engine import profile as profile_mod
 
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="headroom-measure-")
+        # The child removes this folder itself if this process dies first (child_guard).
+        self._tmpdir = tempfile.TemporaryDirectory(prefix=child_guard.TMPDIR_PREFIX,
+                                                   ignore_cleanup_errors=True)
         path = os.path.join(self._tmpdir.name, "profile.json")
         profile_mod.atomic_write_text(path, profile_mod.dumps(self.profile))
+        env = _child_env(self.profile)
         kwargs: dict[str, Any] = {}
         if os.name == "posix":
             kwargs["start_new_session"] = True  # its own process group: cancel ends all of it
+            # stdin: a pipe never written; its end-of-file tells the child this process is gone.
+            env.update({child_guard.ENV_WATCH: "1", child_guard.ENV_PARENT_PID: str(os.getpid()),
+                        child_guard.ENV_TMPDIR: self._tmpdir.name})
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        self._proc = subprocess.Popen(self.command(path), env=_child_env(self.profile),
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self._proc = subprocess.Popen(self.command(path), env=env,
+                                      stdin=subprocess.PIPE if os.name == "posix" else subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, encoding="utf-8",
                                       errors="replace", bufsize=1, **kwargs)
         for name, stream in (("stdout", self._proc.stdout), ("stderr", self._proc.stderr)):
@@ -197,7 +209,7 @@ class MeasureProcess:
         self._done = True
         if self._proc is not None:
             self.returncode = self._proc.poll()
-            for stream in (self._proc.stdout, self._proc.stderr):
+            for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
                 try:
                     if stream is not None:
                         stream.close()
