@@ -867,3 +867,11 @@ def test_light_and_dark_palettes_are_readable(qtbot, window, dark):
         assert total.color == pal.color(R.Text)
     finally:
         apply_theme(app, False)
+
+
+# ----- the launcher's smoke option ---------------------------------------------------------------
+def test_smoke_opens_the_window_and_quits_after_its_first_estimate(qtbot, capsys):
+    from app.launch import main
+
+    assert main(["--smoke"]) == 0
+    assert "window shown, gpt2 estimated at" in capsys.readouterr().out
