@@ -262,7 +262,7 @@ def test_cuda_probe_reads_the_counters_torch_reads(monkeypatch):
     give for the same stats (checked here through torch's own flattening, without a GPU)."""
     from types import SimpleNamespace
 
-    from engine.measure.probes import CudaProbe as _CudaProbe
+    from engine.measure.probes import CudaProbe
 
     def pools(current, peak):
         return {p: {"current": current, "peak": peak, "allocated": 0, "freed": 0}
@@ -275,7 +275,7 @@ def test_cuda_probe_reads_the_counters_torch_reads(monkeypatch):
                                                 reset_peak_memory_stats=resets.append))
     monkeypatch.setattr(torch.cuda.memory, "memory_stats_as_nested_dict", lambda device=None: stats)
 
-    probe = _CudaProbe(fake, "cuda:0")
+    probe = CudaProbe(fake, "cuda:0")
     probe.baseline = 1_000
     assert probe.allocated() == torch.cuda.memory_allocated() - 1_000 == 4_000
     assert probe.reserved() == torch.cuda.memory_reserved() == 20_000

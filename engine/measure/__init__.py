@@ -4,7 +4,8 @@
     result = measure_in_child(profile, progress=None, should_stop=None)             # child process
 
 ``run_measure`` is what the CLI's ``measure`` command runs (engine/measure/runner.py documents the
-protocol and how the breakdown is split); ``MeasureProcess`` / ``measure_in_child`` drive that
+protocol; inputs.py the step tensors, probes.py the memory reads, attribution.py how the breakdown is
+split, loop.py the steps); ``MeasureProcess`` / ``measure_in_child`` drive that
 command as a child process (engine/measure/process.py), which the app and ``compare --measure`` use
 so an OOM, a poisoned CUDA context or a crash cannot take them down. Importing this package does not
 import torch.

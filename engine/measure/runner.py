@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.errors import BadInput, Cancelled
@@ -138,125 +139,35 @@ def run_measure(profile, progress: Progress | None = None,
         if should_stop is not None and should_stop():
             raise Cancelled("measure cancelled")
 
-    import torch
-
-    from engine.models import build_model, check_profile, count_parameters, resolve_task
-    from engine.techniques.explanations import check_compatible
-
     device = profile.target
-    if snapshot and device != "cuda":
-        raise BadInput("snapshots need CUDA (--snapshot works with --target cuda)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("no CUDA device is available here; measure with --target cpu "
-                       "(memory_cap_bytes simulates a device size)")
-    config = check_profile(profile)
-    # BadInput (one line) for combinations that cannot work; the allocator note is configure_allocator's.
-    notes.extend(n for n in check_compatible(profile) if not n.startswith("allocator settings"))
-    task = resolve_task(profile, config)
-
+    config, task = _checked(profile, snapshot, notes)
     report(0.0, "loading data")
     steps, n_plan = inputs.prepare_steps(profile, config, task, should_stop,
                                          lambda f, m: report(_DATA_END * f, m), notes)
     check_stop()
 
-    precision = profile.precision
-    amp_dtype = {"bf16-amp": torch.bfloat16, "fp16-amp": torch.float16}.get(precision)
-
-    # -- clean device, baseline ---------------------------------------------------------------
     run = attribution.PeakAttribution()
-    rss = tracker = None
     gc.collect()
-    if device == "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.init()
-        torch.empty(0, device=dev)  # create the context now, outside the measured region
-        torch.cuda.empty_cache()
-        if pool is not None:
-            note = pool.prereserve(profile, str(dev))
-            if note:
-                notes.append(note)
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        probe = probes.CudaProbe(torch, dev)
-        probe.baseline = torch.cuda.memory_allocated(dev)
-        device_name = torch.cuda.get_device_name(dev)
-        if snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES)
-    else:
-        dev = torch.device("cpu")
-        tracker = probes.LiveBytesTracker("cpu", cap_bytes=profile.memory_cap_bytes)
-        rss = probes.RssSampler()
-        probe = probes.CpuProbe(tracker, rss)
-        device_name = _cpu_name()
-    run.probe = probe
-
+    dev, run.probe, tracker, rss, device_name = _clean_device(profile, pool, snapshot, notes)
+    probe = run.probe
+    built = _Built(precision=profile.precision)
     times = loop.StepTimes()
     oom_info: tuple[int, str, str] | None = None
-    params = 0
-    model = teacher = optimizer = scaler = None
     try:
         with rss if rss is not None else contextlib.nullcontext():
-            # -- model, teacher, optimizer ----------------------------------------------------
             report(_DATA_END, f"building {profile.model} on {device}")
-            run.phase = "model"
-            torch.manual_seed(profile.seed)
-            model = build_model(profile, str(dev))
-            if hasattr(getattr(model, "config", None), "use_cache"):
-                model.config.use_cache = False
-            params = count_parameters(model)
-            if profile.distill_from:
-                teacher = distillation.build_teacher(profile, str(dev))
-                teacher.eval()
-                for p in teacher.parameters():
-                    p.requires_grad_(False)
-            weight_tensors = list(model.parameters()) + list(model.buffers())
-            if teacher is not None:
-                weight_tensors += list(teacher.parameters()) + list(teacher.buffers())
-            run.weights = attribution.storage_bytes(weight_tensors)
-            if tracker is not None:
-                for t in weight_tensors:
-                    tracker.track(t)
-                tracker.reset_peak()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            hooks = []
-            if profile.is_training:
-                model.train()
-                if profile.optimizer == "sgd":
-                    optimizer = torch.optim.SGD(trainable, lr=1e-3)
-                else:
-                    optimizer = torch.optim.AdamW(trainable)
-                if hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
-                    hooks = [p.register_post_accumulate_grad_hook(run.grad_hook) for p in trainable]
-            else:
-                model.eval()
-
-            if amp_dtype is not None and device == "cpu":
-                amp_dtype = loop.check_cpu_autocast(model, steps[0], amp_dtype, notes,
-                                                    profile.is_training)
-                if amp_dtype is None:
-                    precision = "fp32"
-            if amp_dtype == torch.float16 and profile.is_training:
-                scaler = loop.grad_scaler(device)
-            step_loop = loop.StepLoop(
-                run, model, dev, profile, check_stop, optimizer=optimizer, teacher=teacher,
-                distill=distillation if teacher is not None else None, scaler=scaler,
-                amp_dtype=amp_dtype,
-                micro_batches=profile.micro_batches if profile.is_training else 1,
-                window=profile.chunk_input if not profile.is_training else 0)
-
+            _build(built, profile, dev, run, tracker, steps[0], notes, check_stop)
             report(_BUILD_END, "model ready")
             check_stop()
             gc.collect()
             probe.sync()
             probe.take_phase_peaks()
             run.start_timeline()
-
-            # -- the steps ------------------------------------------------------------------------
             with tracker if tracker is not None else contextlib.nullcontext():
-                loop.run_steps(step_loop, steps, probe, times,
+                loop.run_steps(built.step_loop, steps, probe, times,
                                lambda f, m: report(_BUILD_END + (1 - _BUILD_END) * f, m), rss)
             report(1.0, "done")
-            for h in hooks:
+            for h in built.hooks:
                 h.remove()
     except Cancelled:
         raise
@@ -266,7 +177,7 @@ def run_measure(profile, progress: Progress | None = None,
         if not (_is_oom(exc) or (tracker is not None and tracker.oom_raised)):
             if isinstance(exc, (RuntimeError, NotImplementedError, TypeError, ValueError)):
                 raise BadInput(f"the run failed at step {max(run.step, 0)} ({run.phase}) on {device} "
-                               f"with {precision}: {loop.first_line(exc)}") from None
+                               f"with {built.precision}: {loop.first_line(exc)}") from None
             raise
         run.sample()  # what is still referenced from the failing frames is what was live
         oom_info = (max(run.step, 0), run.phase, loop.first_line(exc))
@@ -275,10 +186,12 @@ def run_measure(profile, progress: Progress | None = None,
     # -- after the steps (or the OOM): free, read the device, build the result ---------------------
     if oom_info is not None:
         run.close_partial()
-        model = teacher = optimizer = scaler = step_loop = None  # noqa: F841 - drop references
+        built.drop()
         gc.collect()
     device_used = probe.used()
     if snapshot:
+        import torch
+
         try:
             torch.cuda.memory._dump_snapshot(snapshot)
         finally:
@@ -292,8 +205,119 @@ def run_measure(profile, progress: Progress | None = None,
         if profile.memory_cap_bytes:
             notes.append(f"simulated capacity {format_bytes(profile.memory_cap_bytes)} of live tensors")
     return _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, task=task,
-                   precision=precision, device=device, device_name=device_name,
-                   device_used=device_used, params=params, started=started)
+                   precision=built.precision, device=device, device_name=device_name,
+                   device_used=device_used, params=built.params, started=started)
+
+
+def _checked(profile, snapshot, notes: list[str]):
+    """(config, task) of a profile this machine can run; BadInput (one line) otherwise."""
+    import torch
+
+    from engine.models import check_profile, resolve_task
+    from engine.techniques.explanations import check_compatible
+
+    if snapshot and profile.target != "cuda":
+        raise BadInput("snapshots need CUDA (--snapshot works with --target cuda)")
+    if profile.target == "cuda" and not torch.cuda.is_available():
+        raise BadInput("no CUDA device is available here; measure with --target cpu "
+                       "(memory_cap_bytes simulates a device size)")
+    config = check_profile(profile)
+    # BadInput (one line) for combinations that cannot work; the allocator note is configure_allocator's.
+    notes.extend(n for n in check_compatible(profile) if not n.startswith("allocator settings"))
+    return config, resolve_task(profile, config)
+
+
+def _clean_device(profile, pool, snapshot, notes: list[str]):
+    """(device, probe, CPU tracker, RSS sampler, device name) after the protocol's clean start:
+    CUDA context created, cache emptied, the pool pre-reserved, peaks reset, baseline read."""
+    import torch
+
+    if profile.target != "cuda":
+        tracker = probes.LiveBytesTracker("cpu", cap_bytes=profile.memory_cap_bytes)
+        rss = probes.RssSampler()
+        return torch.device("cpu"), probes.CpuProbe(tracker, rss), tracker, rss, _cpu_name()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.init()
+    torch.empty(0, device=dev)  # create the context now, outside the measured region
+    torch.cuda.empty_cache()
+    if pool is not None:
+        note = pool.prereserve(profile, str(dev))
+        if note:
+            notes.append(note)
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    probe = probes.CudaProbe(torch, dev)
+    probe.baseline = torch.cuda.memory_allocated(dev)
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES)
+    return dev, probe, None, None, torch.cuda.get_device_name(dev)
+
+
+@dataclass
+class _Built:
+    """What the build made (filled as it goes, so an OOM mid-build still reports the params)."""
+
+    precision: str  # the precision that runs (CPU autocast may fall back)
+    params: int = 0
+    hooks: list = field(default_factory=list)
+    step_loop: loop.StepLoop | None = None
+
+    def drop(self) -> None:
+        """Release the model, teacher and optimizer (after an OOM, before reading the device)."""
+        self.hooks, self.step_loop = [], None
+
+
+def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[str], check_stop):
+    """The model (techniques applied, ``use_cache`` off), the teacher, the optimizer with torch's
+    defaults, the gradient hooks of the attribution, autocast and the scaler: ``built.step_loop``."""
+    import torch
+
+    from engine.models import build_model, count_parameters
+
+    run.phase = "model"
+    torch.manual_seed(profile.seed)
+    model = build_model(profile, str(dev))
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False
+    built.params = count_parameters(model)
+    teacher = None
+    if profile.distill_from:
+        teacher = distillation.build_teacher(profile, str(dev))
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    weight_tensors = list(model.parameters()) + list(model.buffers())
+    if teacher is not None:
+        weight_tensors += list(teacher.parameters()) + list(teacher.buffers())
+    run.weights = attribution.storage_bytes(weight_tensors)
+    if tracker is not None:
+        for t in weight_tensors:
+            tracker.track(t)
+        tracker.reset_peak()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if profile.is_training:
+        model.train()
+        if profile.optimizer == "sgd":
+            optimizer = torch.optim.SGD(trainable, lr=1e-3)
+        else:
+            optimizer = torch.optim.AdamW(trainable)
+        if hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+            built.hooks = [p.register_post_accumulate_grad_hook(run.grad_hook) for p in trainable]
+    else:
+        model.eval()
+    amp_dtype = {"bf16-amp": torch.bfloat16, "fp16-amp": torch.float16}.get(profile.precision)
+    if amp_dtype is not None and dev.type == "cpu":
+        amp_dtype = loop.check_cpu_autocast(model, first_step, amp_dtype, notes, profile.is_training)
+        if amp_dtype is None:
+            built.precision = "fp32"
+    scaler = loop.grad_scaler(dev.type) if amp_dtype == torch.float16 and profile.is_training \
+        else None
+    built.step_loop = loop.StepLoop(
+        run, model, dev, profile, check_stop, optimizer=optimizer, teacher=teacher,
+        distill=distillation if teacher is not None else None, scaler=scaler, amp_dtype=amp_dtype,
+        micro_batches=profile.micro_batches if profile.is_training else 1,
+        window=profile.chunk_input if not profile.is_training else 0)
 
 
 def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, task, precision,
