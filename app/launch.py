@@ -6,12 +6,26 @@ when both happened (scripts/check_wheel.sh runs it offscreen on an installed whe
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Sequence
 
 #: Seconds --smoke waits for the window and its first estimate.
 SMOKE_TIMEOUT_S = 120.0
+
+NO_DISPLAY_HINT = ("headroom: no display (DISPLAY and WAYLAND_DISPLAY are unset): run it in a desktop "
+                   "session, or set QT_QPA_PLATFORM=offscreen (no window), or start it under Xvfb "
+                   "(xvfb-run headroom); the command line works anywhere: headroom estimate --help")
+
+
+def display_missing(environ=None, platform: str | None = None) -> bool:
+    """Linux without X11/Wayland and no Qt platform chosen: Qt would abort with a page of
+    xcb plugin errors, so the launcher says what to do instead."""
+    environ = os.environ if environ is None else environ
+    if not (platform or sys.platform).startswith("linux"):
+        return False
+    return not any(environ.get(k) for k in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             pass
         return cli.main(argv)
+    if display_missing():
+        print(NO_DISPLAY_HINT, file=sys.stderr)
+        return 2
     from app.main import run_app
 
     return run_app()

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFileDialog, QHeaderVi
 from app.estimator import EstimateController
 from app.state import AppState
 from app.theme import apply_theme
-from app.widgets.common import HorizontalScrollArea
+from app.widgets.common import HorizontalScrollArea, install_wheel_guard, keep_wrapped_height
 from app.widgets.compare_view import CompareView
 from app.widgets.dataset_panel import DatasetPanel
 from app.widgets.estimate_view import EstimateView
@@ -34,11 +34,16 @@ _MESSAGE_STYLES = {
 }
 
 
+#: Below this the estimate view's bars and their legend crowd each other (px).
+VIEWS_COMFORTABLE_WIDTH = 460
+
+
 class MainWindow(QMainWindow):
     export_finished = Signal(str, bool)  # path, written
 
     def __init__(self, profile: Profile | None = None, state: AppState | None = None) -> None:
         super().__init__()
+        install_wheel_guard()  # the wheel scrolls panels; it changes a setting only with focus
         self.setWindowTitle("Headroom — memory planner")
         self.state = state or AppState(profiles=[profile] if profile else None)
         self.estimator = EstimateController(self.state, self)
@@ -66,6 +71,8 @@ class MainWindow(QMainWindow):
         left.addWidget(self.target_panel)
         left.setStretchFactor(1, 1)
         left.setSizes([200, 460, 190])
+        for panel in (self.profiles, self.model_panel, self.target_panel):
+            keep_wrapped_height(panel)  # the splitter gives wrapped facts and notes their lines
 
         # The estimate view's bars and legends want ~480 px; in a scroll area they scroll instead of
         # setting the window's minimum width (usable down to ~950 px wide).
@@ -75,6 +82,7 @@ class MainWindow(QMainWindow):
         estimate_tab.addWidget(self.run_panel)
         estimate_tab.setSizes([520, 330])
         self.tabs = QTabWidget()
+        self.tabs.setUsesScrollButtons(True)  # the tab titles never set the views' minimum width
         self.tabs.addTab(estimate_tab, "Estimate vs measured")
         self.tabs.addTab(self.dataset_panel, "Dataset")
         self.tabs.addTab(self.compare_view, "Compare profiles")
@@ -84,6 +92,9 @@ class MainWindow(QMainWindow):
         right_layout.addWidget(self.message)
         right_layout.addWidget(self.tabs, 1)
 
+        # where a window is too narrow for every column, the techniques scroll sideways rather
+        # than clip their controls
+        self.techniques.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(left)
         self.splitter.addWidget(self.techniques)
@@ -399,6 +410,31 @@ class MainWindow(QMainWindow):
         s.setValue("window/tab", self.tabs.currentIndex())
         self.state.save_all()
         s.sync()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        self._make_room_for_the_views()
+
+    def _make_room_for_the_views(self) -> None:
+        """Share a narrow window's width: the technique column keeps what its widest control needs
+        (it scrolls down, never sideways, so less would clip its controls); the views get the
+        rest, taken from the technique column's spare width first, so the bars, their legend and
+        the summary stay whole rather than scroll sideways."""
+        sizes = self.splitter.sizes()
+        if len(sizes) != 3 or not all(sizes):
+            return
+        inner = self.techniques.widget()
+        keep = max(self.techniques.minimumWidth(), inner.minimumSizeHint().width()
+                   + self.techniques.verticalScrollBar().sizeHint().width() + 2 * self.techniques.frameWidth())
+        want = max(VIEWS_COMFORTABLE_WIDTH, self.estimate_view.minimumSizeHint().width() + 4)
+        left, middle, right = sizes
+        if middle < keep:  # clipped controls first: from the views, down to their minimum
+            take = min(keep - middle, max(0, right - self.splitter.widget(2).minimumSizeHint().width()))
+            middle, right = middle + take, right - take
+        move = min(max(0, want - right), max(0, middle - keep))
+        middle, right = middle - move, right + move
+        if [left, middle, right] != sizes:
+            self.splitter.setSizes([left, middle, right])
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         self.shutdown()

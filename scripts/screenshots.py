@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/screenshots.py
 
-main.png (README): GPT-2 on the built-in sample for a 24 GiB GPU; estimate.png: the estimate view
+main.png (README): GPT-2 on the built-in sample for a 24 GiB GPU; main-1366x768.png and
+main-1024x768.png: the same window at two laptop sizes; estimate.png: the estimate view
 alone; layers.png: its per-layer breakdown; dataset.png: the length histogram; techniques.png: the
 whole technique panel (one explanation opened); measured.png: after a real measured run of
 tiny-gpt2 on this CPU; oom.png: the same model under a simulated 40 MiB capacity, ending out of
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LAPTOP_SIZES = ((1366, 768), (1024, 768))
 OUT = ROOT / "docs" / "screenshots"
 sys.path.insert(0, str(ROOT))
 
@@ -88,6 +90,12 @@ def main() -> int:
     w.show()
     wait(app, lambda: idle(w), what="model facts, dataset statistics and the estimate")
     save(w, "main.png")
+    for width, height in LAPTOP_SIZES:  # the layout at common laptop sizes: nothing overlaps
+        w.resize(width, height)
+        pump(app, 0.5)
+        save(w, f"main-{width}x{height}.png")
+    w.resize(1400, 900)
+    pump(app, 0.5)
     save(w.tabs, "estimate.png")
     dialog = w.estimate_view.show_layers()
     if dialog is not None:

@@ -7,9 +7,10 @@ from typing import Any
 
 import pyqtgraph as pg
 import shiboken6
-from PySide6.QtCore import QSize, Qt
-from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QApplication, QFrame, QLabel, QScrollArea, QWidget
+from PySide6.QtCore import QEvent, QObject, QPointF, QSize, Qt
+from PySide6.QtGui import QColor, QPalette, QValidator, QWheelEvent
+from PySide6.QtWidgets import (QAbstractScrollArea, QAbstractSpinBox, QApplication, QComboBox, QDoubleSpinBox, QFrame, QLabel,
+                               QScrollArea, QWidget)
 
 from engine.results import MemoryCategory
 
@@ -204,25 +205,29 @@ def color(name: str) -> QColor:
 
 
 class HorizontalScrollArea(QScrollArea):
-    """Scrolls its widget sideways when the area is narrower than the widget's minimum width.
+    """Scrolls its widget sideways when the area is narrower than the widget's minimum width, and
+    downwards when it is shorter than the widget needs at that width (wrapped notes included).
 
-    Vertically nothing changes: the widget always gets the area's height, as in a plain splitter
+    Otherwise the widget gets exactly the area's size, as in a plain splitter
     (``QScrollArea.setWidgetResizable`` would give word-wrapped layouts their taller preferred
-    height). So wherever the widget fits, it looks exactly as it would without the scroll area.
+    height). So wherever the widget fits, it looks exactly as it would without the scroll area;
+    where it does not, nothing overlaps: it scrolls.
     """
 
     def __init__(self, widget: QWidget, parent=None) -> None:
         super().__init__(parent)
         self.setFrameShape(QFrame.Shape.NoFrame)
-        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.setWidgetResizable(False)
         self.setWidget(widget)
         # draw nothing of its own: the tab page's background shows through, as without the area
         self.viewport().setAutoFillBackground(False)
         widget.setAutoFillBackground(False)
+        widget.installEventFilter(self)  # its content changed (a longer note): fit again
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt override
-        # narrow as needed, but as tall as the widget needs (a splitter keeps giving it that)
+        # narrow as needed, but as tall as the widget's own minimum (a splitter keeps giving it
+        # that); only wrapped text beyond it scrolls
         inner = self.widget()
         return QSize(120, inner.minimumSizeHint().height() if inner is not None else 120)
 
@@ -233,10 +238,185 @@ class HorizontalScrollArea(QScrollArea):
         super().resizeEvent(event)
         self._fit()
 
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self._fit()
+        return False
+
     def _fit(self) -> None:
         inner = self.widget()
         if inner is None:
             return
-        need = inner.minimumSizeHint().width()
-        bar = self.horizontalScrollBar().sizeHint().height() if self.width() < need else 0
-        inner.resize(max(self.width(), need), max(0, self.height() - bar))
+        bar_w = self.verticalScrollBar().sizeHint().width()
+        bar_h = self.horizontalScrollBar().sizeHint().height()
+        need_w = inner.minimumSizeHint().width()
+        width, height = self.width(), self.height()
+        wide = width < need_w
+        if wide:
+            height -= bar_h
+        need_h = minimum_height_for_width(inner, max(width, need_w))
+        if height < need_h:  # a vertical bar takes width: measure again without it
+            width -= bar_w
+            if not wide and width < need_w:
+                height -= bar_h
+            need_h = minimum_height_for_width(inner, max(width, need_w))
+        new = QSize(max(width, need_w), max(height, need_h))
+        if inner.size() != new:
+            inner.resize(new)
+
+
+def minimum_height_for_width(widget: QWidget, width: int) -> int:
+    """The height ``widget``'s layout needs at ``width`` (wrapped labels at their line count);
+    splitters and fixed-size parents ask only ``minimumSizeHint``, which a wrapped label keeps at
+    one line."""
+    layout = widget.layout()
+    if layout is None:
+        return widget.minimumSizeHint().height()
+    if layout.hasHeightForWidth():
+        return max(layout.totalMinimumSize().height(), layout.totalMinimumHeightForWidth(width))
+    return layout.totalMinimumSize().height()
+
+
+class KeepsWrappedHeight(QObject):
+    """Keeps a panel's minimum height at what its layout needs for its current width, so that a
+    splitter gives a panel with wrapped text (model facts, GPU notes) its lines instead of letting
+    the rows overlap. Install with ``keep_wrapped_height(widget)``."""
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        if event.type() in (QEvent.Type.Resize, QEvent.Type.LayoutRequest):
+            need = minimum_height_for_width(obj, obj.width())
+            if need != obj.minimumHeight():
+                obj.setMinimumHeight(need)
+        return False
+
+
+def keep_wrapped_height(widget: QWidget) -> None:
+    keeper = KeepsWrappedHeight(widget)
+    widget.installEventFilter(keeper)
+    widget.setMinimumHeight(minimum_height_for_width(widget, widget.width()))
+
+
+class WheelGuard(QObject):
+    """App-wide event filter: the mouse wheel over a combo box or spin box that does not have
+    focus scrolls the panel around it instead of silently changing the setting.
+
+    It sees every widget (an application event filter), so controls made later by any panel are
+    covered: each combo and spin box gets ``Qt.StrongFocus`` when it is polished (the default
+    ``WheelFocus`` would let the wheel itself take focus), and an unfocused one passes the wheel on
+    (ignored events propagate to the parent, up to the scroll area).
+    """
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        kind = event.type()
+        if kind == QEvent.Type.Polish and isinstance(obj, (QComboBox, QAbstractSpinBox)):
+            obj.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+            if isinstance(obj, QComboBox) and not getattr(obj, "_headroom_fits_text", False):
+                obj._headroom_fits_text = True
+                obj.currentTextChanged.connect(lambda _t, box=obj: fit_current_text(box))
+                fit_current_text(obj)
+        elif kind == QEvent.Type.Wheel and isinstance(obj, (QComboBox, QAbstractSpinBox)) \
+                and not obj.hasFocus():
+            area = _scroll_area_around(obj)
+            if area is None:
+                event.ignore()  # nothing to scroll: the setting stays as it is
+                return True
+            # to the scroll area's viewport directly: Qt hands ignored wheel events to the parents
+            # only when they come from the window system, not when sent by code
+            pos = area.viewport().mapFromGlobal(event.globalPosition().toPoint())
+            forwarded = QWheelEvent(QPointF(pos), event.globalPosition(), event.pixelDelta(),
+                                    event.angleDelta(), event.buttons(), event.modifiers(), event.phase(),
+                                    event.inverted())
+            QApplication.sendEvent(area.viewport(), forwarded)
+            event.accept()
+            return True
+        return False
+
+
+def _scroll_area_around(widget: QWidget) -> "QAbstractScrollArea | None":
+    parent = widget.parentWidget()
+    while parent is not None:
+        if isinstance(parent, QAbstractScrollArea) and not isinstance(parent, QComboBox):
+            return parent
+        parent = parent.parentWidget()
+    return None
+
+
+def fit_current_text(box: QComboBox) -> None:
+    """At least as wide as the chosen item's text, so it is never cut (a combo sized for a
+    minimum number of characters would elide "Fixed: pad every text to seq"); the popup already
+    shows every item whole."""
+    if not shiboken6.isValid(box) or box.isEditable():
+        return
+    from PySide6.QtWidgets import QStyle, QStyleOptionComboBox
+
+    opt = QStyleOptionComboBox()
+    box.initStyleOption(opt)
+    fm = box.fontMetrics()
+    text = QSize(fm.horizontalAdvance(box.currentText()) + 4, fm.height())
+    if not box.itemIcon(box.currentIndex()).isNull():
+        text.setWidth(text.width() + box.iconSize().width() + 4)
+    need = box.style().sizeFromContents(QStyle.ContentsType.CT_ComboBox, opt, text, box).width()
+    box.setMinimumWidth(need)
+
+
+def install_wheel_guard(app: QApplication | None = None) -> WheelGuard:
+    """Install the one ``WheelGuard`` on the application (again: the same one)."""
+    app = app or QApplication.instance()
+    guard = getattr(app, "_headroom_wheel_guard", None)
+    if guard is None:
+        guard = WheelGuard(app)
+        app.installEventFilter(guard)
+        app._headroom_wheel_guard = guard
+        for widget in app.allWidgets():  # widgets polished before the guard was there
+            if isinstance(widget, (QComboBox, QAbstractSpinBox)) and widget.testAttribute(
+                    Qt.WidgetAttribute.WA_WState_Polished):
+                guard.eventFilter(widget, QEvent(QEvent.Type.Polish))
+    return guard
+
+
+class ByteSizeSpinBox(QDoubleSpinBox):
+    """A memory size that reads and shows binary units: type "2 GiB", "512 MiB" or "1.5g"; a bare
+    number is in MiB. ``value()`` is MiB; the minimum shows ``specialValueText`` (e.g. "off")."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setDecimals(0)
+        self.setRange(0.0, 1024.0 * 1024)
+        self.setSingleStep(64)
+
+    def _parse(self, text: str) -> float | None:
+        from engine.errors import BadInput
+        from engine.profile import parse_bytes
+
+        text = text.strip()
+        special = self.specialValueText()
+        if special and text == special:
+            return self.minimum()
+        if not text:
+            return None
+        try:
+            float(text)
+            return float(text)  # bare number: MiB, the box's unit
+        except ValueError:
+            pass
+        try:
+            return parse_bytes(text) / MiB
+        except (BadInput, ValueError, OverflowError):
+            return None
+
+    def validate(self, text: str, pos: int):  # noqa: D102 - Qt override
+        value = self._parse(text)
+        if value is not None and self.minimum() <= value <= self.maximum():
+            return QValidator.State.Acceptable, text, pos
+        return QValidator.State.Intermediate, text, pos  # still typing ("2 G")
+
+    def valueFromText(self, text: str) -> float:  # noqa: N802 - Qt override
+        value = self._parse(text)
+        return self.value() if value is None else value
+
+    def textFromValue(self, value: float) -> str:  # noqa: N802 - Qt override
+        from engine.units import format_bytes
+
+        if value >= 1024 and value % 1024 == 0:
+            return f"{value / 1024:.0f} GiB"
+        return f"{value:.0f} MiB" if value < 1024 else format_bytes(value * MiB)

@@ -277,6 +277,7 @@ class CompareView(QWidget):
         self.png_button = QPushButton("Export PNG…")
         self.csv_button = QPushButton("Export CSV…")
         self.info = QLabel()
+        self.info.setWordWrap(True)  # a long status wraps instead of setting the window's minimum width
         bar = QHBoxLayout()
         bar.addWidget(self.info, 1)
         bar.addWidget(self.choose_button)

@@ -16,6 +16,8 @@ from app.widgets.common import (CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS, ST
                                 stacked_parts, text_item)
 from engine.units import format_bytes
 
+LOGITS_ROW = "logits + loss"  # engine.estimate.analytic.LOGITS_ROW: not an activation kept for backward
+
 _TIGHT_MARGIN = 0.10
 
 
@@ -77,11 +79,19 @@ class LayerDialog(QDialog):
         table.verticalHeader().hide()
         table.setCurrentCell(-1, -1)
         self.table = table
+        params = sum(x.params for x in layers)
+        weights = sum(x.weight_bytes for x in layers)
+        logits = sum(x.activation_bytes for x in layers if x.name == LOGITS_ROW)
+        kept = sum(x.activation_bytes for x in layers) - logits
+        est_weights = int(dict(result.breakdown).get("weights", 0))
+        self.totals = (params, weights, kept, logits)
         note = note_label(
-            f"{result.method.capitalize()} estimate · {len(layers)} modules · "
-            f"{format_bytes(sum(x.weight_bytes for x in layers))} of weights, "
-            f"{format_bytes(sum(x.activation_bytes for x in layers))} of activations kept for backward "
-            "(or live in inference). Click a column header to sort.")
+            f"{result.method.capitalize()} estimate · {len(layers)} rows, from the embeddings to the logits · "
+            f"total {params:,} parameters (the model's {result.params:,}), {format_bytes(weights)} of weights "
+            f"(the estimate's {format_bytes(est_weights)}; the embeddings row takes the buffers), "
+            f"{format_bytes(kept)} of activations kept for backward at the end of the forward, and "
+            f"{format_bytes(logits)} of logits and loss tensors at the loss (temporaries in the bars). "
+            "Click a column header to sort.")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
@@ -112,7 +122,8 @@ class EstimateView(QWidget):
         self.summary.setTextFormat(Qt.TextFormat.RichText)
         self.notes = note_label()
         self.engine_state = note_label()
-        self.traced = QCheckBox("Traced estimate (FakeTensor step: slower, closer)")
+        self.traced = QCheckBox("Traced estimate")
+        self.traced.setToolTip("Trace one step under FakeTensor: slower (seconds), closer to a real run")
         self.layers_button = QPushButton("Per-layer breakdown…")
         self.layers_button.setEnabled(False)
 
@@ -120,8 +131,8 @@ class EstimateView(QWidget):
         self.plot.setMinimumHeight(260)
         item = self.plot.getPlotItem()
         item.getAxis("bottom").setTicks([[(0, "Estimated"), (1, "Measured")]])
-        item.setXRange(-0.6, 2.5, padding=0)  # the legend sits in the empty room on the right
-        self.legend = item.addLegend(offset=(-10, 10), labelTextSize="10pt",
+        item.setXRange(-0.6, 2.5, padding=0)  # the legend sits in the room on the right (_fit_legend)
+        self.legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt",
                                      labelTextColor=legend_text_color())
         self._bars: dict[str, pg.BarGraphItem] = {}
         for cat in CATEGORIES:
@@ -138,7 +149,7 @@ class EstimateView(QWidget):
         for text in self._totals:
             item.addItem(text)
         self._not_measured = text_item(anchor=(0.5, 1.0))
-        center_lines(self._not_measured, ["not measured yet", "(Run measurement, Ctrl+R)"])
+        center_lines(self._not_measured, ["not measured", "yet (Ctrl+R)"])
         item.addItem(self._not_measured)
 
         self.status.setWordWrap(True)
@@ -154,6 +165,7 @@ class EstimateView(QWidget):
         layout.addWidget(self.notes)
         layout.addWidget(self.engine_state)
 
+        item.vb.sigResized.connect(lambda *_: self._fit_legend())
         self.traced.toggled.connect(self._on_traced_toggled)
         self.layers_button.clicked.connect(self._on_layers_clicked)
         state.estimate_changed.connect(self._on_estimate_changed)
@@ -165,6 +177,19 @@ class EstimateView(QWidget):
         self._measured = state.current.measured
         self.on_theme_changed()
         self._redraw()
+
+    def _fit_legend(self) -> None:
+        """Widen the x range so that the legend, drawn at a fixed pixel size at the top right, has
+        room right of the Measured bar at any plot width (it covered the bar in narrow windows)."""
+        item = self.plot.getPlotItem()
+        width = item.vb.width()
+        legend = self.legend.boundingRect().width() + 24
+        bars_right = 1.35  # the Measured bar ends at 1.3
+        if width <= legend + 40:
+            x_max = 2.5
+        else:
+            x_max = max(2.5, bars_right + legend * (bars_right + 0.6) / (width - legend))
+        item.setXRange(-0.6, x_max, padding=0)
 
     def on_theme_changed(self) -> None:
         base = QApplication.palette().color(QPalette.ColorRole.Base)

@@ -19,7 +19,7 @@ class ProfileList(QGroupBox):
         self._state = state
         self.ask_before_delete = True  # tests and scripts switch the question off
         self.list = QListWidget()
-        self.list.setMinimumHeight(90)
+        self.list.setMinimumHeight(56)  # three rows: the window must fit 768 px high
         self.list.setEditTriggers(QListWidget.EditTrigger.DoubleClicked | QListWidget.EditTrigger.EditKeyPressed)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._on_context_menu)

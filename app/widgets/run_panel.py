@@ -17,7 +17,8 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, Q
                                QVBoxLayout, QWidget)
 
 from app.state import AppState
-from app.widgets.common import byte_unit, center_lines, error_color, legend_text_color, make_plot, text_item
+from app.widgets.common import (byte_unit, center_lines, error_color, legend_text_color, make_plot,
+                                stacked_parts, text_item)
 from app.worker import TaskRunner
 from engine.measure.process import measure_in_child
 from engine.units import format_bytes
@@ -36,7 +37,10 @@ class RunPanel(QWidget):
         self._started = 0.0
         self._fraction = 0.0
         self._profile = None
-        self.ask_before_slow_runs = True  # tests and scripts switch the question off
+        # the questions before a run (over capacity, a big model on CPU); tests and scripts turn them off
+        self.ask_before_slow_runs = True
+        self._step_starts: list[float] = []  # monotonic time each "step i/N" message arrived
+        self._steps_total = 0
 
         self.run_button = QPushButton("Run measurement")
         self.run_button.setToolTip("Run the profile's steps for real in a child process (Ctrl+R)")
@@ -72,9 +76,16 @@ class RunPanel(QWidget):
                                                                            "anchors": [(1, 0.5), (1, 0.5)]})
         item.addItem(self._oom_line)
         self._oom_line.hide()
+        self._phase_peak_curve = item.plot([], [], pen=None, symbol="t1", symbolSize=8, symbolBrush="#4C72B0",
+                                           symbolPen=None)  # explained by the peak line's label
+        self._peak_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#4C72B0", width=1, style=Qt.PenStyle.DotLine),
+                                          label="peak allocated", labelOpts={"position": 0.02, "color": "#4C72B0",
+                                                                             "anchors": [(0, 1), (0, 1)]})
+        item.addItem(self._peak_line)
+        self._peak_line.hide()
         item.getAxis("bottom").enableAutoSIPrefix(False)
         self._timeline_hint = text_item(anchor=(0.5, 0.5))
-        center_lines(self._timeline_hint, ["Run a measurement to see allocated and reserved memory",
+        center_lines(self._timeline_hint, ["Run a measurement to see", "allocated and reserved memory",
                                            "after each phase of each step"])
         item.addItem(self._timeline_hint)
         self._show_timeline_hint(True)
@@ -122,6 +133,7 @@ class RunPanel(QWidget):
         self._profile = profile
         self._started = time.monotonic()
         self._fraction = 0.0
+        self._step_starts, self._steps_total = [], profile.steps
         self.banner.hide()
         self.result_label.setText("")
         self.progress.setValue(0)
@@ -148,8 +160,23 @@ class RunPanel(QWidget):
                                "or run `headroom measure PROFILE.json` on the GPU machine.")
                 return False
         est = self._state.current.estimate
-        if (profile.target == "cpu" and self.ask_before_slow_runs and est is not None
-                and est.params > BIG_CPU_MODEL_PARAMS):
+        if not self.ask_before_slow_runs or est is None:
+            return True
+        capacity, where = self._state.capacity_for(profile)
+        need = sum(stacked_parts(est, cpu=profile.target == "cpu").values())  # the estimate bar's top
+        if capacity and need > capacity:
+            answer = QMessageBox.question(
+                self, "Estimate exceeds the capacity",
+                f"The estimate for {profile.name!r} is {format_bytes(need)}, more than the "
+                f"{format_bytes(capacity)} of {where}. The run will likely end out of memory"
+                + (" (the CPU run stops at the simulated capacity)" if where == "simulated capacity" else
+                   " or make this machine swap" if where == "this machine's RAM" else "")
+                + ". Run anyway?")
+            if answer != QMessageBox.StandardButton.Yes:
+                self._state.show_message("info", f"Run of {profile.name!r} not started: its estimate "
+                                                 f"({format_bytes(need)}) exceeds {format_bytes(capacity)}")
+                return False
+        if profile.target == "cpu" and est.params > BIG_CPU_MODEL_PARAMS:
             answer = QMessageBox.question(
                 self, "Slow run on CPU",
                 f"{profile.model} has {est.params / 1e6:,.0f} M parameters; {profile.steps} steps of "
@@ -168,25 +195,42 @@ class RunPanel(QWidget):
         else:
             self._clock.stop()
 
+    def _run_prefix(self) -> str:
+        """Names the running profile when the panel shows another one (or the same one edited)."""
+        if self._profile is not None and self._profile != self._state.profile:
+            return f"Measuring {self._profile.name!r} (not the profile shown) · "
+        return ""
+
     def _on_progress(self, fraction: float, message: str) -> None:
         self._fraction = max(0.0, min(1.0, fraction))
         self.progress.setValue(int(self._fraction * 1000))
-        steps = self._profile.steps if self._profile is not None else 0
         m = re.search(r"step\s+(\d+)\s*(?:/|of)\s*(\d+)", message or "")
         if m:
-            counter = f"step {m.group(1)}/{m.group(2)}"
-        elif steps:
-            counter = f"step {min(steps, int(self._fraction * steps) + 1)}/{steps}"
-        else:
-            counter = ""
-        self.step_label.setText(f"{counter} · {message}" if counter and message else (message or counter))
+            step = int(m.group(1))
+            while len(self._step_starts) < step:  # when each step started, for the time left
+                self._step_starts.append(time.monotonic())
+            self._steps_total = int(m.group(2))
+        self.step_label.setText(self._run_prefix() + (message or ""))
         self._on_clock()
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        """Time left from the steps that finished after the warm-up step, or None before there is
+        one (loading, building and the first step, which includes warm-up, predict nothing)."""
+        starts = self._step_starts
+        if len(starts) < 3:
+            return None
+        now = time.monotonic() if now is None else now
+        per_step = (starts[-1] - starts[1]) / (len(starts) - 2)
+        remaining = self._steps_total - len(starts)  # steps not started yet
+        current = max(0.0, per_step - (now - starts[-1]))  # the rest of the one running
+        return remaining * per_step + current
 
     def _on_clock(self) -> None:
         elapsed = time.monotonic() - self._started
         text = f"elapsed {elapsed:.1f} s"
-        if 0.02 < self._fraction < 1.0:
-            text += f" · ~{elapsed * (1 - self._fraction) / self._fraction:.0f} s left"
+        left = self.seconds_left()
+        if left is not None and self._fraction < 1.0:
+            text += f" · ~{left:.0f} s left"
         self.time_label.setText(text)
 
     def _on_status(self, status: str) -> None:
@@ -201,7 +245,7 @@ class RunPanel(QWidget):
         self._state.set_measured(profile, result)
         if all(e.profile != profile for e in self._state.entries):
             # the profile was edited while it ran: the numbers belong to settings no profile has now
-            self.step_label.setText("Done (settings changed since)")
+            self.step_label.setText(f"Not run yet (the run of {profile.name!r} finished for settings since edited)")
             self._state.show_message("warning", f"The run of {profile.name!r} finished, but its settings were "
                                                 "edited meanwhile: run it again to see measured bars.")
         self.run_finished.emit(result)
@@ -231,16 +275,25 @@ class RunPanel(QWidget):
 
     def _on_measured_changed(self, result) -> None:
         self._oom_line.hide()
+        self._peak_line.hide()
         if result is None:
+            self._phase_peak_curve.setData([], [])
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
             self._show_timeline_hint(True)
-            if not self._runner.is_running:
+            if self._runner.is_running:
+                if self._profile != self._state.profile:  # the run is another profile's
+                    self.step_label.setText(self._run_prefix().rstrip(" ·"))
+            else:  # this profile's own state: nothing of another profile's run stays on screen
                 self.banner.hide()
+                self.progress.setValue(0)
+                self.time_label.setText("")
                 error = self._state.current.measure_error
+                self.step_label.setText("Run failed" if error else "Not run yet")
                 self.result_label.setText(f"<span style='color:{error_color()}'>{error}</span>" if error else "")
             return
         self.time_label.setText(f"took {result.elapsed_s:.1f} s")
+        self.progress.setValue(1000)
         if result.oom:
             phase = f" ({result.oom_phase})" if result.oom_phase else ""
             self.banner.setText(f"Out of memory at step {result.oom_step}{phase}")
@@ -259,7 +312,9 @@ class RunPanel(QWidget):
         points = list(result.timeline)
         if points:
             self._show_timeline_hint(False)
-            top = max(max(p.allocated_bytes, p.reserved_bytes) for p in points)
+            peak = int(result.peak_allocated_bytes)
+            # the headline's peak happens inside a phase, above the points sampled at phase ends
+            top = max([peak] + [max(p.allocated_bytes, p.reserved_bytes) for p in points])
             unit, scale = byte_unit(top)
             xs = []
             per_step: dict[int, int] = {}
@@ -272,6 +327,14 @@ class RunPanel(QWidget):
                 xs.append(p.step + k / max(1, per_step[p.step]))
             self._allocated_curve.setData(xs, [p.allocated_bytes / scale for p in points])
             self._reserved_curve.setData(xs, [p.reserved_bytes / scale for p in points])
+            # each phase's own peak (the measure's phase_peaks), drawn where its end point is
+            x_of = {(p.step, p.phase): x for x, p in zip(xs, points)}
+            phase_peaks = [(x_of[(st, ph)], b) for st, ph, b in result.extra.get("phase_peaks", ())
+                           if (st, ph) in x_of]
+            self._phase_peak_curve.setData([x for x, _ in phase_peaks], [b / scale for _, b in phase_peaks])
+            self._peak_line.setValue(peak / scale)
+            self._peak_line.label.setFormat(f"peak allocated {format_bytes(peak)}")
+            self._peak_line.setVisible(peak > 0)
             item = self.timeline.getPlotItem()
             item.setLabel("left", f"memory ({unit})")
             # major ticks: the steps; minor ticks: each point's phase (F forward, B backward, ...)
@@ -296,4 +359,5 @@ class RunPanel(QWidget):
         else:
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
+            self._phase_peak_curve.setData([], [])
             self._show_timeline_hint(True)

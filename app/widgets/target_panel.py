@@ -13,7 +13,7 @@ import subprocess
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel
 
 from app.state import COMMON_GPUS, AppState, system_memory_bytes
-from app.widgets.common import note_label
+from app.widgets.common import ByteSizeSpinBox, note_label
 from app.worker import TaskRunner
 from engine.units import format_bytes
 
@@ -101,15 +101,13 @@ class TargetPanel(QGroupBox):
         self.capacity.setDecimals(1)
         self.capacity.setSuffix(" GiB")
         self.capacity.setKeyboardTracking(False)
-        self.cpu_cap = QDoubleSpinBox()
-        self.cpu_cap.setRange(0.0, 65536)
-        self.cpu_cap.setDecimals(0)
-        self.cpu_cap.setSingleStep(64)
-        self.cpu_cap.setSuffix(" MiB")
+        self.cpu_cap = ByteSizeSpinBox()  # value in MiB; takes "2 GiB", "512 MiB"
+        self.cpu_cap.setRange(0.0, 1024.0 * 1024)
         self.cpu_cap.setSpecialValueText("off (RAM)")
         self.cpu_cap.setKeyboardTracking(False)
         self.cpu_cap.setToolTip("Simulated device capacity for CPU runs: the run stops with an "
-                                "out-of-memory result when live tensor bytes would exceed it")
+                                "out-of-memory result when live tensor bytes would exceed it. "
+                                "Type a size with its unit (2 GiB, 512 MiB); a bare number is MiB")
         self.detect_note = note_label("Looking for a GPU…")
         self.detect_note.setObjectName("gpu_detection")
         form = QFormLayout(self)

@@ -105,16 +105,37 @@ def _device_used(reserved: int, profile: Profile) -> int:
                                            profile.precision != "fp32")
 
 
-def _layers(outcome_layers: dict[str, int], profile: Profile) -> tuple[LayerBytes, ...]:
-    from engine.estimate.analytic import arch_of
+def _layers(outcome_layers: dict[str, int], profile: Profile,
+            weight_bytes: int) -> tuple[LayerBytes, ...]:
+    """Rows of the per-layer table, in model order: the embeddings, each block, the final norm and
+    LM head, a distillation teacher, and the logits; their parameters add up to the model's and
+    their weight bytes to ``weight_bytes`` (the estimate's weights: the embeddings row takes the
+    buffers and the allocator's rounding). Activations: saved for backward (training); the logits
+    row holds the logits and the loss's tensors alive at the loss (temporaries in the breakdown)."""
+    from engine.estimate import analytic
+    from engine.estimate.analytic import EMBEDDINGS_ROW, HEAD_ROW, LOGITS_ROW, arch_of
 
     arch = arch_of(profile)
-    out = []
-    for name, p in zip(arch.layer_names, arch.layer_params):
-        elt = 2 if profile.precision in ("bf16", "fp16") else 4
-        out.append(LayerBytes(name=name, params=p, weight_bytes=p * elt,
-                              activation_bytes=int(outcome_layers.get(name, 0))))
-    return tuple(out)
+    elt = 2 if profile.precision in ("bf16", "fp16") else 4
+    blocks = [LayerBytes(name=name, params=p, weight_bytes=p * elt,
+                         activation_bytes=int(outcome_layers.get(name, 0)))
+              for name, p in zip(arch.layer_names, arch.layer_params)]
+    head = LayerBytes(name=HEAD_ROW, params=arch.head_params, weight_bytes=arch.head_params * elt,
+                      activation_bytes=int(outcome_layers.get(HEAD_ROW, 0)))
+    tail = [head]
+    if profile.distill_from and profile.mode == "train":
+        t_arch = arch_of(profile, teacher=True)
+        t_elt = analytic._teacher_elt(profile)
+        tail.append(LayerBytes(name=f"teacher ({profile.distill_from}, frozen)", params=t_arch.params,
+                               weight_bytes=t_arch.params * t_elt, activation_bytes=0))
+    tail.append(LayerBytes(name=LOGITS_ROW, params=0, weight_bytes=0,
+                           activation_bytes=int(outcome_layers.get(LOGITS_ROW, 0))))
+    known = sum(x.weight_bytes for x in blocks + tail)
+    embed_params = arch.params - sum(arch.layer_params) - arch.head_params
+    embeddings = LayerBytes(name=EMBEDDINGS_ROW, params=embed_params,
+                            weight_bytes=max(0, int(weight_bytes) - known),
+                            activation_bytes=int(outcome_layers.get(EMBEDDINGS_ROW, 0)))
+    return tuple([embeddings] + blocks + tail)
 
 
 def _analytic(profile: Profile, shapes, should_stop) -> tuple:
@@ -181,7 +202,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
         if profile.distill_from:
             layers += arch_of(profile, teacher=True).layers
         method = "traced" if layers <= TRACED_MAX_LAYERS else "analytic"
-    notes = list(notes) + list(a_out.notes)
+    from engine.estimate.notes import no_effect_notes
+
+    notes = list(notes) + list(a_out.notes) + no_effect_notes(profile, [s for s, _ in shapes])
     from engine.estimate import device
 
     workspace = device.workspace_bytes(profile.target, profile.mode == "train")
@@ -198,7 +221,8 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             peak_reserved_bytes=a_out.peak_reserved,
             device_used_bytes=_device_used(a_out.peak_reserved, profile),
             breakdown=a_out.breakdown, params=a_out.params,
-            layers=_layers(a_out.layer_activations, profile), peak_batch_shape=tuple(shape),
+            layers=_layers(a_out.layer_activations, profile, a_out.breakdown.get("weights", 0)),
+            peak_batch_shape=tuple(shape),
             peak_phase=a_out.peak_phase, notes=tuple(notes),
             elapsed_s=time.perf_counter() - started,
             extra={"padded": padded, "candidates": [list(s) for s, _ in shapes]})
@@ -206,6 +230,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
         return result
 
     from engine.estimate import traced
+    from engine.estimate.analytic import LOGITS_ROW
 
     _progress(progress, 0.3, f"tracing one step at {shape[0]}x{shape[1]}")
     outcome = traced.trace_step(profile, shape, has_padding=padded, should_stop=should_stop)
@@ -229,18 +254,21 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
         if seq_events is not None:
             frag["single_step_reserved_bytes"] = reserved
             reserved = max(reserved, _traced_reserved(profile, seq_events))
-            notes.append(fragmentation.traced_note(frag, reserved))
+            notes.append(fragmentation.traced_note(frag, reserved, profile))
     breakdown = dict(outcome.breakdown)
     tmp = MemoryCategory.TEMPORARIES.value
     breakdown[tmp] = breakdown.get(tmp, 0) + workspace
     peak = outcome.peak_allocated + workspace
     reserved = max(reserved, peak)
     if outcome.backends:
-        notes.append("SDPA kernel on CUDA: " + ", ".join(outcome.backends))
+        where = "CUDA" if profile.target == "cuda" else "CPU"  # the emulation logs the target's choice
+        notes.append(f"SDPA kernel on {where}: " + ", ".join(outcome.backends))
     result = EstimateResult(
         method="traced", peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
         device_used_bytes=_device_used(int(reserved), profile), breakdown=breakdown,
-        params=outcome.params, layers=_layers(outcome.layer_activations, profile),
+        params=outcome.params,
+        layers=_layers({**outcome.layer_activations, LOGITS_ROW: a_out.layer_activations.get(LOGITS_ROW, 0)},
+                       profile, breakdown.get("weights", 0)),
         peak_batch_shape=tuple(shape), peak_phase=outcome.peak_phase, notes=tuple(notes),
         elapsed_s=time.perf_counter() - started,
         extra={"padded": padded, "peak_step": outcome.peak_step,

@@ -53,6 +53,10 @@ _ARCH_FIELDS = ("model", "trust_remote_code", "mode", "task", "prune", "mlp", "p
                 "distill_from")
 
 
+#: Keys of ``layer_activations`` for the parts outside the transformer blocks.
+EMBEDDINGS_ROW, HEAD_ROW, LOGITS_ROW = "embeddings", "final norm + LM head", "logits + loss"
+
+
 @dataclass(frozen=True)
 class Arch:
     family: str  # llama | gpt2 | bert
@@ -74,6 +78,7 @@ class Arch:
     layer_params: tuple[int, ...]  # parameters per block
     layer_names: tuple[str, ...]  # module path of each block
     largest_param: int  # numel of the largest parameter tensor (embedding)
+    head_params: int = 0  # unique parameters registered after the blocks (final norm, untied head)
 
 
 def _family(model_type: str, config) -> str:
@@ -159,12 +164,21 @@ def _arch(key: tuple) -> Arch:
         tensors.append((p.numel(), p.element_size()))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     layer_params = tuple(sum(p.numel() for p in blk.parameters()) for blk in layers)
+    # parameters after the blocks in registration order: final norm, an untied LM head, a
+    # classifier; a head tied to the embeddings is the embedding's tensor (counted there)
+    in_blocks = {id(p) for p in layers.parameters()}
+    head_params, after = 0, False
+    for p in model.parameters():  # unique, in registration order
+        if id(p) in in_blocks:
+            after = True
+        elif after:
+            head_params += p.numel()
     return Arch(family=fam, task=task, layers=len(layers), hidden=h, heads=heads, kv_heads=kv,
                 head_dim=d, ffn=ffn, gated=gated, act=act, vocab=vocab, attn_dropout=attn_drop,
                 resid_dropout=resid_drop, params=count_parameters(model),
                 param_tensors=tuple(tensors), buffer_bytes=buffers, layer_params=layer_params,
                 layer_names=tuple(f"{path}.{i}" for i in range(len(layers))),
-                largest_param=max(n for n, _ in tensors))
+                largest_param=max(n for n, _ in tensors), head_params=head_params)
 
 
 def arch_of(profile: Profile, teacher: bool = False) -> Arch:
@@ -326,6 +340,20 @@ class AnalyticOutcome:
     notes: list[str]
 
 
+def _embedding_saved(arch: Arch, E: int, r: int, cuda: bool, training: bool) -> list[int]:
+    """Bytes the embeddings save for backward (unrounded): the sum of token/position embeddings,
+    the dropout mask, (bert) the LayerNorm input. ``E`` tokens, ``r`` bytes per hidden element."""
+    h = arch.hidden
+    saved = []
+    if arch.family == "gpt2" and arch.resid_dropout and training:
+        saved.append(E * h * (1 if cuda else r))
+    if arch.family == "bert":
+        saved.append(E * h * r)
+        if arch.resid_dropout and training:
+            saved.append(E * h * (1 if cuda else r))
+    return saved
+
+
 def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training: bool):
     """(saved for backward, forward transient at the loss, backward transient at the loss)."""
     amp = precision in ("bf16-amp", "fp16-amp")
@@ -334,14 +362,7 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     r = 2 if precision in ("bf16", "fp16") else 4
     E = b * t
     h, V = arch.hidden, arch.vocab
-    saved = []
-    # embeddings: sum of token/position embeddings, dropout mask, (bert) LayerNorm input
-    if arch.family == "gpt2" and arch.resid_dropout and training:
-        saved.append(E * h * (1 if cuda else r))
-    if arch.family == "bert":
-        saved.append(E * h * r)
-        if arch.resid_dropout and training:
-            saved.append(E * h * (1 if cuda else r))
+    saved = _embedding_saved(arch, E, r, cuda, training)
     # final norm + lm_head input
     if arch.family in ("llama", "gpt2"):
         saved += [E * h * r, E * h * 4] if arch.family == "llama" else [E * h * r]
@@ -478,6 +499,11 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     acts = sum(per_layer_saved) + head_saved_b
     layer_acts = {name: per_layer_saved[i] for i, name in enumerate(arch.layer_names)} \
         if training else {}
+    # the parts outside the blocks, so that the per-layer table adds up (LayerBytes rows)
+    emb_saved = sum(_r(x, cuda) for x in _embedding_saved(arch, b * t, r_bytes, cuda, training))
+    if training:
+        layer_acts[EMBEDDINGS_ROW] = emb_saved
+        layer_acts[HEAD_ROW] = head_saved_b - emb_saved
 
     # ----- phases ------------------------------------------------------------------------
     candidates: list[tuple[int, str, dict]] = []
@@ -535,6 +561,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         add("forward", weights, 0, 0, 0, inputs + workspace + autocast_copies +
             _r(E * arch.hidden * 4, cuda) * 2 + loss_fwd)
         del e
+    # logits and the loss's tensors alive at the loss (temporaries in the breakdown)
+    layer_acts[LOGITS_ROW] = loss_fwd + (teacher_logits if training and t_arch is not None else 0)
     peak, phase, breakdown = max(candidates, key=lambda c: c[0])
     if window and not cuda:
         notes.append("local attention on CPU: blocked implementation, O(T*2W) per layer")
@@ -574,4 +602,4 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
                            notes=notes)
 
 
-__all__ = ["Arch", "arch_of", "estimate_shape", "layer_cost"]
+__all__ = ["EMBEDDINGS_ROW", "HEAD_ROW", "LOGITS_ROW", "Arch", "arch_of", "estimate_shape", "layer_cost"]

@@ -220,15 +220,22 @@ def sequence_events(profile: Profile, worst: Shape, worst_events: Events,
     return out, info
 
 
+def _pad_hint(profile: Profile | None) -> str:
+    """The --pad-multiple suggestion, only for a profile that does not round lengths already."""
+    if profile is not None and profile.pad_multiple > 1:
+        return ""
+    return "; --pad-multiple 64 caps the shapes at about 10"
+
+
 def analytic_note(profile: Profile, n_distinct: int) -> str:
     """The analytic estimator's caveat for plans with several batch shapes."""
     return (f"{n_distinct} distinct batch shapes: the caching allocator keeps the segments of "
             "every shape, so reserved memory can exceed this single-step estimate (H100: "
             "+33-40% gpt2, +120% Qwen2.5-0.5B token-budget); the traced estimator replays the "
-            "plan's order; --pad-multiple 64 caps the shapes at about 10")
+            "plan's order" + _pad_hint(profile))
 
 
-def traced_note(info: dict, reserved: int) -> str:
+def traced_note(info: dict, reserved: int, profile: Profile | None = None) -> str:
     """The traced estimator's note on the replay (bytes shown in MiB)."""
     single = info.get("single_step_reserved_bytes", reserved)
     shapes = ", ".join(f"{b}x{t}" for b, t in info.get("replayed", []))
@@ -237,4 +244,4 @@ def traced_note(info: dict, reserved: int) -> str:
             f"that grow the cache, in plan order ({shapes}; {info.get('records', 0)} such "
             f"batches in the plan): {reserved / 2**20:,.0f} MiB vs {single / 2**20:,.0f} MiB for "
             "one step at the worst shape; the order matters (another seed can differ by tens of "
-            "percent); --pad-multiple 64 caps the shapes at about 10")
+            "percent)" + _pad_hint(profile))

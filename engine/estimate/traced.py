@@ -127,6 +127,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     """Run the measured protocol for one batch shape on meta tensors (or on real CPU tensors when
     ``fake`` is False and a real ``model`` is given, for validation) and account every byte."""
     from engine.errors import BadInput, Cancelled
+    from engine.estimate.analytic import EMBEDDINGS_ROW, HEAD_ROW
     from engine.models import count_parameters, find_layers, load_config, resolve_task
 
     target = profile.target
@@ -167,10 +168,23 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                 tracker.current_layer = name
 
             def post(_m, _a, _o):
-                tracker.current_layer = ""
+                tracker.current_layer = HEAD_ROW  # until the next block: the final norm, the head
 
             hooks.append(layer.register_forward_pre_hook(pre))
             hooks.append(layer.register_forward_hook(post))
+
+        # outside the blocks: before the first, the embeddings; after the LM head, the loss (whose
+        # tensors the per-layer table takes from the analytic model's logits row)
+        def before_model(_m, _a, _k):
+            tracker.current_layer = EMBEDDINGS_ROW
+
+        def after_head(_m, _a, _o):
+            tracker.current_layer = ""
+
+        hooks.append(model.register_forward_pre_hook(before_model, with_kwargs=True))
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(output, torch.nn.Module):
+            hooks.append(output.register_forward_hook(after_head))
 
     def autocast_ctx():
         if amp is None:
