@@ -238,7 +238,7 @@ def test_run_status_belongs_to_the_profile_and_the_timeline_shows_the_peak(qtbot
     # the headline's peak is above every phase-end point; the timeline shows it
     scale = MiB
     assert panel._peak_line.isVisible() and panel._peak_line.value() == pytest.approx(peak / scale)
-    assert "30.00 MiB" in panel._peak_line.label.format
+    assert "30.00 MiB" in panel._peak_line.label.format and "30.00 MiB" in panel._peak_line.label.toPlainText()
     top = panel.timeline.getPlotItem().vb.viewRange()[1][1]
     assert top >= peak / scale
     xs, ys = panel._phase_peak_curve.getData()

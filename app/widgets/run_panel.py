@@ -332,9 +332,10 @@ class RunPanel(QWidget):
             phase_peaks = [(x_of[(st, ph)], b) for st, ph, b in result.extra.get("phase_peaks", ())
                            if (st, ph) in x_of]
             self._phase_peak_curve.setData([x for x, _ in phase_peaks], [b / scale for _, b in phase_peaks])
-            self._peak_line.setValue(peak / scale)
+            self._peak_line.setVisible(peak > 0)  # first: a hidden line's label ignores changes
             self._peak_line.label.setFormat(f"peak allocated {format_bytes(peak)}")
-            self._peak_line.setVisible(peak > 0)
+            self._peak_line.setValue(peak / scale)
+            self._peak_line.label.valueChanged()  # the same value again still shows the new text
             item = self.timeline.getPlotItem()
             item.setLabel("left", f"memory ({unit})")
             # major ticks: the steps; minor ticks: each point's phase (F forward, B backward, ...)
