@@ -96,9 +96,10 @@ def child(args) -> dict:
         return {"step_time_s": r.step_time_s, "first_step_s": r.first_step_s,
                 "peak_allocated_bytes": r.peak_allocated_bytes}
     from engine.measure.runner import _prepare_steps
-    from engine.models import check_profile, resolve_task
+    from engine.models import resolve_task
+    from engine.prepare import prepare
 
-    config = check_profile(profile)
+    config = prepare(profile).config
     steps, _ = _prepare_steps(profile, config, resolve_task(profile, config), None,
                            lambda f, m: None, [])
     batches = [(s.input_ids, s.attention_mask, s.labels) for s in steps]

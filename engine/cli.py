@@ -19,52 +19,16 @@ from typing import Any, Callable, Sequence
 import engine
 from engine import profile as profile_mod
 from engine.errors import BadInput, Cancelled
+from engine.prepare import prepare
 from engine.profile import Profile
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
 EXPORT_FORMATS = ("py", "md", "json")  # headroom export --format: script, summary, profile
 
-#: flag -> (Profile field, argparse kwargs). One table so the CLI, the docs and tests agree.
-PROFILE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--name": ("name", {"help": "label for this profile"}),
-    "--model": ("model", {"metavar": "NAME|DIR", "help": "preset name, 'minilm', or a folder with config.json"}),
-    "--trust-remote-code": ("trust_remote_code", {"action": "store_true", "default": None,
-                                                  "help": "allow a model folder's own code to run"}),
-    "--mode": ("mode", {"choices": profile_mod.MODES}),
-    "--task": ("task", {"choices": profile_mod.TASKS}),
-    "--batch": ("batch", {"type": int, "metavar": "N"}),
-    "--seq": ("seq", {"type": int, "metavar": "N"}),
-    "--precision": ("precision", {"choices": profile_mod.PRECISIONS}),
-    "--checkpointing": ("checkpointing", {"action": "store_true", "default": None}),
-    "--checkpoint-every": ("checkpoint_every", {"type": int, "metavar": "K"}),
-    "--attn": ("attn", {"metavar": "sdpa|eager|local:W"}),
-    "--optimizer": ("optimizer", {"choices": profile_mod.OPTIMIZERS}),
-    "--target": ("target", {"choices": profile_mod.TARGETS}),
-    "--dataset": ("dataset", {"metavar": "builtin|PATH"}),
-    "--text-column": ("text_column", {"metavar": "NAME"}),
-    "--padding": ("padding", {"choices": profile_mod.PADDINGS}),
-    "--pad-multiple": ("pad_multiple", {"type": int, "metavar": "N"}),
-    "--max-tokens": ("max_tokens", {"type": int, "metavar": "N"}),
-    "--micro-batches": ("micro_batches", {"type": int, "metavar": "N"}),
-    "--chunk-input": ("chunk_input", {"type": int, "metavar": "W"}),
-    "--prune": ("prune", {"metavar": "unstructured:F|heads:F|ffn:F"}),
-    "--mlp": ("mlp", {"choices": profile_mod.MLPS}),
-    "--ffn-chunks": ("ffn_chunks", {"type": int, "metavar": "N"}),
-    "--distill-from": ("distill_from", {"metavar": "NAME|DIR"}),
-    "--teacher-precision": ("teacher_precision", {"choices": profile_mod.TEACHER_PRECISIONS,
-                                                  "help": "distillation teacher's weight dtype "
-                                                          "(auto: the student's half dtype on CUDA)"}),
-    "--alloc": ("alloc", {"metavar": "default|expandable|pool:SIZE"}),
-    "--alloc-max-split": ("alloc_max_split", {"type": lambda v: "" if v.strip().lower() in ("", "none", "off")
-                                              else v.strip(), "metavar": "SIZE|none",
-                                              "help": "never split cached blocks this large "
-                                                      "(max_split_size_mb), e.g. 512MiB"}),
-    "--steps": ("steps", {"type": int, "metavar": "N"}),
-    "--seed": ("seed", {"type": int, "metavar": "N"}),
-    "--memory-cap": ("memory_cap_bytes", {"type": profile_mod.parse_bytes, "metavar": "SIZE",
-                                          "help": "simulated device capacity for CPU runs"}),
-}
+#: flag -> profile field: the core fields and every technique's (``engine.techniques``), one table
+#: so the CLI, the docs and tests agree.
+PROFILE_FLAGS: dict[str, profile_mod.Field] = {f.cli_flag: f for f in profile_mod.FIELDS if f.cli}
 
 #: A hook the desktop launcher installs to render comparison PNGs (the engine has no Qt).
 png_renderer: Callable[[list[dict[str, Any]], str], None] | None = None
@@ -78,10 +42,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_profile_flags(p: argparse.ArgumentParser, with_file: bool = True) -> None:
     if with_file:
         p.add_argument("profile", nargs="?", metavar="PROFILE.json", help="start from this profile")
-    for flag, (field, kwargs) in PROFILE_FLAGS.items():
-        kwargs = dict(kwargs)
-        kwargs.setdefault("default", None)
-        p.add_argument(flag, dest=field, **kwargs)
+    for flag, field in PROFILE_FLAGS.items():
+        p.add_argument(flag, **field.argparse_kwargs())
     p.add_argument("--save", metavar="PROFILE.json", help="write the resulting profile")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -127,10 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
     base = profile_mod.load(args.profile) if getattr(args, "profile", None) else Profile()
-    changes = {field: getattr(args, field) for field, _ in PROFILE_FLAGS.values()
-               if getattr(args, field, None) is not None}
-    if "memory_cap_bytes" in changes and changes["memory_cap_bytes"] < 0:
-        raise BadInput("--memory-cap must be positive")
+    changes = {f.name: getattr(args, f.name) for f in PROFILE_FLAGS.values()
+               if getattr(args, f.name, None) is not None}
     return profile_mod.validate(dataclasses.replace(base, **changes))
 
 
@@ -242,9 +202,6 @@ def _export_estimate(profile: Profile) -> Any:
 
 def cmd_export(args: argparse.Namespace, profile: Profile, started: float) -> int:
     from engine.export import export_profile_json, export_script, export_summary_markdown
-    from engine.techniques.explanations import check_compatible
-
-    check_compatible(profile)  # incompatible combinations: the same one-line error as estimate/measure
     if args.format == "json":
         text = export_profile_json(profile)
     elif args.format == "md":
@@ -346,10 +303,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         profile = profile_from_args(args)
         if getattr(args, "trust_remote_code", None):
             grant_remote_code(profile)
-        if args.command != "export":  # export writes a script even for models this machine lacks
-            from engine.models import check_profile
-
-            check_profile(profile)
+        prepare(profile)  # the one gate: every command refuses the same profiles, the same way
         code = COMMANDS[args.command](args, profile, started)
         if args.save:
             profile_mod.save(profile, args.save)

@@ -211,20 +211,6 @@ def max_positions(config: "PretrainedConfig") -> int | None:
     return None
 
 
-def check_profile(profile: "Profile") -> "PretrainedConfig":
-    """Model-dependent validation: the config loads, the sequence fits the model's positions."""
-    config = load_config(profile.model, profile.trust_remote_code)
-    limit = max_positions(config)
-    per_forward = profile.chunk_input or profile.seq
-    if limit is not None and per_forward > limit:
-        hint = "; use --chunk-input W for long inputs at inference" if profile.mode == "infer" else ""
-        raise BadInput(f"sequence length {per_forward} exceeds {profile.model}'s limit of {limit} "
-                       f"positions{hint}")
-    if profile.distill_from:
-        load_config(profile.distill_from, profile.trust_remote_code)
-    return config
-
-
 #: Largest safetensors header read (transformers' own limit is 100 MB); a bigger one is not a model.
 _MAX_INDEX_BYTES = 64 << 20
 
@@ -437,8 +423,10 @@ class ModelFacts:
 
 def model_facts(profile: "Profile") -> ModelFacts:
     """What the model panel and `headroom inspect` show; built on meta, nothing allocated."""
+    from engine.prepare import prepare
+
     source = resolve(profile.model)
-    config = check_profile(profile)
+    config = prepare(profile).config
     model = build_model(profile, "meta")
     _, layers = find_layers(model)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or \

@@ -64,16 +64,13 @@ class PlanResult:
 def _limit(profile: Profile, vary: str) -> int:
     if vary == "batch":
         return MAX_BATCH
-    from engine.models import load_config, max_positions
+    from engine import techniques
+    from engine.prepare import prepare
 
-    if profile.mode == "infer" and profile.chunk_input:
-        return MAX_SEQ
-    limit = max_positions(load_config(profile.model, profile.trust_remote_code))
-    if profile.distill_from:
-        t_limit = max_positions(load_config(profile.distill_from, profile.trust_remote_code))
-        if t_limit:
-            limit = min(limit or t_limit, t_limit)
-    return int(limit or MAX_SEQ)
+    prepared = prepare(profile)
+    if any(techniques.get(name).forward_tokens for name in prepared.active):
+        return MAX_SEQ  # inputs in windows: any length fits the positions
+    return int(prepared.max_positions or MAX_SEQ)
 
 
 def _with_value(profile: Profile, vary: str, value: int) -> Profile:

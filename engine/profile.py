@@ -2,8 +2,11 @@
 
 A Profile is what flows into every engine function (estimate, measure, plan, export) and what the
 app keeps, compares and saves. It is JSON on disk, with ``schema_version`` so older files can be
-read by newer versions. Validation here is structural (types, ranges, grammar of compound values);
-checks that need the model (sequence beyond its positions) live in ``engine.models``.
+read by newer versions. The record is built from the core fields below plus the fields every
+technique module declares (``engine.techniques``), so a new technique adds its fields without
+editing this file. Validation here is structural (types, ranges, grammar of compound values, rules
+between fields); checks that need the model (sequence beyond its positions) live in
+``engine.prepare``.
 """
 
 from __future__ import annotations
@@ -13,116 +16,19 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from engine import techniques
 from engine.errors import BadInput
-from engine.units import format_bytes
+from engine.techniques.base import Field
 
 SCHEMA_VERSION = 1
 
 MODES = ("train", "infer")
 TASKS = ("auto", "causal-lm", "masked-lm", "classification")
-PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 TARGETS = ("cuda", "cpu")
-PADDINGS = ("fixed", "dynamic", "bucketed", "token-budget")
-MLPS = ("default", "geglu")
-PRUNE_KINDS = ("unstructured", "heads", "ffn")
-TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MAX_SPLIT_FLOOR_MIB = 20  # PyTorch refuses max_split_size_mb <= 20 (kLargeBuffer, 20 MiB)
-
-_ATTN_RE = re.compile(r"^(sdpa|eager|local:(\d+))$")
-_PRUNE_RE = re.compile(r"^(unstructured|heads|ffn):(0(\.\d+)?|1(\.0+)?|\.\d+)$")
-_ALLOC_RE = re.compile(r"^(default|expandable|pool:(\d+(\.\d+)?)\s*([KMGT]i?B|B)?)$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Profile:
-    schema_version: int = SCHEMA_VERSION  # format version of this record
-    name: str = "default"  # the user's label for this profile
-    model: str = "gpt2"  # preset name, "minilm", or a folder holding config.json
-    trust_remote_code: bool = False  # allow a model folder's own Python code to run (off: safe)
-    mode: str = "train"  # train: fwd+loss+bwd+step; infer: forward under no_grad
-    task: str = "auto"  # head: auto picks causal-lm for decoders, masked-lm for encoders
-    batch: int = 8  # sequences per optimizer step (fixed-count strategies)
-    seq: int = 512  # max sequence length in tokens (pad/truncate length)
-    precision: str = "fp32"  # fp32 | fp16-amp | bf16-amp (autocast) | fp16 | bf16 (pure weights)
-    checkpointing: bool = False  # gradient checkpointing (recompute activations in backward)
-    checkpoint_every: int = 1  # with checkpointing: checkpoint every k-th layer (1 = all)
-    attn: str = "sdpa"  # sdpa | eager | local:W (sliding window of W tokens)
-    optimizer: str = "adamw"  # adamw | sgd (torch defaults for the device)
-    target: str = "cuda"  # device the run is for: cuda | cpu
-    dataset: str = "builtin"  # "builtin" sample corpus, or a .txt/.csv/.jsonl/.parquet path
-    text_column: str = ""  # column holding the text ("" = find it)
-    padding: str = "fixed"  # fixed | dynamic | bucketed | token-budget
-    pad_multiple: int = 1  # pad lengths up to a multiple of this (1 = off)
-    max_tokens: int = 0  # token-budget batching: tokens per batch, padding included (0 = batch*seq)
-    micro_batches: int = 1  # training: split each batch in N micro-batches, accumulate gradients
-    chunk_input: int = 0  # inference: process long inputs in windows of W tokens (0 = off)
-    prune: str = ""  # "" | unstructured:F | heads:F | ffn:F (F = fraction removed)
-    mlp: str = "default"  # default | geglu (gated GeGLU block of matched parameter count)
-    ffn_chunks: int = 1  # feed-forward applied to N sequence chunks (1 = off)
-    distill_from: str = ""  # teacher model (preset or folder) for knowledge distillation
-    teacher_precision: str = "auto"  # teacher weights: auto (student's half dtype on CUDA) | fp32|bf16|fp16
-    alloc: str = "default"  # default | expandable | pool:SIZE (CUDA caching allocator setup)
-    alloc_max_split: str = ""  # "" | SIZE: blocks this large or larger are never split (max_split_size_mb)
-    steps: int = 3  # measured steps (the first is warm-up, excluded from timings)
-    seed: int = 0  # seed for data order, init and sampling
-    memory_cap_bytes: int = 0  # simulated device capacity for CPU runs (0 = none)
-
-    # ----- derived views -------------------------------------------------------------------
-    @property
-    def local_window(self) -> int:
-        """Window W of ``attn == 'local:W'``, else 0."""
-        return int(self.attn.split(":", 1)[1]) if self.attn.startswith("local:") else 0
-
-    @property
-    def prune_kind(self) -> str:
-        return self.prune.split(":", 1)[0] if self.prune else ""
-
-    @property
-    def prune_fraction(self) -> float:
-        return float(self.prune.split(":", 1)[1]) if self.prune else 0.0
-
-    @property
-    def is_training(self) -> bool:
-        return self.mode == "train"
-
-    @property
-    def alloc_pool_bytes(self) -> int:
-        """Size of ``alloc == 'pool:SIZE'`` in bytes, else 0."""
-        if not self.alloc.lower().startswith("pool:"):
-            return 0
-        return parse_bytes(self.alloc.split(":", 1)[1])
-
-    @property
-    def alloc_max_split_bytes(self) -> int:
-        """``alloc_max_split`` in bytes (a whole number of MiB), else 0 (no limit)."""
-        return parse_bytes(self.alloc_max_split) if self.alloc_max_split.strip() else 0
-
-    @property
-    def alloc_max_split_mib(self) -> int:
-        """``max_split_size_mb`` for PYTORCH_CUDA_ALLOC_CONF, else 0 (not set)."""
-        return self.alloc_max_split_bytes // 2**20
-
-    def replace(self, **changes: Any) -> "Profile":
-        """A validated copy with some fields changed."""
-        return validate(dataclasses.replace(self, **changes))
-
-    def non_defaults(self) -> dict[str, Any]:
-        """Fields whose value differs from the default (for export and summaries)."""
-        default = Profile()
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("schema_version",) and getattr(self, f.name) != getattr(default, f.name)
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4,
@@ -137,86 +43,129 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _field_types() -> dict[str, type]:
-    out = {}
-    for f in fields(Profile):
-        out[f.name] = {"int": int, "str": str, "bool": bool, "float": float}[str(f.type)]
-    return out
+def _check_model(value: str) -> None:
+    if not value.strip():
+        raise BadInput("model must name a preset or a folder holding config.json")
 
 
-FIELD_TYPES = _field_types()
+def _memory_cap(text: str) -> int:
+    size = parse_bytes(text)
+    if size < 0:  # pragma: no cover - parse_bytes reads no sign
+        raise BadInput("--memory-cap must be positive")
+    return size
+
+
+#: The run itself (not a technique); each technique's fields come from its module
+#: (``engine.techniques``) and are placed in the record after the field they name.
+CORE_FIELDS: tuple[Field, ...] = (
+    Field("schema_version", int, SCHEMA_VERSION, "format version of this record", cli=False),
+    Field("name", str, "default", "the user's label for this profile"),
+    Field("model", str, "gpt2", 'preset name, "minilm", or a folder holding config.json',
+          check=_check_model, metavar="NAME|DIR"),
+    Field("trust_remote_code", bool, False, "allow a model folder's own Python code to run (off: safe)", label="trust remote code"),
+    Field("mode", str, "train", "train: fwd+loss+bwd+step; infer: forward under no_grad", choices=MODES),
+    Field("task", str, "auto", "head: auto picks causal-lm for decoders, masked-lm for encoders",
+          choices=TASKS, label="task head"),
+    Field("batch", int, 8, "sequences per optimizer step (fixed-count strategies)", minimum=1,
+          metavar="N"),
+    Field("seq", int, 512, "max sequence length in tokens (pad/truncate length)", minimum=1,
+          metavar="N", label="sequence length"),
+    Field("optimizer", str, "adamw", "adamw | sgd (torch defaults for the device)", choices=OPTIMIZERS),
+    Field("target", str, "cuda", "device the run is for: cuda | cpu", choices=TARGETS, label="target device"),
+    Field("dataset", str, "builtin", '"builtin" sample corpus, or a .txt/.csv/.jsonl/.parquet path',
+          metavar="builtin|PATH"),
+    Field("text_column", str, "", 'column holding the text ("" = find it)', metavar="NAME", label="text column"),
+    Field("steps", int, 3, "measured steps (the first is warm-up, excluded from timings)", minimum=1,
+          metavar="N"),
+    Field("seed", int, 0, "seed for data order, init and sampling", minimum=0, metavar="N"),
+    Field("memory_cap_bytes", int, 0, "simulated device capacity for CPU runs (0 = none)", minimum=0,
+          flag="--memory-cap", metavar="SIZE", parse=_memory_cap, label="simulated capacity"),
+)
+
+
+def _ordered_fields() -> tuple[Field, ...]:
+    """Core fields, with every technique's fields placed after the field each names."""
+    order = list(CORE_FIELDS)
+    pending: list[tuple[Field, str | None]] = []
+    for technique in techniques.registry():
+        previous = None
+        for f in technique.fields:
+            pending.append((f, f.after or previous))
+            previous = f.name
+    while pending:
+        names = [f.name for f in order]
+        placed = [(f, a) for f, a in pending if a in names]
+        if not placed:  # anchors absent: append in registry order
+            order.extend(f for f, _ in pending)
+            break
+        for f, anchor in placed:
+            order.insert([x.name for x in order].index(anchor) + 1, f)
+        pending = [(f, a) for f, a in pending if (f, a) not in placed]
+    names = [f.name for f in order]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two profile fields share a name: {sorted(names)}")
+    return tuple(order)
+
+
+FIELDS: tuple[Field, ...] = _ordered_fields()
+FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+
+
+def _is_training(self) -> bool:
+    return self.mode == "train"
+
+
+def _replace(self, **changes: Any) -> "Profile":
+    """A validated copy with some fields changed."""
+    return validate(dataclasses.replace(self, **changes))
+
+
+def _non_defaults(self) -> dict[str, Any]:
+    """Fields whose value differs from the default (for export and summaries)."""
+    return {f.name: getattr(self, f.name) for f in FIELDS
+            if f.name != "schema_version" and getattr(self, f.name) != f.default}
+
+
+def _to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _namespace() -> dict[str, Any]:
+    ns: dict[str, Any] = {
+        "__doc__": "Every setting of one planned run (fields: ``engine.profile.FIELDS``).",
+        "__module__": __name__,
+        "is_training": property(_is_training),
+        "replace": _replace, "non_defaults": _non_defaults, "to_dict": _to_dict,
+    }
+    for technique in techniques.registry():
+        for name, fn in technique.properties.items():  # derived views, e.g. local_window
+            if name in ns or name in FIELDS_BY_NAME:
+                raise RuntimeError(f"technique {technique.name}: property {name!r} is taken")
+            ns[name] = property(fn, doc=fn.__doc__)
+    return ns
+
+
+#: One frozen dataclass: the core fields plus every registered technique's fields.
+Profile = dataclasses.make_dataclass(
+    "Profile", [(f.name, f.type, dataclasses.field(default=f.default, metadata={"help": f.help}))
+                for f in FIELDS], namespace=_namespace(), frozen=True)
+
+FIELD_TYPES: dict[str, type] = {f.name: f.type for f in FIELDS}
 
 
 def validate(profile: Profile) -> Profile:
-    """Check types, ranges and grammar; return the profile or raise BadInput (one line)."""
-    for name, typ in FIELD_TYPES.items():
-        value = getattr(profile, name)
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-        if not ok:
-            raise BadInput(f"profile field {name!r} must be {typ.__name__}, got {value!r}")
-    p = profile
-    if p.schema_version > SCHEMA_VERSION:
-        raise BadInput(f"profile schema_version {p.schema_version} is newer than this Headroom "
+    """Check types, ranges and grammar of every field, then each technique's rules between fields;
+    return the profile or raise BadInput (one line). Rules that need the model: ``engine.prepare``."""
+    schema = profile.schema_version
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA_VERSION:
+        raise BadInput(f"profile schema_version {schema} is newer than this Headroom "
                        f"understands ({SCHEMA_VERSION}); upgrade Headroom")
-    choices = {"mode": MODES, "task": TASKS, "precision": PRECISIONS, "optimizer": OPTIMIZERS,
-               "target": TARGETS, "padding": PADDINGS, "mlp": MLPS}
-    for name, allowed in choices.items():
-        if getattr(p, name) not in allowed:
-            raise BadInput(f"{name} must be one of {', '.join(allowed)}; got {getattr(p, name)!r}")
-    for name, low in (("batch", 1), ("seq", 1), ("checkpoint_every", 1), ("pad_multiple", 1),
-                      ("max_tokens", 0), ("micro_batches", 1), ("chunk_input", 0),
-                      ("ffn_chunks", 1), ("steps", 1), ("seed", 0), ("memory_cap_bytes", 0)):
-        if getattr(p, name) < low:
-            raise BadInput(f"{name} must be >= {low}; got {getattr(p, name)}")
-    if not p.model.strip():
-        raise BadInput("model must name a preset or a folder holding config.json")
-    m = _ATTN_RE.match(p.attn)
-    if not m:
-        raise BadInput(f"attn must be sdpa, eager or local:W (W a positive integer); got {p.attn!r}")
-    if m.group(2) is not None and int(m.group(2)) < 1:
-        raise BadInput("local attention window W must be >= 1")
-    if p.prune and not _PRUNE_RE.match(p.prune):
-        raise BadInput(f"prune must be unstructured:F, heads:F or ffn:F with 0 <= F < 1; got {p.prune!r}")
-    if p.prune and p.prune_fraction >= 1.0:
-        raise BadInput("prune fraction must be below 1 (something must remain)")
-    if not _ALLOC_RE.match(p.alloc):
-        raise BadInput(f"alloc must be default, expandable or pool:SIZE (e.g. pool:8GiB); got {p.alloc!r}")
-    if p.alloc.lower().startswith("pool:"):
-        parse_bytes(p.alloc.split(":", 1)[1])
-    if p.alloc_max_split.strip():
-        _check_max_split(p)
-    if p.micro_batches > p.batch:
-        raise BadInput(f"micro_batches ({p.micro_batches}) cannot exceed batch ({p.batch})")
-    if p.micro_batches > 1 and p.mode != "train":
-        raise BadInput("micro_batches (gradient accumulation) applies to training only")
-    if p.chunk_input and p.mode != "infer":
-        raise BadInput("chunk_input (windowed long inputs) applies to inference only; "
-                       "for training use micro_batches")
-    if p.distill_from and p.mode != "train":
-        raise BadInput("distill_from (knowledge distillation) applies to training only")
-    if p.teacher_precision not in TEACHER_PRECISIONS:
-        raise BadInput(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}; "
-                       f"got {p.teacher_precision!r}")
-    if p.teacher_precision != "auto" and not p.distill_from:
-        raise BadInput(f"teacher_precision {p.teacher_precision!r} needs a distillation teacher: "
-                       f"set distill_from, or leave teacher_precision at auto")
-    return p
-
-
-def _check_max_split(p: Profile) -> None:
-    """``alloc_max_split``: a size, a whole number of MiB above 20 MiB (what PyTorch accepts)."""
-    try:
-        size = parse_bytes(p.alloc_max_split)
-    except BadInput:
-        raise BadInput(f"alloc_max_split must be a size such as 256MiB or 1GiB (blocks this large "
-                       f"are never split); got {p.alloc_max_split!r}") from None
-    if size <= MAX_SPLIT_FLOOR_MIB * 2**20:
-        raise BadInput(f"alloc_max_split must be above {MAX_SPLIT_FLOOR_MIB} MiB (PyTorch refuses "
-                       f"smaller max_split_size_mb); got {p.alloc_max_split!r} = {format_bytes(size)} "
-                       f"(write a unit, e.g. 512MiB)")
-    if size % 2**20:
-        raise BadInput(f"alloc_max_split must be a whole number of MiB (PyTorch's max_split_size_mb); "
-                       f"got {p.alloc_max_split!r} = {size / 2**20:.2f} MiB")
+    for f in FIELDS:
+        f.validate(getattr(profile, f.name))
+    for technique in techniques.registry():
+        if technique.validate is not None:
+            technique.validate(profile)
+    return profile
 
 
 def from_dict(data: dict[str, Any]) -> Profile:

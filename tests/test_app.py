@@ -561,7 +561,7 @@ DESIGN_TECHNIQUES = {
 
 
 def test_every_design_technique_has_controls_and_the_engines_explanation(qtbot, window):
-    from engine.techniques.explanations import explanations
+    from engine.techniques import explanations
 
     engine_texts = explanations()
     panel = window.techniques

@@ -340,13 +340,13 @@ def test_every_technique_exports_its_own_code(corpus):
 
 
 def test_export_gives_the_engines_one_line_errors_and_notes():
-    from engine.techniques.explanations import check_compatible
+    from engine.prepare import prepare
 
     bad = Profile(model="tiny-gpt2", target="cpu", seq=8, ffn_chunks=16)
     with pytest.raises(BadInput) as exported:
         export_script(bad)
     with pytest.raises(BadInput) as checked:
-        check_compatible(bad)
+        prepare(bad)
     assert str(exported.value) == str(checked.value) and "\n" not in str(exported.value)
     with pytest.raises(BadInput, match="vocabulary"):
         export_script(Profile(model="tiny-gpt2", target="cpu", distill_from="gpt2"))

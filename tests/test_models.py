@@ -6,6 +6,7 @@ import torch
 
 from engine import models
 from engine.errors import BadInput
+from engine.prepare import prepare
 from engine.profile import Profile
 
 
@@ -66,7 +67,7 @@ def test_packaged_minilm_has_real_weights_and_tokenizer():
 def test_bad_model_sources(tmp_path, make, message):
     name = make(tmp_path)
     with pytest.raises(BadInput, match=message) as exc:
-        models.check_profile(Profile(model=name))
+        prepare(Profile(model=name))
     assert "\n" not in str(exc.value)
 
 
@@ -76,14 +77,14 @@ def test_remote_code_needs_the_flag_and_never_runs(tmp_path):
         {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
     (tmp_path / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     with pytest.raises(BadInput, match="--trust-remote-code"):
-        models.check_profile(Profile(model=str(tmp_path)))
+        prepare(Profile(model=str(tmp_path)))
     assert not marker.exists()
 
 
 def test_sequence_beyond_positions():
     with pytest.raises(BadInput, match="exceeds gpt2's limit of 1024"):
-        models.check_profile(Profile(model="gpt2", seq=2048))
-    models.check_profile(Profile(model="gpt2", seq=2048, mode="infer", chunk_input=512))
+        prepare(Profile(model="gpt2", seq=2048))
+    prepare(Profile(model="gpt2", seq=2048, mode="infer", chunk_input=512))
 
 
 def test_module_summary_adds_up_without_allocating():

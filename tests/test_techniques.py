@@ -15,7 +15,12 @@ from engine.models import build_model, count_parameters
 from engine.profile import Profile
 from engine.techniques import apply_model_techniques
 from engine.techniques import distillation, ffn_chunking, local_attention, memory_pool
-from engine.techniques.explanations import check_compatible, explanations
+from engine.prepare import prepare
+from engine.techniques import explanations
+
+
+def check_compatible(profile):
+    return list(prepare(profile).notes)
 
 FAMILIES = ("tiny-gpt2", "tiny-llama", "tiny-bert")
 

@@ -1,6 +1,7 @@
-"""Technique panel: every technique of DESIGN.md as a group of switches and parameters, each with
-the engine's own explanation (tooltip and a side note). Edits go to the AppState at once; the
-estimate is debounced downstream."""
+"""Technique panel: the run's settings, then every registered technique (``engine.techniques``) as a
+group of controls built from its declared ``Control``s, with the engine's own explanation (tooltip
+and a side note). Edits go to the AppState at once; the estimate is debounced downstream. Nothing
+here names a technique: a new technique module brings its controls with it."""
 
 from __future__ import annotations
 
@@ -15,38 +16,12 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 
 from app.state import AppState
 from app.widgets.common import NoteLabel
-from engine import models
-from engine.profile import MAX_SPLIT_FLOOR_MIB, PADDINGS, PRECISIONS, TASKS, TEACHER_PRECISIONS
-from engine.techniques.explanations import explanations
+from engine import techniques
+from engine.profile import TASKS
+from engine.techniques import Control, Technique
 
-_PRECISION_LABELS = {"fp32": "fp32 (off)", "fp16-amp": "fp16 autocast + GradScaler",
-                     "bf16-amp": "bf16 autocast", "fp16": "pure fp16 weights", "bf16": "pure bf16 weights"}
 _TASK_LABELS = {"auto": "auto (from the model)", "causal-lm": "causal LM", "masked-lm": "masked LM",
                 "classification": "sequence classification"}
-_TEACHER_PRECISION_LABELS = {"auto": "auto (student's half dtype on GPU)", "fp32": "fp32",
-                             "bf16": "bf16", "fp16": "fp16"}
-#: Panel group -> the engine's explanation keys (several: one paragraph each).
-_EXPLANATION_KEYS = {"amp": ("amp",), "checkpointing": ("checkpointing",), "pruning": ("pruning",),
-                     "chunking": ("micro_batching", "chunked_input", "ffn_chunking"),
-                     "attention": ("local_attention",), "geglu": ("geglu",),
-                     "distillation": ("distillation",), "allocator": ("memory_pool",)}
-#: Padding strategy (Profile.padding) -> the engine's explanation key; the padding note follows it.
-_PADDING_KEYS = {"fixed": "fixed_padding", "dynamic": "dynamic_padding", "bucketed": "bucketing",
-                 "token-budget": "token_budget"}
-
-
-def _group_explanations() -> dict[str, str]:
-    """Panel group -> the engine's own text (the engine's keys are in the result too)."""
-    texts = explanations()
-    found = dict(texts)
-    for group, keys in _EXPLANATION_KEYS.items():
-        found[group] = "\n\n".join(texts[key] for key in keys)
-    found["padding"] = texts[_PADDING_KEYS["fixed"]]  # until the profile's padding is shown
-    return found
-
-
-_PADDING_LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
-                   "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
 
 
 def first_sentence(text: str) -> str:
@@ -129,14 +104,17 @@ def _combo(items: dict[str, str]) -> QComboBox:
 
 
 class TechniquePanel(QScrollArea):
-    """All run settings and techniques, grouped; one explanation per technique."""
+    """All run settings and techniques, grouped; one explanation per technique group."""
 
     def __init__(self, state: AppState, parent=None) -> None:
         super().__init__(parent)
         self._state = state
         self._updating = False
-        self._explanations = _group_explanations()
         self.groups: dict[str, QGroupBox] = {}
+        #: panel group -> its techniques, in registry order
+        self._techniques: dict[str, list[Technique]] = {}
+        #: control name -> (its technique, its declaration, its widget)
+        self._controls: dict[str, tuple[Technique, Control, QWidget]] = {}
         inner = QWidget()
         self._layout = QVBoxLayout(inner)
         self._layout.setContentsMargins(4, 4, 4, 4)
@@ -156,76 +134,23 @@ class TechniquePanel(QScrollArea):
         self.steps.setToolTip("Steps of a measured run; the first is warm-up and excluded from timings")
         self.seed = _spin(0, 2**31 - 1)
         self.seed.setToolTip("Seed for data order, initialisation and sampling")
-        self._group("run", "Run", None, [("Mode", self.mode), ("Head", self.task), ("Batch size", self.batch),
-                                          ("Sequence length", self.seq), ("Optimizer", self.optimizer),
-                                          ("Measured steps", self.steps), ("Seed", self.seed)])
-        # --- techniques ---------------------------------------------------------------------
-        self.padding = _combo({k: _PADDING_LABELS[k] for k in PADDINGS})
-        self.pad_multiple = _spin(1, 1024, 8, "off")
-        self.pad_multiple.setMinimum(1)
-        self.max_tokens = _spin(0, 1 << 24, 512, "batch × seq")
-        self._group("padding", "Padding and batching", "padding",
-                    [("Strategy", self.padding), ("Pad to multiple of", self.pad_multiple),
-                     ("Tokens per batch", self.max_tokens)])
-        self.precision = _combo({k: _PRECISION_LABELS[k] for k in PRECISIONS})
-        self._group("amp", "Mixed precision (AMP)", "amp", [("Precision", self.precision)])
-        self.checkpointing = QCheckBox("Recompute activations in backward")
-        self.checkpoint_every = _spin(1, 128)
-        self._group("checkpointing", "Gradient checkpointing", "checkpointing",
-                    [("", self.checkpointing), ("Every k-th layer", self.checkpoint_every)])
-        self.prune_kind = _combo({"": "off", "unstructured": "Unstructured L1 (masks only)",
-                                  "heads": "Structured: attention heads", "ffn": "Structured: FFN neurons"})
-        self.prune_fraction = QDoubleSpinBox()
-        self.prune_fraction.setRange(0.0, 0.95)
-        self.prune_fraction.setSingleStep(0.05)
-        self.prune_fraction.setDecimals(2)
-        self.prune_fraction.setKeyboardTracking(False)
-        self._group("pruning", "Pruning", "pruning",
-                    [("Kind", self.prune_kind), ("Fraction removed", self.prune_fraction)])
-        self.micro_batches = _spin(1, 4096, 1)
-        self.chunk_input = _spin(0, 1 << 20, 128, "off")
-        self.ffn_chunks = _spin(1, 1024, 1)
-        self._group("chunking", "Chunking", "chunking",
-                    [("Micro-batches (training)", self.micro_batches),
-                     ("Input windows (inference)", self.chunk_input),
-                     ("Feed-forward chunks", self.ffn_chunks)])
-        self.attn = _combo({"sdpa": "Dense SDPA", "eager": "Dense eager", "local": "Sliding window (local)"})
-        self.window = _spin(1, 1 << 20, 64)
-        self.window.setValue(256)
-        self._group("attention", "Sparse / local attention", "attention",
-                    [("Attention", self.attn), ("Window W", self.window)])
-        self.geglu = QCheckBox("Gated GeGLU MLP (matched parameters)")
-        self._group("geglu", "GeGLU", "geglu", [("", self.geglu)])
-        self.teacher = QComboBox()
-        self.teacher.setEditable(True)
-        self.teacher.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.teacher.setMinimumContentsLength(14)
-        self.teacher.addItem("")
-        self.teacher.addItems(models.list_presets())
-        self.teacher.lineEdit().setPlaceholderText("off (no teacher)")
-        self.teacher_precision = _combo({k: _TEACHER_PRECISION_LABELS[k] for k in TEACHER_PRECISIONS})
-        self.teacher_precision.setToolTip(
-            "The frozen teacher's weight dtype. auto: bf16/fp16 on a GPU when the student computes in "
-            "that precision, else the student's weight dtype. bf16/fp16 halve the teacher's weights "
-            "and (outside autocast) its forward's activations and logits. Needs a teacher.")
-        self._group("distillation", "Knowledge distillation", "distillation",
-                    [("Teacher", self.teacher), ("Teacher precision", self.teacher_precision)])
-        self.alloc = _combo({"default": "Default caching allocator", "expandable": "Expandable segments",
-                             "pool": "Pre-reserved pool"})
-        self.pool_gib = QDoubleSpinBox()
-        self.pool_gib.setRange(0.25, 1024)
-        self.pool_gib.setSuffix(" GiB")
-        self.pool_gib.setKeyboardTracking(False)
-        self.pool_gib.setValue(4.0)
-        self.max_split = _spin(MAX_SPLIT_FLOOR_MIB, 1 << 20, 64, "off")
-        self.max_split.setSuffix(" MiB")
-        self.max_split.setToolTip(
-            "PYTORCH_CUDA_ALLOC_CONF max_split_size_mb: cached blocks this large or larger are never "
-            f"split, nor given to smaller tensors (off: no limit; PyTorch needs more than "
-            f"{MAX_SPLIT_FLOOR_MIB} MiB). Less fragmentation of big blocks, possibly more reserved memory.")
-        self._group("allocator", "Memory pooling (allocator)", "allocator",
-                    [("Allocator", self.alloc), ("Pool size", self.pool_gib),
-                     ("Max split size", self.max_split)])
+        self._add_group("run", "Run", [("Mode", self.mode), ("Head", self.task), ("Batch size", self.batch),
+                                        ("Sequence length", self.seq), ("Optimizer", self.optimizer),
+                                        ("Measured steps", self.steps), ("Seed", self.seed)])
+        # --- techniques, from the registry ----------------------------------------------------
+        for technique in techniques.registry():
+            self._techniques.setdefault(technique.group_key, []).append(technique)
+        for key, members in self._techniques.items():
+            rows = []
+            for technique in members:
+                for control in technique.controls:
+                    widget = _widget_for(control)
+                    setattr(self, control.name, widget)  # stable names: tests and styles use them
+                    self._controls[control.name] = (technique, control, widget)
+                    rows.append((control.label, widget))
+            note = ExplainNote(self._group_text(key, state.profile))
+            note.setObjectName(f"explain_{key}")
+            self._add_group(key, members[0].title, rows, note)
         self._layout.addStretch(1)
 
         self._connect()
@@ -238,7 +163,13 @@ class TechniquePanel(QScrollArea):
         return {key: box.findChild(ExplainNote, f"explain_{key}") for key, box in self.groups.items()
                 if box.findChild(ExplainNote, f"explain_{key}") is not None}
 
-    def _group(self, key: str, title: str, explain: str | None, rows: list[tuple[str, QWidget]]) -> None:
+    def _group_text(self, key: str, profile) -> str:
+        """The group's explanation for this profile: each member's fitting paragraph."""
+        texts = [t.explanations.get(t.explanation_key(profile), "") for t in self._techniques[key]]
+        return "\n\n".join(x for x in texts if x)
+
+    def _add_group(self, key: str, title: str, rows: list[tuple[str, QWidget]],
+                   note: "ExplainNote | None" = None) -> None:
         box = QGroupBox(title)
         form = QFormLayout(box)
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
@@ -247,11 +178,8 @@ class TechniquePanel(QScrollArea):
                 form.addRow(label, widget)
             else:
                 form.addRow(widget)
-        if explain:
-            text = self._explanations.get(explain, "")
-            box.setToolTip(f"<p>{html.escape(text)}</p>")
-            note = ExplainNote(text)
-            note.setObjectName(f"explain_{explain}")
+        if note is not None:
+            box.setToolTip(f"<p>{html.escape(note.full_text)}</p>")
             form.addRow(note)
         self.groups[key] = box
         self._layout.addWidget(box)
@@ -267,69 +195,18 @@ class TechniquePanel(QScrollArea):
         edit(self.seq.valueChanged, lambda: {"seq": self.seq.value()})
         edit(self.optimizer.currentIndexChanged, lambda: {"optimizer": self.optimizer.currentData()})
         edit(self.steps.valueChanged, lambda: {"steps": self.steps.value()})
-        edit(self.padding.currentIndexChanged, lambda: {"padding": self.padding.currentData()})
-        edit(self.pad_multiple.valueChanged, lambda: {"pad_multiple": self.pad_multiple.value()})
-        edit(self.max_tokens.valueChanged, lambda: {"max_tokens": self.max_tokens.value()})
-        edit(self.precision.currentIndexChanged, lambda: {"precision": self.precision.currentData()})
-        edit(self.checkpointing.toggled, lambda: {"checkpointing": self.checkpointing.isChecked()})
-        edit(self.checkpoint_every.valueChanged, lambda: {"checkpoint_every": self.checkpoint_every.value()})
-        edit(self.prune_kind.currentIndexChanged, self._prune_value)
-        edit(self.prune_fraction.valueChanged, self._prune_value)
-        edit(self.micro_batches.valueChanged, lambda: {"micro_batches": self.micro_batches.value()})
-        edit(self.chunk_input.valueChanged, lambda: {"chunk_input": self.chunk_input.value()})
-        edit(self.ffn_chunks.valueChanged, lambda: {"ffn_chunks": self.ffn_chunks.value()})
-        edit(self.attn.currentIndexChanged, self._attn_value)
-        edit(self.window.valueChanged, self._attn_value)
-        edit(self.geglu.toggled, lambda: {"mlp": "geglu" if self.geglu.isChecked() else "default"})
-        self.teacher.activated.connect(lambda *_: self._on_edited(self._teacher_value()))
-        self.teacher.lineEdit().editingFinished.connect(lambda: self._on_edited(self._teacher_value()))
-        edit(self.teacher_precision.currentIndexChanged,
-             lambda: {"teacher_precision": self.teacher_precision.currentData()})
-        edit(self.alloc.currentIndexChanged, self._alloc_value)
-        edit(self.pool_gib.valueChanged, self._alloc_value)
-        edit(self.max_split.valueChanged, self._max_split_value)
+        for name, (technique, control, widget) in self._controls.items():
+            for signal in _edit_signals(control, widget):
+                signal.connect(lambda *_, t=technique, c=control: self._on_edited(c.changes(self._values(t))))
 
-    def _show_padding_note(self, padding: str) -> None:
-        key = _PADDING_KEYS.get(padding, "")
-        text = self._explanations.get(key) or self._explanations.get("padding", "")
-        box = self.groups["padding"]
-        note = box.findChild(ExplainNote, "explain_padding")
-        if note is not None and text and text != note.full_text:
-            note.set_explanation(text)
-            box.setToolTip(f"<p>{html.escape(text)}</p>")
+    def _values(self, technique: Technique) -> dict[str, Any]:
+        """The current values of a technique's controls, by control name."""
+        return {c.name: _widget_value(c, self._controls[c.name][2]) for c in technique.controls}
 
     # ----- values ---------------------------------------------------------------------------
     def _mode_fixes(self) -> dict[str, Any]:
         """Switching mode turns off what the other mode cannot do, instead of refusing the switch."""
-        if self.mode.currentData() == "infer":
-            return {"micro_batches": 1, "distill_from": "", "teacher_precision": "auto"}
-        return {"chunk_input": 0}
-
-    def _teacher_value(self) -> dict[str, Any]:
-        teacher = self.teacher.currentText().strip()
-        # no teacher, no teacher precision (the profile refuses one without the other)
-        return {"distill_from": teacher} if teacher else {"distill_from": "", "teacher_precision": "auto"}
-
-    def _max_split_value(self) -> dict[str, Any]:
-        mib = self.max_split.value()
-        return {"alloc_max_split": f"{mib}MiB" if mib > MAX_SPLIT_FLOOR_MIB else ""}
-
-    def _prune_value(self) -> dict[str, Any]:
-        kind = self.prune_kind.currentData()
-        fraction = self.prune_fraction.value()
-        if not kind:
-            return {"prune": ""}
-        if fraction <= 0:
-            fraction = 0.25
-        return {"prune": f"{kind}:{fraction:.2f}"}
-
-    def _attn_value(self) -> dict[str, Any]:
-        kind = self.attn.currentData()
-        return {"attn": f"local:{self.window.value()}" if kind == "local" else kind}
-
-    def _alloc_value(self) -> dict[str, Any]:
-        kind = self.alloc.currentData()
-        return {"alloc": f"pool:{self.pool_gib.value():g}GiB" if kind == "pool" else kind}
+        return techniques.base.defaults_changes(self._state.profile, self.mode.currentData())
 
     def _on_edited(self, changes: dict[str, Any]) -> None:
         if self._updating:
@@ -340,51 +217,99 @@ class TechniquePanel(QScrollArea):
     def _on_profile_changed(self, p) -> None:
         self._updating = True
         try:
-            def set_combo(box: QComboBox, value: Any) -> None:
-                i = box.findData(value)
-                if i >= 0:
-                    box.setCurrentIndex(i)
-
-            set_combo(self.mode, p.mode)
-            set_combo(self.task, p.task)
+            _set_widget_value(self.mode, "combo", p.mode)
+            _set_widget_value(self.task, "combo", p.task)
             self.seed.setValue(p.seed)
             self.batch.setValue(p.batch)
             self.seq.setValue(p.seq)
-            set_combo(self.optimizer, p.optimizer)
+            _set_widget_value(self.optimizer, "combo", p.optimizer)
             self.steps.setValue(p.steps)
-            set_combo(self.padding, p.padding)
-            self._show_padding_note(p.padding)
-            self.pad_multiple.setValue(p.pad_multiple)
-            self.max_tokens.setValue(p.max_tokens)
-            self.max_tokens.setEnabled(p.padding == "token-budget")
-            self.pad_multiple.setEnabled(p.padding != "fixed")
-            set_combo(self.precision, p.precision)
-            self.checkpointing.setChecked(p.checkpointing)
-            self.checkpoint_every.setValue(p.checkpoint_every)
-            self.checkpoint_every.setEnabled(p.checkpointing)
-            set_combo(self.prune_kind, p.prune_kind)
-            if p.prune:
-                self.prune_fraction.setValue(p.prune_fraction)
-            self.prune_fraction.setEnabled(bool(p.prune))
-            self.micro_batches.setValue(p.micro_batches)
-            self.chunk_input.setValue(p.chunk_input)
-            self.micro_batches.setEnabled(p.mode == "train")
-            self.chunk_input.setEnabled(p.mode == "infer")
-            self.ffn_chunks.setValue(p.ffn_chunks)
-            set_combo(self.attn, "local" if p.local_window else p.attn)
-            if p.local_window:
-                self.window.setValue(p.local_window)
-            self.window.setEnabled(bool(p.local_window))
-            self.geglu.setChecked(p.mlp == "geglu")
-            self.teacher.setCurrentText(p.distill_from)
-            self.teacher.setEnabled(p.mode == "train")
-            set_combo(self.teacher_precision, p.teacher_precision)
-            self.teacher_precision.setEnabled(p.mode == "train" and bool(p.distill_from))
-            set_combo(self.alloc, "pool" if p.alloc.lower().startswith("pool:") else p.alloc)
-            if p.alloc_pool_bytes:
-                self.pool_gib.setValue(p.alloc_pool_bytes / 1024**3)
-            self.pool_gib.setEnabled(p.alloc_pool_bytes > 0)
-            self.max_split.setValue(p.alloc_max_split_mib or MAX_SPLIT_FLOOR_MIB)
-            self.checkpointing.setEnabled(p.mode == "train")
+            for technique, control, widget in self._controls.values():
+                value = control.value_for(p)
+                if value is not None:
+                    _set_widget_value(widget, control.kind, value)
+                widget.setEnabled(bool(control.enabled_when(p)))
+            for key, box in self.groups.items():
+                note = box.findChild(ExplainNote, f"explain_{key}")
+                text = self._group_text(key, p) if note is not None else ""
+                if note is not None and text and text != note.full_text:
+                    note.set_explanation(text)
+                    box.setToolTip(f"<p>{html.escape(text)}</p>")
         finally:
             self._updating = False
+
+
+# ----- controls -> widgets --------------------------------------------------------------------
+def _choices(control: Control) -> dict[Any, str]:
+    choices = control.choices() if callable(control.choices) else control.choices
+    return dict(choices or {})
+
+
+def _widget_for(control: Control) -> QWidget:
+    kind = control.kind
+    if kind == "check":
+        widget: QWidget = QCheckBox(control.text)
+    elif kind == "combo":
+        widget = _combo(_choices(control))
+    elif kind == "spin":
+        widget = _spin(int(control.low), int(control.high), int(control.step), control.special)
+        if control.suffix:
+            widget.setSuffix(control.suffix)
+    elif kind == "float":
+        widget = QDoubleSpinBox()
+        widget.setRange(control.low, control.high)
+        widget.setSingleStep(control.step)
+        widget.setDecimals(control.decimals)
+        widget.setKeyboardTracking(False)
+        if control.suffix:
+            widget.setSuffix(control.suffix)
+    elif kind == "text":  # a name or a path: an editable list
+        widget = QComboBox()
+        widget.setEditable(True)
+        widget.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        widget.setMinimumContentsLength(14)
+        widget.addItems([str(v) for v in _choices(control)])
+        if control.placeholder:
+            widget.lineEdit().setPlaceholderText(control.placeholder)
+    else:
+        raise ValueError(f"control {control.name}: unknown kind {kind!r}")
+    if control.initial is not None:
+        _set_widget_value(widget, kind, control.initial)
+    if control.tooltip:
+        widget.setToolTip(control.tooltip)
+    return widget
+
+
+def _edit_signals(control: Control, widget: QWidget) -> list:
+    kind = control.kind
+    if kind == "check":
+        return [widget.toggled]
+    if kind == "combo":
+        return [widget.currentIndexChanged]
+    if kind == "text":  # committed on choosing or on Enter / focus out, not per keystroke
+        return [widget.activated, widget.lineEdit().editingFinished]
+    return [widget.valueChanged]
+
+
+def _widget_value(control: Control, widget: QWidget) -> Any:
+    kind = control.kind
+    if kind == "check":
+        return widget.isChecked()
+    if kind == "combo":
+        return widget.currentData()
+    if kind == "text":
+        return widget.currentText()
+    return widget.value()
+
+
+def _set_widget_value(widget: QWidget, kind: str, value: Any) -> None:
+    if kind == "check":
+        widget.setChecked(bool(value))
+    elif kind == "combo":
+        i = widget.findData(value)
+        if i >= 0:
+            widget.setCurrentIndex(i)
+    elif kind == "text":
+        widget.setCurrentText(str(value))
+    else:
+        widget.setValue(value)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from engine.errors import BadInput, Cancelled
+from engine.prepare import prepare
 from engine.profile import Profile
 from engine.results import EstimateResult, LayerBytes, MemoryCategory
 
@@ -85,17 +86,6 @@ def batch_candidates(profile: Profile) -> tuple[list[tuple[tuple[int, int], bool
         if not any(b2 >= b and t2 >= t and (b2, t2) != (b, t) for (b2, t2), _ in keep):
             keep.append(((b, t), padded))
     return keep[:16], f"{profile.padding} batches over {len(lengths)} texts: {len(plan)} batches"
-
-
-@functools.lru_cache(maxsize=256)
-def _checked(key: tuple) -> bool:
-    from engine.models import check_profile
-
-    check_profile(Profile(**dict(zip(_CHECK_FIELDS, key))))
-    return True
-
-
-_CHECK_FIELDS = ("model", "trust_remote_code", "mode", "seq", "chunk_input", "distill_from")
 
 
 def _device_used(reserved: int, profile: Profile) -> int:
@@ -169,7 +159,7 @@ def estimate(profile: Profile, method: str = "auto",
     started = time.perf_counter()
     if method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    _checked(tuple(getattr(profile, f) for f in _CHECK_FIELDS))
+    prepare(profile)  # the one gate: the same refusals as measure, plan and export
     _progress(progress, 0.05, "batch shapes")
     shapes, shape_note = batch_candidates(profile)
     _check_stop(should_stop)
@@ -184,7 +174,7 @@ def estimate_shape(profile: Profile, shape: tuple[int, int], padded: bool = True
     the dataset: for calibration against runs on synthetic batches."""
     if method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    _checked(tuple(getattr(profile, f) for f in _CHECK_FIELDS))
+    prepare(profile)  # the one gate: the same refusals as measure, plan and export
     return _estimate_at(profile, method, [(tuple(shape), padded)],
                         [f"given batch shape {shape[0]}x{shape[1]}"], time.perf_counter(), None,
                         None)
@@ -198,9 +188,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
     if method == "auto":
         from engine.estimate.analytic import arch_of
 
-        layers = arch_of(profile).layers
-        if profile.distill_from:
-            layers += arch_of(profile, teacher=True).layers
+        layers = arch_of(profile).layers + a_out.extra_layers  # a teacher's blocks are traced too
         method = "traced" if layers <= TRACED_MAX_LAYERS else "analytic"
     from engine.estimate.notes import no_effect_notes
 

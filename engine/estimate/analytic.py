@@ -49,8 +49,12 @@ from engine.estimate.allocator import reserved_from_sizes, round_size
 from engine.profile import Profile
 from engine.results import MemoryCategory as C
 
-_ARCH_FIELDS = ("model", "trust_remote_code", "mode", "task", "prune", "mlp", "precision",
-                "distill_from")
+def _arch_fields() -> tuple[str, ...]:
+    """Fields that shape the built model: the run's own, and every model technique's."""
+    from engine import techniques
+
+    own = ("model", "trust_remote_code", "mode", "task", "precision")
+    return own + tuple(f.name for t in techniques.model_techniques() for f in t.fields)
 
 
 #: Keys of ``layer_activations`` for the parts outside the transformer blocks.
@@ -100,7 +104,7 @@ def _arch(key: tuple) -> Arch:
 
     from engine.models import build_model, count_parameters, find_layers, resolve_task
 
-    profile = Profile(**dict(zip(_ARCH_FIELDS, key)))
+    profile = Profile(**dict(key))
     model = build_model(profile, "meta")
     config = model.config
     task = resolve_task(profile, config)
@@ -181,11 +185,9 @@ def _arch(key: tuple) -> Arch:
                 largest_param=max(n for n, _ in tensors), head_params=head_params)
 
 
-def arch_of(profile: Profile, teacher: bool = False) -> Arch:
-    if teacher:
-        profile = profile.replace(model=profile.distill_from, prune="", mlp="default",
-                                  distill_from="", teacher_precision="auto")
-    return _arch(tuple(getattr(profile, f) for f in _ARCH_FIELDS))
+def arch_of(profile: Profile) -> Arch:
+    """The shapes of the profile's built (technique-modified) model, cached per architecture."""
+    return _arch(tuple((f, getattr(profile, f)) for f in _arch_fields()))
 
 
 def _r(n: float, cuda: bool) -> int:
@@ -338,6 +340,7 @@ class AnalyticOutcome:
     layer_activations: dict[str, int]
     params: int
     notes: list[str]
+    extra_layers: int = 0  # blocks of the techniques' extra models (a distillation teacher)
 
 
 def _embedding_saved(arch: Arch, E: int, r: int, cuda: bool, training: bool) -> list[int]:
@@ -389,57 +392,6 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     return saved, fwd, bwd
 
 
-def _teacher_elt(profile: Profile) -> int:
-    """Bytes per teacher weight: the distillation technique's rule (``teacher_precision``; auto:
-    bf16/fp16 teacher on CUDA for half-precision profiles, ``engine.techniques.distillation.
-    teacher_dtype``)."""
-    if profile.teacher_precision != "auto":
-        return 4 if profile.teacher_precision == "fp32" else 2
-    if profile.target == "cuda" and profile.precision != "fp32":
-        return 2
-    return 2 if profile.precision in ("bf16", "fp16") else 4
-
-
-def _teacher_precision(profile: Profile) -> str:
-    """The precision the teacher's forward computes in, as ``layer_cost`` understands it: the
-    student's autocast when there is one (it casts the teacher's matmuls too), else its weights'."""
-    if profile.precision in ("bf16-amp", "fp16-amp"):
-        return profile.precision
-    if _teacher_elt(profile) == 4:
-        return "fp32"
-    if profile.teacher_precision == "auto":
-        return profile.precision  # auto picks a half dtype only for a half-precision student
-    return profile.teacher_precision
-
-
-def _distill_loss_costs(arch: Arch, t_arch: Arch, b: int, t: int, precision: str, cuda: bool,
-                        t_elt: int) -> tuple[int, int, int]:
-    """(teacher logits, forward transient at the loss, backward transient at the loss) of
-    ``engine.techniques.distillation.distillation_loss`` with hard labels, as measure calls it.
-
-    Forward, at its peak (inside ``kl_div``): both models' logits (E x V, in their output
-    dtype), their fp32 upcasts (none when already fp32), for a causal LM the shifted
-    ``reshape`` copies of both (N = B x (T-1) rows), both log-softmaxes, and the elementwise
-    ``exp(target) * (target - input)`` (three N x V fp32 tensors). Backward: the saved student
-    log-softmax, ``exp(target)`` and the hard-label log-softmax, plus three gradients of N x V.
-    """
-    e = 2 if precision != "fp32" else 4  # the student's logits dtype
-    # the teacher's logits dtype: autocast's for AMP, else its weights' (teacher_precision)
-    te = 2 if precision in ("bf16-amp", "fp16-amp") else t_elt
-    E = b * t
-    V = min(arch.vocab, t_arch.vocab)
-    causal = arch.task == "causal-lm"
-    n = b * (t - 1) if causal else E
-    u = _r(n * V * 4, cuda)
-    s_logits = _r(E * arch.vocab * e, cuda)
-    t_logits = _r(E * t_arch.vocab * te, cuda)
-    upcasts = (_r(E * V * 4, cuda) if e != 4 else 0) + (_r(E * V * 4, cuda) if te != 4 else 0)
-    copies = 2 * u if causal else 0
-    fwd = s_logits + upcasts + copies + 5 * u  # log-softmax x2, exp(t), t - s, product
-    bwd = 6 * u
-    return t_logits, fwd, bwd
-
-
 def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool = True) -> AnalyticOutcome:
     """Peak memory of the measured protocol for one (B, T) batch shape."""
     cuda = profile.target == "cuda"
@@ -462,12 +414,12 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         # engine.techniques.pruning makes the pruning permanent (prune.remove): the weights are
         # plain dense tensors again (no weight_orig / mask kept), same bytes as unpruned.
         notes.append("unstructured pruning zeroes weights in dense storage: no memory saved")
-    teacher_w = 0
-    t_arch = None
-    if profile.distill_from and training:
-        t_arch = arch_of(profile, teacher=True)
-        t_elt = _teacher_elt(profile)
-        teacher_w = sum(_r(n * t_elt, cuda) for n, _ in t_arch.param_tensors)
+    # What the techniques switched on add (a distillation teacher's weights, loss and forward).
+    from engine import techniques
+
+    terms = [tech.analytic_terms(profile, arch, b, t, padded, cuda)
+             for tech in techniques.active(profile) if tech.analytic_terms is not None]
+    extra_weights = sum(x.weights for x in terms)
     grads_list = weights_list
     grads = sum(grads_list) if training else 0
     states = 0
@@ -515,26 +467,22 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
                                           C.TEMPORARIES.value: tmp}))
 
     if training:
-        teacher_logits = 0
-        if t_arch is not None:
-            teacher_logits, loss_fwd, loss_bwd = _distill_loss_costs(
-                arch, t_arch, b, t, precision, cuda, _teacher_elt(profile))
+        saved_logits = 0
+        for x in terms:
+            if x.loss is not None:
+                saved_logits, loss_fwd, loss_bwd = x.loss
         tmp_common = inputs + workspace + autocast_copies
-        w_all = weights + teacher_w
+        w_all = weights + extra_weights
         # Step 1 optimizer step: weights + grads + new states + foreach temporary.
         add("optimizer", w_all, grads, states, 0, inputs + workspace + opt_temp)
         # Gradients already present during the forward/backward of micro-batches >= 2.
         g_prev = grads if m > 1 else 0
         # Step 2 forward at the loss.
         add("forward", w_all, g_prev, states, acts,
-            tmp_common + loss_fwd + teacher_logits)
-        if t_arch is not None:
-            # The teacher's own forward (no_grad, before the student's): one block's tensors live
-            # at a time, in the teacher's compute dtype, then its logits.
-            t_cost = layer_cost(t_arch, b, t, _teacher_precision(profile), cuda, "sdpa", padded,
-                                False)
-            add("forward", w_all, g_prev, states, 0,
-                tmp_common + max(sum(t_cost.saved) + t_cost.fwd_transient, teacher_logits))
+            tmp_common + loss_fwd + saved_logits)
+        for x in terms:
+            for extra in x.forward_phases:  # e.g. a frozen teacher's forward before the student's
+                add("forward", w_all, g_prev, states, 0, tmp_common + extra)
         # Step 2 backward: start (at the loss), then layer by layer.
         layer_g = [_r(p * (4 if precision not in ("bf16", "fp16") else 2), cuda)
                    for p in arch.layer_params]
@@ -599,7 +547,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     return AnalyticOutcome(peak_allocated=int(peak), peak_reserved=int(reserved),
                            breakdown={k: int(v) for k, v in breakdown.items()},
                            peak_phase=phase, layer_activations=layer_acts, params=arch.params,
-                           notes=notes)
+                           notes=notes, extra_layers=sum(x.layers for x in terms))
 
 
 __all__ = ["EMBEDDINGS_ROW", "HEAD_ROW", "LOGITS_ROW", "Arch", "arch_of", "estimate_shape", "layer_cost"]

@@ -45,7 +45,7 @@ from engine.measure.inputs import micro_parts, placeholder_step, to_device
 from engine.measure.probes import LiveBytesTracker
 from engine.profile import Profile
 from engine.results import ALLOCATED_CATEGORIES, MemoryCategory
-from engine.techniques import distillation
+from engine import techniques
 
 
 @dataclass
@@ -66,40 +66,25 @@ C = MemoryCategory
 #: The tracker's categories, highest priority first (a storage keeps the highest it was given).
 _LABELS = tuple(c.value for c in ALLOCATED_CATEGORIES)
 
-_ARCH_FIELDS = ("model", "trust_remote_code", "mode", "task", "precision", "checkpointing",
-                "checkpoint_every", "attn", "prune", "mlp", "ffn_chunks", "target")
-
-
 @functools.lru_cache(maxsize=8)
-def _cached_meta_model(key: tuple, teacher: bool) -> torch.nn.Module:
+def _cached_meta_model(key: tuple) -> torch.nn.Module:
     from engine.models import build_model
 
-    profile = Profile(**dict(zip(_ARCH_FIELDS, key)))
-    if teacher:
-        return build_model(profile, "meta", apply_techniques=False)
-    return build_model(profile, "meta")
+    return build_model(Profile(**dict(key)), "meta")
 
 
-def _meta_model(profile: Profile, teacher: bool = False) -> torch.nn.Module:
-    """A fresh copy of the profile's model (or its distillation teacher) on ``meta``.
+def _meta_model(profile: Profile) -> torch.nn.Module:
+    """A fresh copy of the profile's model on ``meta``.
 
     The built model is cached per architecture (the fields that change its structure); each
     trace gets a deep copy (tens of milliseconds) because a step attaches grads and hooks.
     """
     import copy
 
-    if teacher:
-        key = tuple(getattr(profile.replace(model=profile.distill_from, prune="", mlp="default",
-                                            ffn_chunks=1, checkpointing=False, attn="sdpa"), f)
-                    for f in _ARCH_FIELDS)
-        model = copy.deepcopy(_cached_meta_model(key, True))
-        model.to(distillation.teacher_dtype(profile, profile.target))
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-    key = tuple(getattr(profile, f) for f in _ARCH_FIELDS)
-    model = copy.deepcopy(_cached_meta_model(key, False))
+    from engine.estimate.analytic import _arch_fields
+
+    key = tuple((f, getattr(profile, f)) for f in _arch_fields() + ("target",))
+    model = copy.deepcopy(_cached_meta_model(key))
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # as measure: a scoring forward returns no KV cache
     return model
@@ -121,7 +106,7 @@ class _Scalars:
 
 
 def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: bool = True,
-               model: torch.nn.Module | None = None, teacher: torch.nn.Module | None = None,
+               model: torch.nn.Module | None = None,
                fake: bool = True, steps: int = 2,
                should_stop: Callable[[], bool] | None = None) -> TraceOutcome:
     """Run the measured protocol for one batch shape on meta tensors (or on real CPU tensors when
@@ -137,8 +122,9 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     device = "meta" if fake else "cpu"
     if model is None:
         model = _meta_model(profile)
-    if profile.distill_from and teacher is None and profile.mode == "train":
-        teacher = _meta_model(profile, teacher=True)
+    hooks_on = techniques.loop_hooks(profile)  # the techniques' training-step changes
+    extras = [m for h in hooks_on if h.extra_models for m in h.extra_models(profile, device, target)]
+    loss_hook = next((h.loss for h in hooks_on if h.loss is not None), None)
     params = count_parameters(model)
 
     amp = {"bf16-amp": torch.bfloat16, "fp16-amp": torch.float16}.get(profile.precision)
@@ -152,8 +138,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                                layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
     for p in list(model.parameters()) + list(model.buffers()):
         tracker.track(p, C.WEIGHTS.value)
-    if teacher is not None:
-        for p in list(teacher.parameters()) + list(teacher.buffers()):
+    for extra in extras:  # frozen models beside the student (a distillation teacher)
+        for p in list(extra.parameters()) + list(extra.buffers()):
             tracker.track(p, C.WEIGHTS.value)
     tracker.mark("start")
 
@@ -227,8 +213,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                 p.register_post_accumulate_grad_hook(
                     lambda p: tracker.classify(p.grad, C.GRADIENTS.value))
             opt = _optimizer(profile, trainable, cuda)
-            if teacher is not None:
-                teacher.eval()
+            for extra in extras:
+                extra.eval()
             for step in range(steps):
                 before_peak = tracker.peak_bytes
                 for part in micro[:2]:
@@ -239,13 +225,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                     ids, mask, labels = (to_device(x, device) for x in part)
                     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                         with autocast_ctx():
-                            if teacher is not None:
-                                with torch.no_grad():
-                                    t_logits = teacher(input_ids=ids, attention_mask=mask).logits
-                                logits = model(input_ids=ids, attention_mask=mask).logits
-                                loss = distillation.distillation_loss(logits, t_logits, labels,
-                                                                      profile)
-                                del t_logits, logits
+                            if loss_hook is not None:
+                                loss = loss_hook(model, extras, ids, mask, labels, profile)
                             else:
                                 loss = model(input_ids=ids, attention_mask=mask,
                                              labels=labels).loss

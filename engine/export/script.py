@@ -79,9 +79,9 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     ``estimate`` (EstimateResult or dict) and ``measured`` (MeasureResult or dict) only add their
     peaks to the header.
     """
-    from engine.techniques.explanations import check_compatible
+    from engine.prepare import prepare
 
-    notes = check_compatible(profile)  # the same one-line BadInput as estimate and measure
+    notes = list(prepare(profile).notes)  # the same one-line BadInput as estimate and measure
     model = model_facts(profile)
     data = data_facts(profile)
     teacher = model_facts(profile, profile.distill_from) if profile.distill_from else None

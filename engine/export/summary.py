@@ -10,20 +10,8 @@ import datetime
 from typing import Any
 
 import engine
-from engine.profile import Profile, dumps
-
-_FIELD_LABELS = {
-    "model": "model", "mode": "mode", "task": "task head", "batch": "batch", "seq": "sequence length",
-    "precision": "precision", "checkpointing": "gradient checkpointing",
-    "checkpoint_every": "checkpoint every k-th layer", "attn": "attention", "optimizer": "optimizer",
-    "target": "target device", "dataset": "dataset", "text_column": "text column",
-    "padding": "padding", "pad_multiple": "pad to a multiple of", "max_tokens": "token budget",
-    "micro_batches": "micro-batches", "chunk_input": "input windows (tokens)", "prune": "pruning",
-    "mlp": "feed-forward", "ffn_chunks": "feed-forward chunks", "distill_from": "distillation teacher",
-    "teacher_precision": "teacher precision", "alloc": "allocator", "alloc_max_split": "allocator max split size", "steps": "steps", "seed": "seed", "memory_cap_bytes": "simulated capacity",
-    "trust_remote_code": "trust remote code",
-}
-
+from engine import techniques
+from engine.profile import FIELDS_BY_NAME, Profile, dumps
 
 def export_profile_json(profile: Profile) -> str:
     """The profile file (the same text ``headroom ... --save`` writes)."""
@@ -43,44 +31,14 @@ def _md(text: Any) -> str:
 
 
 def _selected_explanations(profile: Profile) -> list[tuple[str, str]]:
-    try:
-        from engine.techniques.explanations import explanations
-
-        texts = explanations()
-    except ImportError:  # pragma: no cover - older builds
-        texts = {}
-    keys = []
-    keys.append({"fixed": "fixed_padding", "dynamic": "dynamic_padding", "bucketed": "bucketing",
-                 "token-budget": "token_budget"}[profile.padding])
-    if profile.precision != "fp32":
-        keys.append("amp")
-    if profile.checkpointing and profile.is_training:
-        keys.append("checkpointing")
-    if profile.micro_batches > 1:
-        keys.append("micro_batching")
-    if profile.chunk_input:
-        keys.append("chunked_input")
-    if profile.prune:
-        keys.append("pruning")
-    if profile.local_window:
-        keys.append("local_attention")
-    if profile.mlp != "default":
-        keys.append("geglu")
-    if profile.ffn_chunks > 1:
-        keys.append("ffn_chunking")
-    if profile.distill_from:
-        keys.append("distillation")
-    if profile.alloc != "default" or profile.alloc_max_split:
-        keys.append("memory_pool")
-    titles = {"fixed_padding": "Fixed padding", "dynamic_padding": "Dynamic padding",
-              "bucketing": "Length bucketing", "token_budget": "Token-budget batching",
-              "amp": f"Precision: {profile.precision}", "checkpointing": "Gradient checkpointing",
-              "micro_batching": "Micro-batches with gradient accumulation",
-              "chunked_input": "Chunked input", "pruning": f"Pruning ({profile.prune})",
-              "local_attention": f"Local attention (window {profile.local_window})",
-              "geglu": "GeGLU feed-forward", "ffn_chunking": "Feed-forward chunking",
-              "distillation": "Knowledge distillation", "memory_pool": f"Allocator ({profile.alloc})"}
-    return [(titles[k], texts[k]) for k in keys if k in texts]
+    """(heading, paragraph) of every technique the profile uses, in registry order."""
+    out = []
+    for technique in techniques.registry():
+        if technique.explain_always or technique.active(profile):
+            text = technique.explanations.get(technique.explanation_key(profile))
+            if text:
+                out.append((technique.heading(profile), text))
+    return out
 
 
 def export_summary_markdown(profile: Profile, estimate: Any = None, measured: Any = None) -> str:
@@ -113,7 +71,7 @@ def export_summary_markdown(profile: Profile, estimate: Any = None, measured: An
     nd = profile.non_defaults()
     nd.pop("name", None)
     for field, value in nd.items():
-        lines.append(f"| {_FIELD_LABELS.get(field, field)} | {_md(value)} |")
+        lines.append(f"| {FIELDS_BY_NAME[field].label or field} | {_md(value)} |")
     if not nd:
         lines.append("| (all defaults) | |")
     lines.append("")

@@ -69,8 +69,8 @@ class StepLoop:
     profile: Any
     check_stop: Callable[[], None]
     optimizer: Any = None  # None: inference
-    teacher: Any = None  # distillation teacher (frozen, eval)
-    distill: Any = None  # the distillation technique module when distilling
+    extras: list = field(default_factory=list)  # the techniques' frozen models (a teacher)
+    loss_hook: Any = None  # a technique's loss (LoopHooks.loss), else the model's own
     scaler: Any = None  # GradScaler (fp16 AMP training)
     amp_dtype: Any = None  # autocast dtype, None: no autocast
     micro_batches: int = 1
@@ -99,12 +99,8 @@ class StepLoop:
             with self.autocast():
                 # As in a plain loop, only the loss is kept: the outputs (logits) are dropped before
                 # backward, so what stays alive is what autograd saved.
-                if self.distill is not None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=ids, attention_mask=mask).logits
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                    loss = self.distill.distillation_loss(logits, teacher_logits, labels, self.profile)
-                    del teacher_logits, logits
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(model, self.extras, ids, mask, labels, self.profile)
                 else:
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss = loss / len(parts)

@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 from engine.errors import BadInput, Cancelled
 from engine.measure import attribution, inputs, loop, probes
-from engine.techniques import distillation, memory_pool
+from engine import techniques
+from engine.techniques import memory_pool
 from engine.units import format_bytes
 
 #: Entries kept by ``--snapshot`` (torch.cuda.memory._record_memory_history).
@@ -213,18 +214,18 @@ def _checked(profile, snapshot, notes: list[str]):
     """(config, task) of a profile this machine can run; BadInput (one line) otherwise."""
     import torch
 
-    from engine.models import check_profile, resolve_task
-    from engine.techniques.explanations import check_compatible
+    from engine.models import resolve_task
+    from engine.prepare import prepare
 
     if snapshot and profile.target != "cuda":
         raise BadInput("snapshots need CUDA (--snapshot works with --target cuda)")
     if profile.target == "cuda" and not torch.cuda.is_available():
         raise BadInput("no CUDA device is available here; measure with --target cpu "
                        "(memory_cap_bytes simulates a device size)")
-    config = check_profile(profile)
-    # BadInput (one line) for combinations that cannot work; the allocator note is configure_allocator's.
-    notes.extend(n for n in check_compatible(profile) if not n.startswith("allocator settings"))
-    return config, resolve_task(profile, config)
+    prepared = prepare(profile)  # the one gate: the same refusals as estimate, plan and export
+    # the allocator note is configure_allocator's
+    notes.extend(n for n in prepared.notes if not n.startswith("allocator settings"))
+    return prepared.config, resolve_task(profile, prepared.config)
 
 
 def _clean_device(profile, pool, snapshot, notes: list[str]):
@@ -263,12 +264,14 @@ class _Built:
     step_loop: loop.StepLoop | None = None
 
     def drop(self) -> None:
-        """Release the model, teacher and optimizer (after an OOM, before reading the device)."""
+        """Release the model, the techniques' extra models and the optimizer (after an OOM, before
+        reading the device)."""
         self.hooks, self.step_loop = [], None
 
 
 def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[str], check_stop):
-    """The model (techniques applied, ``use_cache`` off), the teacher, the optimizer with torch's
+    """The model (techniques applied, ``use_cache`` off), the techniques' extra models (a
+    distillation teacher: ``LoopHooks``), the optimizer with torch's
     defaults, the gradient hooks of the attribution, autocast and the scaler: ``built.step_loop``."""
     import torch
 
@@ -280,15 +283,13 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
     built.params = count_parameters(model)
-    teacher = None
-    if profile.distill_from:
-        teacher = distillation.build_teacher(profile, str(dev))
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    hooks_on = techniques.loop_hooks(profile)
+    extras = [m for h in hooks_on if h.extra_models
+              for m in h.extra_models(profile, str(dev), dev.type)]
+    loss_hook = next((h.loss for h in hooks_on if h.loss is not None), None)
     weight_tensors = list(model.parameters()) + list(model.buffers())
-    if teacher is not None:
-        weight_tensors += list(teacher.parameters()) + list(teacher.buffers())
+    for extra in extras:  # frozen, eval, no gradients: their weights count as weights
+        weight_tensors += list(extra.parameters()) + list(extra.buffers())
     run.weights = attribution.storage_bytes(weight_tensors)
     if tracker is not None:
         for t in weight_tensors:
@@ -314,8 +315,8 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
     scaler = loop.grad_scaler(dev.type) if amp_dtype == torch.float16 and profile.is_training \
         else None
     built.step_loop = loop.StepLoop(
-        run, model, dev, profile, check_stop, optimizer=optimizer, teacher=teacher,
-        distill=distillation if teacher is not None else None, scaler=scaler, amp_dtype=amp_dtype,
+        run, model, dev, profile, check_stop, optimizer=optimizer, extras=extras,
+        loss_hook=loss_hook, scaler=scaler, amp_dtype=amp_dtype,
         micro_batches=profile.micro_batches if profile.is_training else 1,
         window=profile.chunk_input if not profile.is_training else 0)
 

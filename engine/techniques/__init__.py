@@ -1,46 +1,45 @@
-"""Techniques: one module each. A model-side technique exposes
+"""Techniques: one module each, every one declaring a ``Technique`` (``base.py``).
 
-    applies(profile) -> bool           whether the profile switches it on
-    apply(model, profile) -> None      change the built model in place (before it moves to a device
-                                       for meta builds too, so estimators see the same model)
-    EXPLANATION: str                   one paragraph for the UI: what it does, when it helps, costs
+The registry (``registry()``) is every module of this package's path, ordered; the CLI flags, the
+Profile's fields, validation, ``engine.prepare``'s checks, the technique panel, both estimators,
+measure and export iterate it. Model-side changes apply in ``apply_rank`` order: structural
+changes (GeGLU, pruning) before wrappers (feed-forward chunking, attention, checkpointing).
 
-The order of TECHNIQUES is the order of application: structural changes (GeGLU, pruning) before
-wrappers (feed-forward chunking, attention, checkpointing).
+How the model-side techniques compose:
+
+* GeGLU then pruning: ``ffn:F`` prunes the GeGLU hidden width (gate/up rows, down columns);
+  ``heads:F`` is independent of the MLP; ``unstructured:F`` zeros the GeGLU weights too.
+* Pruning then local attention: the window applies to the remaining heads (any head count).
+* Feed-forward chunking wraps whatever MLP results (original, GeGLU, pruned).
+* Checkpointing last: it wraps the final blocks.
+* Distillation's teacher is built without any technique (dense, full attention).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from engine.techniques.base import (AnalyticTerms, Control, Field, LoopHooks, Technique, active,
+                                    all_fields, explanations, get, loop_hooks, model_techniques,
+                                    registry)
 
 if TYPE_CHECKING:
     import torch
 
     from engine.profile import Profile
 
-#: module names under engine.techniques, in application order; missing ones are skipped so the
-#: engine keeps working while a technique is being written.
-TECHNIQUES = ("geglu", "pruning", "ffn_chunking", "local_attention", "checkpointing")
-
-
-def technique_modules():
-    mods = []
-    for name in TECHNIQUES:
-        try:
-            mods.append(importlib.import_module(f"engine.techniques.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"engine.techniques.{name}":
-                raise
-    return mods
-
 
 def apply_model_techniques(model: "torch.nn.Module", profile: "Profile") -> list[str]:
     """Apply every model-side technique the profile selects; return their notes for the result."""
     notes: list[str] = []
-    for mod in technique_modules():
-        if mod.applies(profile):
-            note = mod.apply(model, profile)
+    for technique in model_techniques():
+        if technique.active(profile):
+            note = technique.apply_model(model, profile)
             if note:
                 notes.append(note)
     return notes
+
+
+__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "active", "all_fields",
+           "apply_model_techniques", "explanations", "get", "loop_hooks", "model_techniques",
+           "registry"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
+from engine.techniques.base import Control, Field, Technique
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,3 +48,26 @@ def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
     if every > 1:
         return f"checkpointing every {every}th layer"
     return None
+
+
+TECHNIQUE = Technique(
+    name="checkpointing",
+    title="Gradient checkpointing",
+    order=30,
+    fields=(
+        Field("checkpointing", bool, False, "gradient checkpointing (recompute activations in "
+              "backward)", after="precision", label="gradient checkpointing"),
+        Field("checkpoint_every", int, 1, "with checkpointing: checkpoint every k-th layer "
+              "(1 = all)", minimum=1, metavar="K", label="checkpoint every k-th layer"),
+    ),
+    controls=(
+        Control("checkpointing", "check", text="Recompute activations in backward",
+                field="checkpointing", enabled_when=lambda p: p.mode == "train"),
+        Control("checkpoint_every", "spin", "Every k-th layer", field="checkpoint_every", low=1,
+                high=128, enabled_when=lambda p: p.checkpointing),
+    ),
+    explanations={"checkpointing": EXPLANATION},
+    active=applies,
+    apply_model=apply,
+    apply_rank=50,
+)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.techniques.base import AnalyticTerms, Control, Field, LoopHooks, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -86,8 +87,9 @@ def check_vocab(student_vocab: int, teacher_vocab: int) -> int:
     return low
 
 
-def build_teacher(profile: "Profile", device: str = "cpu") -> "torch.nn.Module":
-    """The frozen teacher: eval mode, no gradients, in ``teacher_dtype``; vocab checked."""
+def build_teacher(profile: "Profile", device: str = "cpu", target: str | None = None) -> "torch.nn.Module":
+    """The frozen teacher on ``device``: eval mode, no gradients, in ``teacher_dtype`` for a run
+    on ``target`` (default: the device; the traced estimate builds on meta for CUDA); vocab checked."""
     from engine.models import build_model, load_config
 
     if not profile.distill_from:
@@ -96,7 +98,7 @@ def build_teacher(profile: "Profile", device: str = "cpu") -> "torch.nn.Module":
     teacher_cfg = load_config(profile.distill_from, profile.trust_remote_code)
     check_vocab(int(getattr(student_cfg, "vocab_size", 0)), int(getattr(teacher_cfg, "vocab_size", 0)))
     teacher = build_model(profile, device, model_name=profile.distill_from, apply_techniques=False)
-    dtype = teacher_dtype(profile, device)
+    dtype = teacher_dtype(profile, target or device)
     if dtype != next(teacher.parameters()).dtype:
         teacher.to(dtype)
     teacher.eval()
@@ -152,3 +154,184 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *extra,
     ce = ce_loss if ce_loss is not None else F.cross_entropy(
         s_flat, labels.reshape(-1).to(s_flat.device), ignore_index=-100)
     return (1.0 - alpha) * kl + alpha * ce
+
+
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# ----- estimators ----------------------------------------------------------------------------
+def teacher_profile(profile: "Profile") -> "Profile":
+    """The teacher's profile: the student's run (mode, task, precision, target) on the teacher's
+    model, without the student's model techniques (dense, unpruned, full attention)."""
+    import dataclasses
+
+    from engine import techniques
+
+    plain = {f.name: f.default for t in techniques.model_techniques() for f in t.fields}
+    return dataclasses.replace(profile, model=profile.distill_from, distill_from="",
+                               teacher_precision="auto", **plain)
+
+
+def _teacher_elt(profile: "Profile") -> int:
+    """Bytes per teacher weight: the distillation technique's rule (``teacher_precision``; auto:
+    bf16/fp16 teacher on CUDA for half-precision profiles, ``engine.techniques.distillation.
+    teacher_dtype``)."""
+    if profile.teacher_precision != "auto":
+        return 4 if profile.teacher_precision == "fp32" else 2
+    if profile.target == "cuda" and profile.precision != "fp32":
+        return 2
+    return 2 if profile.precision in ("bf16", "fp16") else 4
+
+
+def _teacher_precision(profile: "Profile") -> str:
+    """The precision the teacher's forward computes in, as ``layer_cost`` understands it: the
+    student's autocast when there is one (it casts the teacher's matmuls too), else its weights'."""
+    if profile.precision in ("bf16-amp", "fp16-amp"):
+        return profile.precision
+    if _teacher_elt(profile) == 4:
+        return "fp32"
+    if profile.teacher_precision == "auto":
+        return profile.precision  # auto picks a half dtype only for a half-precision student
+    return profile.teacher_precision
+
+
+def _distill_loss_costs(arch, t_arch, b: int, t: int, precision: str, cuda: bool,
+                        t_elt: int) -> tuple[int, int, int]:
+    """(teacher logits, forward transient at the loss, backward transient at the loss) of
+    ``engine.techniques.distillation.distillation_loss`` with hard labels, as measure calls it.
+
+    Forward, at its peak (inside ``kl_div``): both models' logits (E x V, in their output
+    dtype), their fp32 upcasts (none when already fp32), for a causal LM the shifted
+    ``reshape`` copies of both (N = B x (T-1) rows), both log-softmaxes, and the elementwise
+    ``exp(target) * (target - input)`` (three N x V fp32 tensors). Backward: the saved student
+    log-softmax, ``exp(target)`` and the hard-label log-softmax, plus three gradients of N x V.
+    """
+    from engine.estimate.analytic import _r
+
+    e = 2 if precision != "fp32" else 4  # the student's logits dtype
+    # the teacher's logits dtype: autocast's for AMP, else its weights' (teacher_precision)
+    te = 2 if precision in ("bf16-amp", "fp16-amp") else t_elt
+    E = b * t
+    V = min(arch.vocab, t_arch.vocab)
+    causal = arch.task == "causal-lm"
+    n = b * (t - 1) if causal else E
+    u = _r(n * V * 4, cuda)
+    s_logits = _r(E * arch.vocab * e, cuda)
+    t_logits = _r(E * t_arch.vocab * te, cuda)
+    upcasts = (_r(E * V * 4, cuda) if e != 4 else 0) + (_r(E * V * 4, cuda) if te != 4 else 0)
+    copies = 2 * u if causal else 0
+    fwd = s_logits + upcasts + copies + 5 * u  # log-softmax x2, exp(t), t - s, product
+    bwd = 6 * u
+    return t_logits, fwd, bwd
+
+
+def analytic_terms(profile: "Profile", arch, b: int, t: int, padded: bool, cuda: bool):
+    """The teacher's weights (in its dtype), the distillation loss's tensors, and the teacher's
+    own forward (no_grad, before the student's: one block's tensors live at a time, in the
+    teacher's compute dtype, then its logits)."""
+    from engine.estimate.analytic import _r, arch_of, layer_cost
+
+    if profile.mode != "train":
+        return AnalyticTerms()
+    t_arch = arch_of(teacher_profile(profile))
+    t_elt = _teacher_elt(profile)
+    weights = sum(_r(n * t_elt, cuda) for n, _ in t_arch.param_tensors)
+    loss = _distill_loss_costs(arch, t_arch, b, t, profile.precision, cuda, t_elt)
+    t_cost = layer_cost(t_arch, b, t, _teacher_precision(profile), cuda, "sdpa", padded, False)
+    forward = max(sum(t_cost.saved) + t_cost.fwd_transient, loss[0])
+    return AnalyticTerms(weights=weights, loss=loss, forward_phases=(forward,), layers=t_arch.layers)
+
+
+def _extra_models(profile: "Profile", device: str, target: str) -> list:
+    return [build_teacher(profile, device, target)]
+
+
+def _loss(model, extras, ids, mask, labels, profile: "Profile"):
+    import torch
+
+    (teacher,) = extras
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = distillation_loss(logits, teacher_logits, labels, profile)
+    del teacher_logits, logits
+    return loss
+
+
+LOOP = LoopHooks(extra_models=_extra_models, loss=_loss)
+
+
+def validate(p: "Profile") -> None:
+    if p.distill_from and p.mode != "train":
+        raise BadInput("distill_from (knowledge distillation) applies to training only")
+    if p.teacher_precision != "auto" and not p.distill_from:
+        raise BadInput(f"teacher_precision {p.teacher_precision!r} needs a distillation teacher: "
+                       f"set distill_from, or leave teacher_precision at auto")
+
+
+def check(prepared) -> list[str]:
+    from engine.models import load_config
+
+    p = prepared.profile
+    if not p.distill_from:
+        return []
+    teacher = load_config(p.distill_from, p.trust_remote_code)
+    check_vocab(int(getattr(prepared.config, "vocab_size", 0)), int(getattr(teacher, "vocab_size", 0)))
+    notes = []
+    if p.distill_from == p.model:
+        notes.append("the teacher is the student's own architecture (self-distillation)")
+    if p.local_window or p.prune or p.mlp != "default":
+        notes.append("the teacher is built without the student's techniques (dense, unpruned)")
+    return notes
+
+
+def _teacher_positions(p: "Profile") -> tuple[str, int]:
+    from engine.models import load_config, max_positions
+
+    return f"the teacher {p.distill_from}", max_positions(load_config(p.distill_from,
+                                                                       p.trust_remote_code)) or 0
+
+
+def _teacher_changes(values: dict) -> dict:
+    teacher = str(values["teacher"]).strip()
+    # no teacher, no teacher precision (the profile refuses one without the other)
+    return {"distill_from": teacher} if teacher else {"distill_from": "", "teacher_precision": "auto"}
+
+
+def _preset_choices() -> dict:
+    from engine.models import list_presets
+
+    return {"": "", **{name: name for name in list_presets()}}
+
+
+TECHNIQUE = Technique(
+    name="distillation",
+    title="Knowledge distillation",
+    order=80,
+    fields=(
+        Field("distill_from", str, "", "teacher model (preset or folder) for knowledge distillation",
+              metavar="NAME|DIR", after="ffn_chunks", modes=("train",), label="distillation teacher"),
+        Field("teacher_precision", str, "auto", "teacher weights: auto (student's half dtype on "
+              "CUDA) | fp32|bf16|fp16", choices=TEACHER_PRECISIONS, modes=("train",), label="teacher precision"),
+    ),
+    controls=(
+        Control("teacher", "text", "Teacher", choices=_preset_choices, placeholder="off (no teacher)",
+                read=lambda p: p.distill_from, write=_teacher_changes,
+                enabled_when=lambda p: p.mode == "train"),
+        Control("teacher_precision", "combo", "Teacher precision", field="teacher_precision",
+                choices={"auto": "auto (student's half dtype on GPU)", "fp32": "fp32", "bf16": "bf16",
+                         "fp16": "fp16"},
+                tooltip="The frozen teacher's weight dtype. auto: bf16/fp16 on a GPU when the student "
+                        "computes in that precision, else the student's weight dtype. bf16/fp16 halve "
+                        "the teacher's weights and (outside autocast) its forward's activations and "
+                        "logits. Needs a teacher.",
+                enabled_when=lambda p: p.mode == "train" and bool(p.distill_from)),
+    ),
+    explanations={"distillation": EXPLANATION},
+    active=applies,
+    analytic_terms=analytic_terms,
+    loop=LOOP,
+    position_limit=_teacher_positions,
+    validate=validate,
+    check=check,
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -78,3 +79,32 @@ def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
         return (f"feed-forward in {chunks} sequence chunks: same output; in training without "
                 f"checkpointing autograd still saves every chunk's intermediates, so it saves little")
     return f"feed-forward in {chunks} sequence chunks: same output, smaller inference peak"
+
+
+def check(prepared) -> list[str]:
+    p = prepared.profile
+    if p.ffn_chunks > 1 and p.ffn_chunks > p.seq:
+        raise BadInput(f"ffn_chunks ({p.ffn_chunks}) cannot exceed the sequence length "
+                       f"({p.seq}): each chunk needs at least one token")
+    if p.ffn_chunks > 1 and p.is_training and not p.checkpointing:
+        return ["feed-forward chunking in training without checkpointing saves little: "
+                "autograd keeps every chunk's intermediates"]
+    return []
+
+
+TECHNIQUE = Technique(
+    name="ffn_chunking",
+    title="Chunking",
+    group="chunking",
+    order=52,
+    fields=(Field("ffn_chunks", int, 1, "feed-forward applied to N sequence chunks (1 = off)",
+                  minimum=1, metavar="N", after="mlp", label="feed-forward chunks"),),
+    controls=(Control("ffn_chunks", "spin", "Feed-forward chunks", field="ffn_chunks", low=1,
+                      high=1024),),
+    explanations={"ffn_chunking": EXPLANATION},
+    summary_title=lambda p: "Feed-forward chunking",
+    active=applies,
+    check=check,
+    apply_model=apply,
+    apply_rank=30,
+)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -192,3 +193,22 @@ def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
         config.headroom_geglu_hidden = shapes[1]  # estimators: feed-forward width is now h (3 matrices)
     return (f"GeGLU: {replaced} MLPs replaced, hidden {shapes[0]} -> {shapes[1]} gated "
             f"(parameter count matched)")
+
+
+MLPS = ("default", "geglu")
+
+TECHNIQUE = Technique(
+    name="geglu",
+    title="GeGLU",
+    order=70,
+    fields=(Field("mlp", str, "default", "default | geglu (gated GeGLU block of matched parameter "
+                  "count)", choices=MLPS, after="prune", label="feed-forward"),),
+    controls=(Control("geglu", "check", text="Gated GeGLU MLP (matched parameters)",
+                      read=lambda p: p.mlp == "geglu",
+                      write=lambda v: {"mlp": "geglu" if v["geglu"] else "default"}),),
+    explanations={"geglu": EXPLANATION},
+    summary_title=lambda p: "GeGLU feed-forward",
+    active=applies,
+    apply_model=apply,
+    apply_rank=10,
+)

@@ -26,9 +26,11 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -346,3 +348,69 @@ def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
     else:
         how = "blocked O(n·W) implementation (FlexAttention needs CUDA)"
     return f"local attention, window {window}: {how}"
+
+
+_ATTN_RE = re.compile(r"(sdpa|eager|local:(\d+))")
+
+
+def _check_attn(value: str) -> None:
+    m = _ATTN_RE.fullmatch(value)
+    if not m:
+        raise BadInput(f"attn must be sdpa, eager or local:W (W a positive integer); got {value!r}")
+    if m.group(2) is not None and int(m.group(2)) < 1:
+        raise BadInput("local attention window W must be >= 1")
+
+
+def _window(p) -> int:
+    """Window W of ``attn == 'local:W'``, else 0."""
+    return int(p.attn.split(":", 1)[1]) if p.attn.startswith("local:") else 0
+
+
+def check(prepared) -> list[str]:
+    p = prepared.profile
+    window = p.local_window
+    if not window:
+        return []
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+    except ImportError:
+        import transformers
+
+        raise BadInput(f"local attention needs transformers >= 4.53 (AttentionInterface); "
+                       f"this is {transformers.__version__}") from None
+    per_forward = p.chunk_input or p.seq
+    if window >= per_forward:
+        return [f"local window {window} covers the whole sequence ({per_forward} tokens): "
+                f"same result as dense attention, no saving"]
+    return []
+
+
+def _attn_changes(values: dict) -> dict:
+    kind = values["attn"]
+    return {"attn": f"local:{values['window']}" if kind == "local" else kind}
+
+
+TECHNIQUE = Technique(
+    name="local_attention",
+    title="Sparse / local attention",
+    group="attention",
+    order=60,
+    fields=(Field("attn", str, "sdpa", "sdpa | eager | local:W (sliding window of W tokens)",
+                  check=_check_attn, metavar="sdpa|eager|local:W", after="checkpoint_every", label="attention"),),
+    controls=(
+        Control("attn", "combo", "Attention", choices={
+            "sdpa": "Dense SDPA", "eager": "Dense eager", "local": "Sliding window (local)"},
+            read=lambda p: "local" if p.local_window else p.attn, write=_attn_changes),
+        Control("window", "spin", "Window W", low=1, high=1 << 20, step=64, initial=256,
+                read=lambda p: p.local_window or None, write=_attn_changes,
+                enabled_when=lambda p: bool(p.local_window)),
+    ),
+    explanations={"local_attention": EXPLANATION},
+    summary_title=lambda p: f"Local attention (window {p.local_window})",
+    properties={"local_window": _window},
+    active=applies,
+    check=check,
+    apply_model=apply,
+    apply_rank=40,
+)

@@ -21,7 +21,11 @@ in its environment before importing/initialising torch.cuda (``child_env``).
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
+
+from engine.errors import BadInput
+from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
     from engine.profile import Profile
@@ -125,3 +129,116 @@ def allocator_stats(device: str = "cuda") -> dict:
         "segments": int(stats.get("segment.all.current", 0)),
         "fragmentation": fragmentation(reserved, allocated),
     }
+
+
+MAX_SPLIT_FLOOR_MIB = 20  # PyTorch refuses max_split_size_mb <= 20 (kLargeBuffer, 20 MiB)
+_ALLOC_RE = re.compile(r"(default|expandable|pool:(\d+(\.\d+)?)\s*([KMGT]i?B|B)?)", re.IGNORECASE)
+
+
+def _check_alloc(value: str) -> None:
+    from engine.profile import parse_bytes
+
+    if not _ALLOC_RE.fullmatch(value):
+        raise BadInput(f"alloc must be default, expandable or pool:SIZE (e.g. pool:8GiB); got {value!r}")
+    if value.lower().startswith("pool:"):
+        parse_bytes(value.split(":", 1)[1])
+
+
+def _check_max_split(value: str) -> None:
+    """A size, a whole number of MiB above 20 MiB (what PyTorch accepts)."""
+    from engine.profile import parse_bytes
+    from engine.units import format_bytes
+
+    if not value.strip():
+        return
+    try:
+        size = parse_bytes(value)
+    except BadInput:
+        raise BadInput(f"alloc_max_split must be a size such as 256MiB or 1GiB (blocks this large "
+                       f"are never split); got {value!r}") from None
+    if size <= MAX_SPLIT_FLOOR_MIB * 2**20:
+        raise BadInput(f"alloc_max_split must be above {MAX_SPLIT_FLOOR_MIB} MiB (PyTorch refuses "
+                       f"smaller max_split_size_mb); got {value!r} = {format_bytes(size)} "
+                       f"(write a unit, e.g. 512MiB)")
+    if size % 2**20:
+        raise BadInput(f"alloc_max_split must be a whole number of MiB (PyTorch's max_split_size_mb); "
+                       f"got {value!r} = {size / 2**20:.2f} MiB")
+
+
+def _pool_bytes(p) -> int:
+    """Size of ``alloc == 'pool:SIZE'`` in bytes, else 0."""
+    from engine.profile import parse_bytes
+
+    return parse_bytes(p.alloc.split(":", 1)[1]) if p.alloc.lower().startswith("pool:") else 0
+
+
+def _max_split_bytes(p) -> int:
+    """``alloc_max_split`` in bytes (a whole number of MiB), else 0 (no limit)."""
+    from engine.profile import parse_bytes
+
+    return parse_bytes(p.alloc_max_split) if p.alloc_max_split.strip() else 0
+
+
+def check(prepared) -> list[str]:
+    p = prepared.profile
+    notes = []
+    if (p.alloc.lower() != "default" or p.alloc_max_split) and p.target != "cuda":
+        notes.append("allocator settings (memory pooling) apply to CUDA runs only")
+    split = p.alloc_max_split_bytes
+    if split and p.alloc_pool_bytes >= split:
+        notes.append(f"the pool ({p.alloc_pool_bytes / 2**20:g} MiB) is not below the max split "
+                     f"size ({split // 2**20} MiB): the allocator never splits it, so only requests "
+                     f"within 20 MiB of its size can use it")
+    if split and p.alloc.lower() == "expandable":
+        notes.append("with expandable segments PyTorch splits blocks regardless of max_split_size_mb; "
+                     "it only keeps oversize cached blocks from smaller requests")
+    return notes
+
+
+def _alloc_changes(values: dict) -> dict:
+    kind = values["alloc"]
+    return {"alloc": f"pool:{values['pool_gib']:g}GiB" if kind == "pool" else kind}
+
+
+TECHNIQUE = Technique(
+    name="memory_pool",
+    title="Memory pooling (allocator)",
+    group="allocator",
+    order=90,
+    fields=(
+        Field("alloc", str, "default", "default | expandable | pool:SIZE (CUDA caching allocator "
+              "setup)", check=_check_alloc, metavar="default|expandable|pool:SIZE",
+              after="teacher_precision", label="allocator"),
+        Field("alloc_max_split", str, "", '"" | SIZE: blocks this large or larger are never split '
+              "(max_split_size_mb)", check=_check_max_split, metavar="SIZE|none",
+              parse=lambda v: "" if v.strip().lower() in ("", "none", "off") else v.strip(), label="allocator max split size"),
+    ),
+    controls=(
+        Control("alloc", "combo", "Allocator", choices={
+            "default": "Default caching allocator", "expandable": "Expandable segments",
+            "pool": "Pre-reserved pool"},
+            read=lambda p: "pool" if p.alloc.lower().startswith("pool:") else p.alloc,
+            write=_alloc_changes),
+        Control("pool_gib", "float", "Pool size", low=0.25, high=1024, suffix=" GiB", initial=4.0,
+                read=lambda p: p.alloc_pool_bytes / 1024**3 if p.alloc_pool_bytes else None,
+                write=_alloc_changes, enabled_when=lambda p: p.alloc_pool_bytes > 0),
+        Control("max_split", "spin", "Max split size", low=MAX_SPLIT_FLOOR_MIB, high=1 << 20, step=64,
+                special="off", suffix=" MiB",
+                read=lambda p: p.alloc_max_split_mib or MAX_SPLIT_FLOOR_MIB,
+                write=lambda v: {"alloc_max_split": f"{v['max_split']}MiB"
+                                 if v["max_split"] > MAX_SPLIT_FLOOR_MIB else ""},
+                tooltip="PYTORCH_CUDA_ALLOC_CONF max_split_size_mb: cached blocks this large or larger "
+                        "are never split, nor given to smaller tensors (off: no limit; PyTorch needs "
+                        f"more than {MAX_SPLIT_FLOOR_MIB} MiB). Less fragmentation of big blocks, "
+                        "possibly more reserved memory."),
+    ),
+    explanations={"memory_pool": EXPLANATION},
+    summary_title=lambda p: f"Allocator ({p.alloc})",
+    properties={
+        "alloc_pool_bytes": _pool_bytes,
+        "alloc_max_split_bytes": _max_split_bytes,
+        "alloc_max_split_mib": lambda p: p.alloc_max_split_bytes // 2**20,
+    },
+    active=applies,
+    check=check,
+)

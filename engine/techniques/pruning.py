@@ -26,9 +26,11 @@ After structured pruning the config describes the pruned model: ``num_attention_
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -382,3 +384,63 @@ def prune_ffn(model, fraction: float) -> str:
             config.hidden_dim = new_width
     how = "first neurons kept (meta build)" if on_meta else "lowest-L1 neurons removed"
     return f"FFN pruning: feed-forward width {width}->{new_width} in {len(layers)} blocks; {how}"
+
+
+PRUNE_KINDS = ("unstructured", "heads", "ffn")
+_PRUNE_RE = re.compile(r"(unstructured|heads|ffn):(0(\.\d+)?|1(\.0+)?|\.\d+)")
+
+
+def _check_prune(value: str) -> None:
+    if value and not _PRUNE_RE.fullmatch(value):
+        raise BadInput(f"prune must be unstructured:F, heads:F or ffn:F with 0 <= F < 1; got {value!r}")
+    if value and float(value.split(":", 1)[1]) >= 1.0:
+        raise BadInput("prune fraction must be below 1 (something must remain)")
+
+
+def check(prepared) -> list[str]:
+    p = prepared.profile
+    notes = []
+    if p.prune_kind == "unstructured" and p.prune_fraction > 0:
+        notes.append("unstructured pruning zeros weights but keeps them dense: no memory saved")
+    if p.prune_kind == "heads" and p.prune_fraction > 0:
+        cfg = prepared.config
+        kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 0)
+        if kv and int(round(p.prune_fraction * kv)) == 0:
+            notes.append(f"heads:{p.prune_fraction:g} removes no head: the model has "
+                         f"{kv} key/value groups (whole groups are removed)")
+    return notes
+
+
+def _prune_changes(values: dict) -> dict:
+    kind, fraction = values["prune_kind"], values["prune_fraction"]
+    if not kind:
+        return {"prune": ""}
+    return {"prune": f"{kind}:{fraction if fraction > 0 else 0.25:.2f}"}
+
+
+TECHNIQUE = Technique(
+    name="pruning",
+    title="Pruning",
+    order=40,
+    fields=(Field("prune", str, "", '"" | unstructured:F | heads:F | ffn:F (F = fraction removed)',
+                  check=_check_prune, metavar="unstructured:F|heads:F|ffn:F", after="chunk_input", label="pruning"),),
+    controls=(
+        Control("prune_kind", "combo", "Kind", choices={
+            "": "off", "unstructured": "Unstructured L1 (masks only)",
+            "heads": "Structured: attention heads", "ffn": "Structured: FFN neurons"},
+            read=lambda p: p.prune_kind, write=_prune_changes),
+        Control("prune_fraction", "float", "Fraction removed", low=0.0, high=0.95, step=0.05,
+                decimals=2, read=lambda p: p.prune_fraction if p.prune else None,
+                write=_prune_changes, enabled_when=lambda p: bool(p.prune)),
+    ),
+    explanations={"pruning": EXPLANATION},
+    summary_title=lambda p: f"Pruning ({p.prune})",
+    properties={
+        "prune_kind": lambda p: p.prune.split(":", 1)[0] if p.prune else "",
+        "prune_fraction": lambda p: float(p.prune.split(":", 1)[1]) if p.prune else 0.0,
+    },
+    active=applies,
+    check=check,
+    apply_model=apply,
+    apply_rank=20,
+)

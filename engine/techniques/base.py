@@ -1,0 +1,269 @@
+"""The Technique interface and the ordered registry every consumer iterates.
+
+A technique lives in one module of this package, which defines ``TECHNIQUE = Technique(...)``
+(or ``TECHNIQUES = (...)`` for several). Everything about it is declared there:
+
+* ``fields``: the Profile fields it owns (type, default, one-line help, choices, minimum, grammar
+  check, CLI flag). ``engine.profile`` builds the frozen Profile dataclass from its core fields
+  plus these; ``engine.cli`` makes the flags from them; ``engine.profile.validate`` checks them.
+* ``controls``: the GUI's controls, declarative (kind, range, labels, how a profile is shown
+  and how the control's value becomes profile changes, when it is enabled); the technique panel
+  builds its widgets from them.
+* ``explanations``: what it saves and costs, as measured (the panel's note and tooltip).
+* ``validate(profile)``: rules between fields that need no model; ``check(prepared)``: rules
+  that need the model's config (``engine.prepare``), returning notes. One-line BadInput each.
+* ``apply_model(model, profile)``: how it changes the built model (measure, both estimators and
+  model facts share it through ``engine.models.build_model``), in ``apply_rank`` order.
+* ``analytic_terms``: what the analytic estimator adds for it (``AnalyticTerms``), and
+  ``trace_hooks``/``loop hooks``: what the traced step and the measured loop add.
+* ``export_source`` / ``export_calls``: the functions the exported script embeds (their source,
+  ``inspect.getsource``) and the lines that call them.
+
+Discovery: every module on this package's ``__path__`` is imported once (``pkgutil``), so a new
+technique is one new module; the registry is ordered by ``Technique.order`` (the panel's order),
+model changes by ``apply_rank``. Nothing here imports torch: the app reads texts and controls at
+start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from engine.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.prepare import Prepared
+    from engine.profile import Profile
+
+
+def _always(profile: "Profile") -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Field:
+    """One Profile field: its record, its validation and its command-line flag."""
+
+    name: str  # the profile field (and JSON key)
+    type: type  # int | str | bool | float
+    default: Any  # value when not set (a technique is off at its defaults)
+    help: str  # one line: what the field holds (field comment, CLI help)
+    choices: tuple[Any, ...] | None = None  # allowed values (CLI choices too)
+    minimum: int | None = None  # ints: smallest allowed value
+    check: Callable[[Any], None] | None = None  # grammar of compound values: BadInput when wrong
+    flag: str | None = None  # CLI flag; None: "--" + name with dashes
+    metavar: str | None = None  # CLI metavar
+    parse: Callable[[str], Any] | None = None  # CLI text -> value (default: the type)
+    after: str | None = None  # field it follows in the record (None: after the previous one)
+    modes: tuple[str, ...] | None = None  # modes where a non-default value means something
+    cli: bool = True  # has a command-line flag
+    label: str = ""  # name in summaries ("" = the field name)
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def argparse_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dest": self.name, "default": None, "help": self.help}
+        if self.type is bool:
+            kwargs["action"] = "store_true"
+            return kwargs
+        if self.choices is not None and self.parse is None:
+            kwargs["choices"] = self.choices
+        else:
+            kwargs["type"] = self.parse or self.type
+        if self.metavar:
+            kwargs["metavar"] = self.metavar
+        return kwargs
+
+    def validate(self, value: Any) -> None:
+        """BadInput (one line) unless ``value`` is of the type, among the choices, above the
+        minimum and of the grammar."""
+        ok = isinstance(value, self.type) and not (self.type is int and isinstance(value, bool))
+        if not ok:
+            raise BadInput(f"profile field {self.name!r} must be {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise BadInput(f"{self.name} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise BadInput(f"{self.name} must be >= {self.minimum}; got {value}")
+        if self.check is not None:
+            self.check(value)
+
+
+@dataclass(frozen=True)
+class Control:
+    """One GUI control, declared: the technique panel builds the widget and wires it."""
+
+    name: str  # widget attribute on the panel (stable: tests and styles use it)
+    kind: str  # check | combo | spin | float | text (an editable combo: a name or a path)
+    label: str = ""  # form row label ("" for a check box: its text is the label)
+    field: str = ""  # the profile field shown and set (when read/write are not given)
+    text: str = ""  # check box text
+    choices: dict[Any, str] | Callable[[], dict[Any, str]] | None = None  # combo: value -> label
+    low: float = 0  # spin/float range
+    high: float = 1 << 20
+    step: float = 1
+    decimals: int = 2  # float
+    special: str = ""  # spin: text shown at the minimum ("off")
+    suffix: str = ""  # spin/float unit
+    placeholder: str = ""  # text: shown when empty
+    tooltip: str = ""
+    initial: Any = None  # value before any profile sets it
+    read: Callable[["Profile"], Any] | None = None  # value shown for a profile; None: leave as is
+    write: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # control values -> changes
+    enabled_when: Callable[["Profile"], bool] = _always
+
+    def value_for(self, profile: "Profile") -> Any:
+        return self.read(profile) if self.read is not None else getattr(profile, self.field)
+
+    def changes(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Profile changes for the current values of the group's controls (by control name)."""
+        if self.write is not None:
+            return self.write(values)
+        return {self.field: values[self.name]}
+
+
+@dataclass(frozen=True)
+class AnalyticTerms:
+    """What a technique adds to the analytic estimate of one (B, T) batch (bytes)."""
+
+    weights: int = 0  # persistent bytes counted as weights (e.g. a frozen teacher)
+    loss: tuple[int, int, int] | None = None  # (saved logits, forward, backward) at the loss,
+    #                                           replacing the plain loss's
+    forward_phases: tuple[int, ...] = ()  # extra forward-phase temporaries (a teacher forward)
+    layers: int = 0  # transformer blocks its extra models run (the traced estimate's cost)
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """How a technique changes the training step; the measured loop and the traced step share it.
+
+    ``extra_models(profile, device, target)``: frozen models built once beside the student, on
+    ``device`` ("meta" for the traced estimate) for a run on ``target``; their weights count as
+    weights. ``loss(model, extras, ids, mask, labels, profile)``: the loss, replacing
+    ``model(..., labels=labels).loss``; it runs under the step's autocast and keeps only the loss.
+    """
+
+    extra_models: Callable[..., list] | None = None
+    loss: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A memory/speed technique: everything the engine and the app know about it."""
+
+    name: str  # "distillation": its key (explanations, registry lookups)
+    title: str  # the panel's group title
+    order: float  # registry / panel order (small first)
+    fields: tuple[Field, ...] = ()
+    controls: tuple[Control, ...] = ()
+    explanations: dict[str, str] = field(default_factory=dict)  # key -> paragraph; first: its own
+    group: str = ""  # panel group (techniques sharing one box); "" = name
+    note_key: Callable[["Profile"], str] | None = None  # which explanation the note shows now
+    summary_title: Callable[["Profile"], str] | None = None  # heading in the exported summary
+    explain_always: bool = False  # summaries explain it even when off (the batching strategy)
+    properties: dict[str, Callable[["Profile"], Any]] = field(default_factory=dict)  # derived views
+    active: Callable[["Profile"], bool] = lambda p: False  # the profile switches it on
+    validate: Callable[["Profile"], None] | None = None  # cross-field rules (no model)
+    check: Callable[["Prepared"], list[str]] | None = None  # rules needing the config; notes
+    forward_tokens: Callable[["Profile"], int] | None = None  # tokens one forward sees, when it
+    #                                                          changes them (0: unchanged)
+    position_limit: Callable[["Profile"], tuple[str, int]] | None = None  # (what, limit) it adds
+    apply_model: Callable[["torch.nn.Module", "Profile"], str | None] | None = None
+    apply_rank: int = 0  # order of model changes: structure (GeGLU, pruning) before wrappers
+    analytic_terms: Callable[..., AnalyticTerms] | None = None  # (profile, arch, b, t, padded, cuda)
+    loop: LoopHooks | None = None  # training-step changes (measure and the traced estimate)
+    export_source: Callable[[], list[Callable]] | None = None  # functions the script embeds
+    export_calls: Callable[["Profile"], list[str]] | None = None  # lines run after the model build
+
+    @property
+    def group_key(self) -> str:
+        return self.group or self.name
+
+    @property
+    def explanation(self) -> str:
+        return next(iter(self.explanations.values()), "")
+
+    def explanation_key(self, profile: "Profile") -> str:
+        """The explanation that fits the profile's setting (the first one by default)."""
+        return self.note_key(profile) if self.note_key else next(iter(self.explanations), "")
+
+    def heading(self, profile: "Profile") -> str:
+        return self.summary_title(profile) if self.summary_title else self.title
+
+
+def _technique_module_names() -> list[str]:
+    import engine.techniques as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                  if not m.name.startswith("_") and m.name not in ("base", "explanations"))
+
+
+@functools.lru_cache(maxsize=1)
+def registry() -> tuple[Technique, ...]:
+    """Every technique of the modules on ``engine.techniques.__path__``, in ``order``."""
+    found: list[Technique] = []
+    for name in _technique_module_names():
+        mod = importlib.import_module(f"engine.techniques.{name}")
+        items = getattr(mod, "TECHNIQUES", None) or (
+            (mod.TECHNIQUE,) if hasattr(mod, "TECHNIQUE") else ())
+        found.extend(items)
+    names = [t.name for t in found]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two techniques share a name: {sorted(names)}")
+    return tuple(sorted(found, key=lambda t: (t.order, t.name)))
+
+
+def get(name: str) -> Technique:
+    for t in registry():
+        if t.name == name:
+            return t
+    raise KeyError(name)
+
+
+def model_techniques() -> tuple[Technique, ...]:
+    """Techniques that change the built model, in application order."""
+    return tuple(sorted((t for t in registry() if t.apply_model is not None),
+                        key=lambda t: (t.apply_rank, t.order)))
+
+
+def active(profile: "Profile") -> tuple[Technique, ...]:
+    return tuple(t for t in registry() if t.active(profile))
+
+
+def all_fields() -> tuple[Field, ...]:
+    return tuple(f for t in registry() for f in t.fields)
+
+
+def explanations() -> dict[str, str]:
+    """Explanation key -> paragraph, every technique's (no torch imported)."""
+    out: dict[str, str] = {}
+    for t in registry():
+        out.update(t.explanations)
+    return out
+
+
+def defaults_changes(profile: "Profile", mode: str) -> dict[str, Any]:
+    """Fields that mean nothing in ``mode``, back to their defaults (the panel's mode switch)."""
+    out: dict[str, Any] = {}
+    for f in all_fields():
+        if f.modes is not None and mode not in f.modes and getattr(profile, f.name) != f.default:
+            out[f.name] = f.default
+    return out
+
+
+def loop_hooks(profile: "Profile") -> tuple[LoopHooks, ...]:
+    """The loop hooks of the techniques the profile switches on (training only)."""
+    if profile.mode != "train":
+        return ()
+    return tuple(t.loop for t in active(profile) if t.loop is not None)
+
+
+__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "loop_hooks", "active", "all_fields",
+           "defaults_changes", "explanations", "get", "model_techniques", "registry"]
