@@ -67,7 +67,7 @@ def test_a_broken_engine_module_surfaces_in_the_cli(monkeypatch, error):
 @pytest.mark.parametrize("module, importer", [("engine.estimate", "app.estimator"),
                                               ("engine.export", "app.main_window"),
                                               ("engine.measure.process", "app.widgets.run_panel"),
-                                              ("engine.techniques.explanations", "app.widgets.technique_panel")])
+                                              ("engine.techniques.base", "app.widgets.technique_panel")])
 def test_a_broken_engine_module_surfaces_in_the_app(monkeypatch, module, importer):
     pytest.importorskip("PySide6")
     _break(monkeypatch, module, importer)

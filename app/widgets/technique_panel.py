@@ -16,9 +16,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 
 from app.state import AppState
 from app.widgets.common import NoteLabel
-from engine import techniques
 from engine.profile import TASKS
-from engine.techniques import Control, Technique
+from engine.techniques.base import Control, Technique, defaults_changes, registry
 
 _TASK_LABELS = {"auto": "auto (from the model)", "causal-lm": "causal LM", "masked-lm": "masked LM",
                 "classification": "sequence classification"}
@@ -138,7 +137,7 @@ class TechniquePanel(QScrollArea):
                                         ("Sequence length", self.seq), ("Optimizer", self.optimizer),
                                         ("Measured steps", self.steps), ("Seed", self.seed)])
         # --- techniques, from the registry ----------------------------------------------------
-        for technique in techniques.registry():
+        for technique in registry():
             self._techniques.setdefault(technique.group_key, []).append(technique)
         for key, members in self._techniques.items():
             rows = []
@@ -206,7 +205,7 @@ class TechniquePanel(QScrollArea):
     # ----- values ---------------------------------------------------------------------------
     def _mode_fixes(self) -> dict[str, Any]:
         """Switching mode turns off what the other mode cannot do, instead of refusing the switch."""
-        return techniques.base.defaults_changes(self._state.profile, self.mode.currentData())
+        return defaults_changes(self._state.profile, self.mode.currentData())
 
     def _on_edited(self, changes: dict[str, Any]) -> None:
         if self._updating:
