@@ -86,6 +86,7 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     data = data_facts(profile)
     teacher = model_facts(profile, profile.distill_from) if profile.distill_from else None
     port = model_techniques(profile)
+    _embed_technique_sources(port, profile)
     s = _Script()
     s.imports |= {"import argparse", "import gc", "import json", "import os", "import statistics",
                   "import sys", "import time", "import torch", "import transformers",
@@ -340,6 +341,23 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
 
 
 # ----- model -------------------------------------------------------------------------------------
+def _embed_technique_sources(port: Port, profile: Profile) -> None:
+    """Techniques that declare their script code as functions (``Technique.export_source``): the
+    functions' own source goes into the script (the code measure runs, not a copy), and
+    ``export_calls`` are the lines build_model runs once the model exists."""
+    import inspect
+
+    from engine import techniques
+
+    for technique in techniques.active(profile):
+        if technique.export_source is None:
+            continue
+        sources = [textwrap.dedent(inspect.getsource(fn)).strip("\n") for fn in technique.export_source()]
+        port.sections.append((technique.title, "\n\n\n".join(sources)))
+        if technique.export_calls is not None:
+            port.calls.extend(technique.export_calls(profile))
+
+
 def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port,
                    teacher: ModelFacts | None) -> None:
     if any("transformer_blocks(" in code for _, code in port.sections):
