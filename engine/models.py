@@ -360,20 +360,23 @@ def count_parameters(model: "torch.nn.Module") -> int:
     return total
 
 
-def find_layers(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
-    """The transformer block list: the ModuleList holding most parameters."""
+def transformer_blocks(model):
+    """The transformer block list: the ModuleList holding the most parameters (the first of equals).
+
+    Torch only: the exported script embeds this function's source."""
     import torch
 
-    best: tuple[str, Any] = ("", None)
-    best_params = -1
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            n = sum(p.numel() for p in module.parameters())
-            if n > best_params:
-                best, best_params = (name, module), n
-    if best[1] is None:
-        raise BadInput(f"cannot find the transformer layers of {type(model).__name__}")
-    return best
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def find_layers(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
+    """The transformer block list (``transformer_blocks``) and its module path."""
+    try:
+        blocks = transformer_blocks(model)
+    except ValueError:  # no non-empty ModuleList
+        raise BadInput(f"cannot find the transformer layers of {type(model).__name__}") from None
+    return next(name for name, module in model.named_modules() if module is blocks), blocks
 
 
 def module_summary(model: "torch.nn.Module") -> list[ModuleInfo]:

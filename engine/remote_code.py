@@ -54,11 +54,13 @@ def model_folders(profile) -> list[Path]:
     Presets and the packaged MiniLM are Headroom's own files; names that resolve to nothing are
     left to the loaders' own errors.
     """
+    from engine import techniques
     from engine.errors import BadInput
     from engine.models import resolve
 
     out: list[Path] = []
-    for name in (profile.model, profile.distill_from):
+    others = [n for t in techniques.active(profile) if t.model_names for n in t.model_names(profile)]
+    for name in (profile.model, *others):
         if not name:
             continue
         try:

@@ -361,7 +361,7 @@ def _embed_technique_sources(port: Port, profile: Profile) -> None:
 def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port,
                    teacher: ModelFacts | None) -> None:
     if any("transformer_blocks(" in code for _, code in port.sections):
-        s.add("transformer blocks", _BLOCKS)
+        s.add("transformer blocks", _blocks_source())
     for title, code in port.sections:
         s.add(f"technique: {title}", code)
     lines = ["def build_model(device):",
@@ -378,12 +378,13 @@ def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port,
     s.add("model", code)
 
 
-_BLOCKS = textwrap.dedent('''
-    def transformer_blocks(model):
-        """The transformer block list: the ModuleList holding the most parameters."""
-        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-''').strip("\n")
+def _blocks_source() -> str:
+    """The engine's own block finder, for techniques whose code walks the blocks."""
+    import inspect
+
+    from engine.models import transformer_blocks
+
+    return textwrap.dedent(inspect.getsource(transformer_blocks)).strip("\n")
 
 
 def _stored_in_half(facts: ModelFacts) -> bool:

@@ -1,8 +1,9 @@
 """The model-side techniques of an exported script: GeGLU, pruning (unstructured, heads, FFN
-neurons), feed-forward chunking, local attention, gradient checkpointing and distillation.
+neurons), feed-forward chunking and local attention (gradient checkpointing exports its own
+function: ``Technique.export_source``).
 
 Each is a standalone port of its ``engine.techniques`` module: the same modifications in the same
-order (``engine.techniques.TECHNIQUES``), the same initialisation (so the random stream, the
+order (``engine.techniques``' apply_rank), the same initialisation (so the random stream, the
 parameter count and the losses equal ``headroom measure``'s), written as plain code for the one
 model family at hand. Which sub-modules a block has (``mlp.c_fc`` or ``intermediate.dense``, a fused
 ``c_attn`` or ``q_proj``/``k_proj``/...) is read here from a meta-device build of the model, so the
@@ -652,42 +653,6 @@ def _local_attention(port: Port, profile: Profile) -> None:
     port.calls.append("use_local_attention(model)")
 
 
-# ----- gradient checkpointing -------------------------------------------------------------------------
-_CHECKPOINTING = '''
-def enable_checkpointing(model):
-    """Gradient checkpointing: keep each block's input, recompute its activations in backward."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-'''
-
-_CHECKPOINTING_EVERY = '''
-def enable_checkpointing(model):
-    """Gradient checkpointing on every CHECKPOINT_EVERY-th transformer block only: the others
-    keep their activations (a dial between memory and speed)."""
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
-        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=CHECKPOINT_EVERY)
-        return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for i, block in enumerate(transformer_blocks(model)):
-        if hasattr(block, "gradient_checkpointing"):
-            block.gradient_checkpointing = i % CHECKPOINT_EVERY == 0
-'''
-
-
-def _checkpointing(port: Port, profile: Profile) -> None:
-    if profile.checkpoint_every > 1:
-        port.imports.add("import inspect")
-        port.sections.append(("gradient checkpointing", _code(_CHECKPOINTING_EVERY)))
-    else:
-        port.sections.append(("gradient checkpointing", _code(_CHECKPOINTING)))
-    port.calls.append("enable_checkpointing(model)")
-
-
 # ----- all of them ------------------------------------------------------------------------------------
 def model_techniques(profile: Profile) -> Port:
     """The ported model-side techniques the profile selects, in ``engine.techniques`` order."""
@@ -710,6 +675,4 @@ def model_techniques(profile: Profile) -> Port:
         _ffn_chunking(port, profile, layers[0])
     if profile.local_window:
         _local_attention(port, profile)
-    if profile.checkpointing and profile.is_training:
-        _checkpointing(port, profile)
     return port

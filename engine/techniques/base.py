@@ -175,6 +175,7 @@ class Technique:
     forward_tokens: Callable[["Profile"], int] | None = None  # tokens one forward sees, when it
     #                                                          changes them (0: unchanged)
     position_limit: Callable[["Profile"], tuple[str, int]] | None = None  # (what, limit) it adds
+    model_names: Callable[["Profile"], tuple[str, ...]] | None = None  # other models it loads
     apply_model: Callable[["torch.nn.Module", "Profile"], str | None] | None = None
     apply_rank: int = 0  # order of model changes: structure (GeGLU, pruning) before wrappers
     analytic_terms: Callable[..., AnalyticTerms] | None = None  # (profile, arch, b, t, padded, cuda)

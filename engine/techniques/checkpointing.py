@@ -6,9 +6,9 @@ memory (k = 1 keeps only each block's input) and speed (k large recomputes littl
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING
 
+from engine.models import transformer_blocks
 from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
@@ -29,25 +29,34 @@ def applies(profile: "Profile") -> bool:
     return profile.checkpointing and profile.mode == "train"
 
 
-def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
-    from engine.models import find_layers
+def enable_checkpointing(model, every=1):
+    """Gradient checkpointing through transformers' own switch, non-reentrant, on every ``every``-th
+    transformer block (1 = all). Torch and transformers only: the exported script embeds it."""
+    import inspect
 
     kwargs = {"use_reentrant": False}
-    every = profile.checkpoint_every
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
         enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
-    else:  # transformers < 5.2x: all layers, then switch off the ones not selected
+    else:  # transformers < 5.2x: all blocks, then switch off the ones not selected
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if every > 1:
-            _, layers = find_layers(model)
-            for i, layer in enumerate(layers):
-                if hasattr(layer, "gradient_checkpointing"):
-                    layer.gradient_checkpointing = i % every == 0
+            for i, block in enumerate(transformer_blocks(model)):
+                if hasattr(block, "gradient_checkpointing"):
+                    block.gradient_checkpointing = i % every == 0
     model.train()
-    if every > 1:
-        return f"checkpointing every {every}th layer"
+
+
+def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
+    enable_checkpointing(model, profile.checkpoint_every)
+    if profile.checkpoint_every > 1:
+        return f"checkpointing every {profile.checkpoint_every}th layer"
     return None
+
+
+def _export_calls(profile: "Profile") -> list[str]:
+    every = ", every=CHECKPOINT_EVERY" if profile.checkpoint_every > 1 else ""
+    return [f"enable_checkpointing(model{every})"]
 
 
 TECHNIQUE = Technique(
@@ -70,4 +79,6 @@ TECHNIQUE = Technique(
     active=applies,
     apply_model=apply,
     apply_rank=50,
+    export_source=lambda: [enable_checkpointing],
+    export_calls=_export_calls,
 )

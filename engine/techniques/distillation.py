@@ -332,6 +332,7 @@ TECHNIQUE = Technique(
     analytic_terms=analytic_terms,
     loop=LOOP,
     position_limit=_teacher_positions,
+    model_names=lambda p: (p.distill_from,),
     validate=validate,
     check=check,
 )
