@@ -466,17 +466,18 @@ def distillation_loss(logits, teacher_logits, labels):
     student = logits[..., :vocab].float()  # (B, T, V)
     teacher = teacher_logits[..., :vocab].detach().float()  # (B, T, V)
 #SHIFT#
-    # New names: the (B, T, V) fp32 copies stay alive until the loss returns, as in Headroom's loop.
-    student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)  # (N, V)
-    valid = labels.reshape(-1) != -100  # (N,)
-    kl = F.kl_div(F.log_softmax(student_rows / TEMPERATURE, -1),
-                  F.log_softmax(teacher_rows / TEMPERATURE, -1),
-                  reduction="none", log_target=True).sum(-1)  # (N,)
-    kl = (kl * valid).sum() / valid.sum().clamp(min=1)
-    kl = kl * TEMPERATURE ** 2
-    ce = F.cross_entropy(student_rows, labels.reshape(-1), ignore_index=-100)
-    return (1.0 - ALPHA) * kl + ALPHA * ce
+    return soft_target_loss(student, teacher, labels, TEMPERATURE, ALPHA)
 '''
+
+
+def _soft_target_source() -> str:
+    """The engine's own loss function (engine.techniques.distillation), embedded whole."""
+    import inspect
+
+    from engine.techniques.distillation import soft_target_loss
+
+    return textwrap.dedent(inspect.getsource(soft_target_loss)).strip("\n")
+
 
 _SHIFT = ("    # A causal LM predicts token i + 1 at position i.\n"
           "    student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]")
@@ -520,8 +521,8 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts, teacher: Mode
     if profile.is_training:
         code = _targets_code(profile, model) + "\n\n\n"
         if teacher is not None:
-            s.imports.add("import torch.nn.functional as F")
             shift = _SHIFT + "\n" if model.task == "causal-lm" else ""
+            code += _soft_target_source() + "\n\n\n"
             code += textwrap.dedent(_DISTILLATION_LOSS).strip("\n").replace("#SHIFT#\n", shift) + "\n\n\n"
         args = ["model", "teacher", "optimizer", "scaler", "batch", "device"]
         if teacher is None:

@@ -266,5 +266,6 @@ def loop_hooks(profile: "Profile") -> tuple[LoopHooks, ...]:
     return tuple(t.loop for t in active(profile) if t.loop is not None)
 
 
-__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "loop_hooks", "active", "all_fields",
+__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "loop_hooks", "active",
+           "all_fields",
            "defaults_changes", "explanations", "get", "model_techniques", "registry"]

@@ -35,7 +35,8 @@ TECHNIQUE = Technique(
     group="chunking",
     order=51,
     fields=(Field("chunk_input", int, 0, "inference: process long inputs in windows of W tokens "
-                  "(0 = off)", minimum=0, metavar="W", after="micro_batches", modes=("infer",), label="input windows (tokens)"),),
+                  "(0 = off)", minimum=0, metavar="W", after="micro_batches", modes=("infer",),
+                  label="input windows (tokens)"),),
     controls=(Control("chunk_input", "spin", "Input windows (inference)", field="chunk_input", low=0,
                       high=1 << 20, step=128, special="off", enabled_when=lambda p: p.mode == "infer"),),
     explanations={"chunked_input": EXPLANATION},

@@ -119,7 +119,6 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *extra,
     With labels the loss is (1 - alpha) · KL + alpha · CE (``ce_loss`` when given); without, KL.
     """
     import torch
-    import torch.nn.functional as F
 
     for arg in extra:
         if isinstance(arg, torch.Tensor):
@@ -139,11 +138,23 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *extra,
     if causal and s.dim() == 3:  # predict token i+1 from position i
         s, t = s[:, :-1], t[:, :-1]
         labels = labels[:, 1:]
-    s_flat, t_flat = s.reshape(-1, vocab), t.reshape(-1, vocab)
+    return soft_target_loss(s, t, labels, temperature, alpha, ce_loss)
+
+
+def soft_target_loss(student, teacher, labels, temperature, alpha, ce=None):
+    """Hinton et al. 2015 on fp32 logits of one vocabulary, (..., V), aligned with ``labels``
+    (-100 ignored): (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + alpha * CE
+    (``ce`` when given); without labels the KL term alone. Torch only: the exported script
+    embeds this function, so its loss is the one measure computes."""
+    import torch.nn.functional as F
+
+    vocab = student.shape[-1]
+    # New names: the (B, T, V) fp32 inputs stay alive until the loss returns, as in measure's loop.
+    s_flat, t_flat = student.reshape(-1, vocab), teacher.reshape(-1, vocab)  # (N, V)
     if labels is not None:
-        valid = labels.reshape(-1) != -100
+        valid = labels.reshape(-1) != -100  # (N,)
         kl_rows = F.kl_div(F.log_softmax(s_flat / temperature, -1), F.log_softmax(t_flat / temperature, -1),
-                           reduction="none", log_target=True).sum(-1)
+                           reduction="none", log_target=True).sum(-1)  # (N,)
         kl = (kl_rows * valid).sum() / valid.sum().clamp(min=1)
     else:
         kl = F.kl_div(F.log_softmax(s_flat / temperature, -1), F.log_softmax(t_flat / temperature, -1),
@@ -151,8 +162,8 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *extra,
     kl = kl * temperature ** 2
     if labels is None:
         return kl
-    ce = ce_loss if ce_loss is not None else F.cross_entropy(
-        s_flat, labels.reshape(-1).to(s_flat.device), ignore_index=-100)
+    if ce is None:
+        ce = F.cross_entropy(s_flat, labels.reshape(-1).to(s_flat.device), ignore_index=-100)
     return (1.0 - alpha) * kl + alpha * ce
 
 
@@ -312,7 +323,8 @@ TECHNIQUE = Technique(
         Field("distill_from", str, "", "teacher model (preset or folder) for knowledge distillation",
               metavar="NAME|DIR", after="ffn_chunks", modes=("train",), label="distillation teacher"),
         Field("teacher_precision", str, "auto", "teacher weights: auto (student's half dtype on "
-              "CUDA) | fp32|bf16|fp16", choices=TEACHER_PRECISIONS, modes=("train",), label="teacher precision"),
+              "CUDA) | fp32|bf16|fp16", choices=TEACHER_PRECISIONS, modes=("train",),
+              label="teacher precision"),
     ),
     controls=(
         Control("teacher", "text", "Teacher", choices=_preset_choices, placeholder="off (no teacher)",

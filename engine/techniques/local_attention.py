@@ -397,7 +397,8 @@ TECHNIQUE = Technique(
     group="attention",
     order=60,
     fields=(Field("attn", str, "sdpa", "sdpa | eager | local:W (sliding window of W tokens)",
-                  check=_check_attn, metavar="sdpa|eager|local:W", after="checkpoint_every", label="attention"),),
+                  check=_check_attn, metavar="sdpa|eager|local:W", after="checkpoint_every",
+                  label="attention"),),
     controls=(
         Control("attn", "combo", "Attention", choices={
             "sdpa": "Dense SDPA", "eager": "Dense eager", "local": "Sliding window (local)"},

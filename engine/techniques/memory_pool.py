@@ -211,7 +211,8 @@ TECHNIQUE = Technique(
               after="teacher_precision", label="allocator"),
         Field("alloc_max_split", str, "", '"" | SIZE: blocks this large or larger are never split '
               "(max_split_size_mb)", check=_check_max_split, metavar="SIZE|none",
-              parse=lambda v: "" if v.strip().lower() in ("", "none", "off") else v.strip(), label="allocator max split size"),
+              parse=lambda v: "" if v.strip().lower() in ("", "none", "off") else v.strip(),
+              label="allocator max split size"),
     ),
     controls=(
         Control("alloc", "combo", "Allocator", choices={

@@ -45,6 +45,9 @@ EXPLANATIONS = {
 NOTE_KEYS = {"fixed": "fixed_padding", "dynamic": "dynamic_padding", "bucketed": "bucketing",
              "token-budget": "token_budget"}
 
+SUMMARY_TITLES = {"fixed": "Fixed padding", "dynamic": "Dynamic padding", "bucketed": "Length bucketing",
+                  "token-budget": "Token-budget batching"}
+
 _LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
            "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
 
@@ -69,8 +72,7 @@ TECHNIQUE = Technique(
     ),
     explanations=EXPLANATIONS,
     note_key=lambda p: NOTE_KEYS[p.padding],
-    summary_title=lambda p: {"fixed": "Fixed padding", "dynamic": "Dynamic padding",
-                             "bucketed": "Length bucketing", "token-budget": "Token-budget batching"}[p.padding],
+    summary_title=lambda p: SUMMARY_TITLES[p.padding],
     explain_always=True,
     active=lambda p: p.padding != "fixed",
 )

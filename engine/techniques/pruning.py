@@ -423,7 +423,8 @@ TECHNIQUE = Technique(
     title="Pruning",
     order=40,
     fields=(Field("prune", str, "", '"" | unstructured:F | heads:F | ffn:F (F = fraction removed)',
-                  check=_check_prune, metavar="unstructured:F|heads:F|ffn:F", after="chunk_input", label="pruning"),),
+                  check=_check_prune, metavar="unstructured:F|heads:F|ffn:F", after="chunk_input",
+                  label="pruning"),),
     controls=(
         Control("prune_kind", "combo", "Kind", choices={
             "": "off", "unstructured": "Unstructured L1 (masks only)",
