@@ -96,10 +96,9 @@ def child(args) -> dict:
         return {"step_time_s": r.step_time_s, "first_step_s": r.first_step_s,
                 "peak_allocated_bytes": r.peak_allocated_bytes}
     from engine.measure.runner import _prepare_steps
-    from engine.models import resolve_task
-    from engine.prepare import prepare
+    from engine.models import check_profile, resolve_task
 
-    config = prepare(profile).config
+    config = check_profile(profile)
     steps, _ = _prepare_steps(profile, config, resolve_task(profile, config), None,
                            lambda f, m: None, [])
     batches = [(s.input_ids, s.attention_mask, s.labels) for s in steps]
