@@ -95,14 +95,14 @@ def _device_used(reserved: int, profile: Profile) -> int:
                                            profile.precision != "fp32")
 
 
-def _layers(outcome_layers: dict[str, int], profile: Profile,
-            weight_bytes: int) -> tuple[LayerBytes, ...]:
+def _layers(outcome_layers: dict[str, int], profile: Profile, weight_bytes: int,
+            extra_rows: tuple = ()) -> tuple[LayerBytes, ...]:
     """Rows of the per-layer table, in model order: the embeddings, each block, the final norm and
-    LM head, a distillation teacher, and the logits; their parameters add up to the model's and
+    LM head, the techniques' extra models (``AnalyticTerms.rows``: a distillation teacher), and the
+    logits; their parameters add up to the model's and
     their weight bytes to ``weight_bytes`` (the estimate's weights: the embeddings row takes the
     buffers and the allocator's rounding). Activations: saved for backward (training); the logits
     row holds the logits and the loss's tensors alive at the loss (temporaries in the breakdown)."""
-    from engine.estimate import analytic
     from engine.estimate.analytic import EMBEDDINGS_ROW, HEAD_ROW, LOGITS_ROW, arch_of
 
     arch = arch_of(profile)
@@ -113,11 +113,8 @@ def _layers(outcome_layers: dict[str, int], profile: Profile,
     head = LayerBytes(name=HEAD_ROW, params=arch.head_params, weight_bytes=arch.head_params * elt,
                       activation_bytes=int(outcome_layers.get(HEAD_ROW, 0)))
     tail = [head]
-    if profile.distill_from and profile.mode == "train":
-        t_arch = arch_of(profile, teacher=True)
-        t_elt = analytic._teacher_elt(profile)
-        tail.append(LayerBytes(name=f"teacher ({profile.distill_from}, frozen)", params=t_arch.params,
-                               weight_bytes=t_arch.params * t_elt, activation_bytes=0))
+    tail += [LayerBytes(name=name, params=params, weight_bytes=wbytes, activation_bytes=0)
+             for name, params, wbytes in extra_rows]
     tail.append(LayerBytes(name=LOGITS_ROW, params=0, weight_bytes=0,
                            activation_bytes=int(outcome_layers.get(LOGITS_ROW, 0))))
     known = sum(x.weight_bytes for x in blocks + tail)
@@ -209,7 +206,8 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             peak_reserved_bytes=a_out.peak_reserved,
             device_used_bytes=_device_used(a_out.peak_reserved, profile),
             breakdown=a_out.breakdown, params=a_out.params,
-            layers=_layers(a_out.layer_activations, profile, a_out.breakdown.get("weights", 0)),
+            layers=_layers(a_out.layer_activations, profile, a_out.breakdown.get("weights", 0),
+                           a_out.extra_rows),
             peak_batch_shape=tuple(shape),
             peak_phase=a_out.peak_phase, notes=tuple(notes),
             elapsed_s=time.perf_counter() - started,
@@ -256,7 +254,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
         device_used_bytes=_device_used(int(reserved), profile), breakdown=breakdown,
         params=outcome.params,
         layers=_layers({**outcome.layer_activations, LOGITS_ROW: a_out.layer_activations.get(LOGITS_ROW, 0)},
-                       profile, breakdown.get("weights", 0)),
+                       profile, breakdown.get("weights", 0), a_out.extra_rows),
         peak_batch_shape=tuple(shape), peak_phase=outcome.peak_phase, notes=tuple(notes),
         elapsed_s=time.perf_counter() - started,
         extra={"padded": padded, "peak_step": outcome.peak_step,

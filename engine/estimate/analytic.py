@@ -341,6 +341,7 @@ class AnalyticOutcome:
     params: int
     notes: list[str]
     extra_layers: int = 0  # blocks of the techniques' extra models (a distillation teacher)
+    extra_rows: tuple = ()  # their per-layer table rows: (name, params, weight bytes)
 
 
 def _embedding_saved(arch: Arch, E: int, r: int, cuda: bool, training: bool) -> list[int]:
@@ -510,7 +511,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
             _r(E * arch.hidden * 4, cuda) * 2 + loss_fwd)
         del e
     # logits and the loss's tensors alive at the loss (temporaries in the breakdown)
-    layer_acts[LOGITS_ROW] = loss_fwd + (teacher_logits if training and t_arch is not None else 0)
+    layer_acts[LOGITS_ROW] = loss_fwd + (saved_logits if training else 0)  # a teacher's logits too
     peak, phase, breakdown = max(candidates, key=lambda c: c[0])
     if window and not cuda:
         notes.append("local attention on CPU: blocked implementation, O(T*2W) per layer")
@@ -547,7 +548,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     return AnalyticOutcome(peak_allocated=int(peak), peak_reserved=int(reserved),
                            breakdown={k: int(v) for k, v in breakdown.items()},
                            peak_phase=phase, layer_activations=layer_acts, params=arch.params,
-                           notes=notes, extra_layers=sum(x.layers for x in terms))
+                           notes=notes, extra_layers=sum(x.layers for x in terms),
+                           extra_rows=tuple(row for x in terms for row in x.rows))
 
 
 __all__ = ["EMBEDDINGS_ROW", "HEAD_ROW", "LOGITS_ROW", "Arch", "arch_of", "estimate_shape", "layer_cost"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import engine
-from engine import remote_code
+from engine import remote_code, techniques
 from engine.errors import BadInput
 from engine.export import snippets
 from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
@@ -73,6 +73,30 @@ class _Script:
         self.blocks.append((title, textwrap.dedent(code).strip("\n")))
 
 
+class ScriptTools:
+    """What a technique's ``ScriptHooks`` may use: facts of another model it loads, constants, and
+    the lines that build a model the way ``build_model`` does."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.script: _Script | None = None
+        self._facts: dict[str, ModelFacts] = {}
+
+    def model_facts(self, name: str) -> ModelFacts:
+        if name not in self._facts:
+            self._facts[name] = model_facts(self.profile, name)
+        return self._facts[name]
+
+    def const(self, name: str, value: Any, comment: str | None = None, *, raw: str | None = None) -> None:
+        self.script.const(name, value, comment, raw=raw)
+
+    def model_constants(self, facts: ModelFacts, prefix: str, what: str = "") -> None:
+        _model_constants(self.script, facts, prefix, what)
+
+    def build_lines(self, facts: ModelFacts, prefix: str, var: str) -> list[str]:
+        return _build_lines(self.profile, facts, prefix, var)
+
+
 def export_script(profile: Profile, estimate: Any = None, measured: Any = None) -> str:
     """The text of a runnable Python script reproducing ``profile`` (see the module docstring).
 
@@ -84,17 +108,18 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     notes = list(prepare(profile).notes)  # the same one-line BadInput as estimate and measure
     model = model_facts(profile)
     data = data_facts(profile)
-    teacher = model_facts(profile, profile.distill_from) if profile.distill_from else None
     port = model_techniques(profile)
+    hooks = techniques.script_hooks(profile)  # a distillation teacher and its loss
+    tools = ScriptTools(profile)
     _embed_technique_sources(port, profile)
     s = _Script()
     s.imports |= {"import argparse", "import gc", "import json", "import os", "import statistics",
                   "import sys", "import time", "import torch", "import transformers",
                   "import weakref", "from torch.utils._python_dispatch import TorchDispatchMode"}
     s.imports |= port.imports
-    _constants(s, profile, model, data, port, teacher)
+    _constants(s, profile, model, data, port, hooks, tools)
     _data_section(s, profile, model, data)
-    _model_section(s, profile, model, port, teacher)
+    _model_section(s, profile, model, port, hooks, tools)
     pool = ""
     if profile.alloc_pool_bytes:
         pool = ("            # A warm pool: allocate POOL_BYTES once and free it; the caching allocator\n"
@@ -102,8 +127,8 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
                 "            torch.empty(POOL_BYTES, dtype=torch.uint8, device=device)")
     peak = snippets.PEAK_MEMORY.replace("            #POOL#\n", pool + "\n" if pool else "")
     s.add("memory", snippets.LIVE_BYTES + "\n" + peak)
-    _step_section(s, profile, model, teacher)
-    _main_section(s, profile, model, teacher)
+    _step_section(s, profile, model, hooks, tools)
+    _main_section(s, profile, model, hooks)
     if not model.has_tokenizer:  # last: a long blob would bury the code above
         s.add("the fallback tokenizer: its JSON, xz-compressed, base64", _embedded_fallback_tokenizer())
     text = _header(profile, model, estimate, measured, notes) + _imports(s, profile) + "\n"
@@ -187,9 +212,7 @@ def _summary_line(profile: Profile) -> str:
         parts.append(f"{docstring_safe(profile.prune)} pruning")
     if profile.ffn_chunks > 1:
         parts.append(f"feed-forward in {profile.ffn_chunks} chunks")
-    if profile.distill_from:
-        teacher = f" ({profile.teacher_precision} teacher)" if profile.teacher_precision != "auto" else ""
-        parts.append(f"distilled from {docstring_safe(_short(profile.distill_from))}{teacher}")
+    parts += [h.header(profile) for h in techniques.script_hooks(profile) if h.header is not None]
     return ", ".join(parts)
 
 
@@ -228,7 +251,7 @@ def _alloc_lines(profile: Profile) -> str:
 
 # ----- settings ----------------------------------------------------------------------------------
 def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts, port: Port,
-               teacher: ModelFacts | None) -> None:
+               hooks, tools: "ScriptTools") -> None:
     nd = profile.non_defaults()
     if "name" in nd:
         s.const("PROFILE_NAME", profile.name, "")
@@ -284,17 +307,14 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
         s.const("MLM_PROBABILITY", 0.15)
     for name, value, comment, raw in port.constants:
         s.const(name, value, comment, raw=raw)
-    if teacher is not None:
-        from engine.techniques.distillation import ALPHA, TEMPERATURE
-
-        s.const("TEMPERATURE", TEMPERATURE, "distillation: both distributions softened by this")
-        s.const("ALPHA", ALPHA, "distillation: weight of the ordinary loss on the labels (the rest: KL)")
-        if profile.teacher_precision != "auto":
-            s.const("TEACHER_DTYPE", None, f"teacher_precision {profile.teacher_precision}: the frozen "
-                    "teacher's weights", raw=_TEACHER_DTYPES[profile.teacher_precision])
+    tools.script = s
+    for h in hooks:
+        if h.constants is not None:
+            h.constants(profile, tools)
     _model_constants(s, model, "MODEL")
-    if teacher is not None:
-        _model_constants(s, teacher, "TEACHER", "the distillation teacher: ")
+    for h in hooks:
+        if h.model_constants is not None:
+            h.model_constants(profile, tools)
 
 
 def _model_constants(s: _Script, model: ModelFacts, prefix: str, what: str = "") -> None:
@@ -347,8 +367,6 @@ def _embed_technique_sources(port: Port, profile: Profile) -> None:
     ``export_calls`` are the lines build_model runs once the model exists."""
     import inspect
 
-    from engine import techniques
-
     for technique in techniques.active(profile):
         if technique.export_source is None:
             continue
@@ -358,8 +376,8 @@ def _embed_technique_sources(port: Port, profile: Profile) -> None:
             port.calls.extend(technique.export_calls(profile))
 
 
-def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port,
-                   teacher: ModelFacts | None) -> None:
+def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port, hooks,
+                   tools: "ScriptTools") -> None:
     if any("transformer_blocks(" in code for _, code in port.sections):
         s.add("transformer blocks", _blocks_source())
     for title, code in port.sections:
@@ -373,8 +391,9 @@ def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port,
     lines.append("    model.train()" if profile.is_training else "    model.eval()")
     lines.append("    return model")
     code = "\n".join(lines)
-    if teacher is not None:
-        code += "\n\n\n" + _teacher_code(profile, teacher)
+    for h in hooks:
+        if h.model_code is not None:
+            code += "\n\n\n" + h.model_code(profile, tools)
     s.add("model", code)
 
 
@@ -427,62 +446,6 @@ def _build_lines(profile: Profile, facts: ModelFacts, prefix: str, var: str) -> 
     return lines
 
 
-_TEACHER_HALF = {"bf16-amp": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16-amp": "torch.float16",
-                 "fp16": "torch.float16"}
-
-
-_TEACHER_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
-
-
-def _teacher_code(profile: Profile, teacher: ModelFacts) -> str:
-    chosen = profile.teacher_precision != "auto"
-    half = None if chosen else _TEACHER_HALF.get(profile.precision)
-    doc = ["def build_teacher(device):",
-           '    """The distillation teacher: built like the student but without its techniques (dense,',
-           '    unpruned), frozen: eval mode, no gradients.']
-    if chosen:
-        doc[-1] += " Its weights are stored in TEACHER_DTYPE on any"
-        doc.append("    device: a frozen teacher needs no fp32 master copy.\"\"\"")
-    elif half:
-        doc[-1] += " On a GPU it is stored in the precision the student"
-        doc.append("    computes in: a frozen teacher needs no fp32 master copy.\"\"\"")
-    else:
-        doc[-1] += '"""'
-    lines = doc + _build_lines(profile, teacher, "TEACHER", "teacher")
-    if chosen:
-        lines.append("    teacher.to(TEACHER_DTYPE)")
-    elif half:
-        lines += ['    if device.type == "cuda":', f"        teacher.to({half})"]
-    lines += ["    teacher.eval()", "    teacher.requires_grad_(False)", "    return teacher"]
-    return "\n".join(lines)
-
-
-_DISTILLATION_LOSS = '''
-def distillation_loss(logits, teacher_logits, labels):
-    """Knowledge distillation (Hinton et al. 2015): KL(teacher || student) on logits softened by
-    TEMPERATURE, times TEMPERATURE^2, mixed with the ordinary cross-entropy on the labels:
-    (1 - ALPHA) * KL + ALPHA * CE. Positions whose label is -100 are left out of both."""
-    vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # vocabularies may differ by padding rows
-    student = logits[..., :vocab].float()  # (B, T, V)
-    teacher = teacher_logits[..., :vocab].detach().float()  # (B, T, V)
-#SHIFT#
-    return soft_target_loss(student, teacher, labels, TEMPERATURE, ALPHA)
-'''
-
-
-def _soft_target_source() -> str:
-    """The engine's own loss function (engine.techniques.distillation), embedded whole."""
-    import inspect
-
-    from engine.techniques.distillation import soft_target_loss
-
-    return textwrap.dedent(inspect.getsource(soft_target_loss)).strip("\n")
-
-
-_SHIFT = ("    # A causal LM predicts token i + 1 at position i.\n"
-          "    student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]")
-
-
 # ----- one step ----------------------------------------------------------------------------------
 def _targets_code(profile: Profile, model: ModelFacts) -> str:
     if not profile.is_training:
@@ -514,21 +477,16 @@ def _targets_code(profile: Profile, model: ModelFacts) -> str:
     ''').strip("\n")
 
 
-def _step_section(s: _Script, profile: Profile, model: ModelFacts, teacher: ModelFacts | None) -> None:
+def _step_section(s: _Script, profile: Profile, model: ModelFacts, hooks, tools: "ScriptTools") -> None:
     amp = profile.precision in _AUTOCAST
     scaler = profile.precision == "fp16-amp" and profile.is_training
     autocast = "torch.autocast(device.type, dtype=AUTOCAST_DTYPE)"
     if profile.is_training:
         code = _targets_code(profile, model) + "\n\n\n"
-        if teacher is not None:
-            shift = _SHIFT + "\n" if model.task == "causal-lm" else ""
-            code += _soft_target_source() + "\n\n\n"
-            code += textwrap.dedent(_DISTILLATION_LOSS).strip("\n").replace("#SHIFT#\n", shift) + "\n\n\n"
-        args = ["model", "teacher", "optimizer", "scaler", "batch", "device"]
-        if teacher is None:
-            args.remove("teacher")
-        if not scaler:
-            args.remove("scaler")
+        for h in hooks:
+            if h.step_code is not None:
+                code += h.step_code(profile, tools) + "\n\n\n"
+        args = _step_args(hooks, scaler)
         if profile.micro_batches > 1:
             doc = ("One optimizer step over MICRO_BATCHES micro-batches (row slices of the batch),\n"
                    "    gradients accumulated. Inputs are copied to the device inside the step.")
@@ -543,22 +501,17 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts, teacher: Mode
             body = ["    input_ids, attention_mask, labels = batch"]
             indent = "    "
             divide = ""
-        if teacher is not None:
-            doc += ("\n    The frozen teacher runs forward without gradients; the student learns from its"
-                    "\n    logits (distillation_loss).")
+        for h in hooks:
+            if h.step_doc:
+                doc += "\n    " + h.step_doc.replace("\n", "\n    ")
         body.append(f"{indent}input_ids, attention_mask, labels = (t.to(device) for t in "
                     "(input_ids, attention_mask, labels))")
         inner = indent + "    " if amp else indent
         if amp:
             body.append(f"{indent}with {autocast}:")
-        if teacher is not None:
-            inputs = "input_ids=input_ids, attention_mask=attention_mask"
-            body += [f"{inner}with torch.no_grad():",
-                     f"{inner}    teacher_logits = teacher({inputs}).logits",
-                     f"{inner}logits = model({inputs}).logits",
-                     f"{inner}loss = distillation_loss(logits, teacher_logits, labels){divide}",
-                     (f"{inner}del teacher_logits, logits  # only the loss is kept: the logits are freed "
-                      "before backward")]
+        loss_hook = next((h.loss_lines for h in hooks if h.loss_lines is not None), None)
+        if loss_hook is not None:
+            body += loss_hook(inner, "input_ids=input_ids, attention_mask=attention_mask", divide)
         else:
             call = "model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)"
             body += [f"{inner}# Only the loss is kept: the logits are freed before backward.",
@@ -600,7 +553,13 @@ def _step_section(s: _Script, profile: Profile, model: ModelFacts, teacher: Mode
 
 
 # ----- main --------------------------------------------------------------------------------------
-def _main_section(s: _Script, profile: Profile, model: ModelFacts, teacher: ModelFacts | None) -> None:
+def _step_args(hooks, scaler: bool) -> list[str]:
+    """train_step's parameters: the model, the techniques' extra models, the optimizer, ..."""
+    extras = [name for h in hooks for name in h.extra_models]
+    return ["model", *extras, "optimizer", *(["scaler"] if scaler else []), "batch", "device"]
+
+
+def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> None:
     train = profile.is_training
     scaler = profile.precision == "fp16-amp" and train
     parse = textwrap.dedent('''
@@ -634,8 +593,9 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, teacher: Mode
         "    torch.manual_seed(SEED)",
         "    model = build_model(device)",
     ]
-    if teacher is not None:
-        lines.append("    teacher = build_teacher(device)  # after the student: the random stream of measure")
+    extras = [name for h in hooks for name in h.extra_models]
+    for name in extras:
+        lines.append(f"    {name} = build_{name}(device)  # after the student: the random stream of measure")
     if train:
         if profile.optimizer == "adamw":
             lines.append("    optimizer = torch.optim.AdamW(model.parameters())  # torch's defaults "
@@ -646,19 +606,14 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, teacher: Mode
         if scaler:
             lines.append("    scaler = torch.amp.GradScaler(device.type)  # fp16 gradients need loss scaling")
     lines += [
-        "    memory.start(model, teacher)" if teacher is not None else "    memory.start(model)",
+        f"    memory.start({', '.join(['model', *extras])})",
         "    step_times, losses = [], []" if train else "    step_times = []",
         "    for batch in batches:",
         "        memory.sync()",
         "        begin = time.perf_counter()",
     ]
     if train:
-        args = ["model", "teacher", "optimizer", "scaler", "batch", "device"]
-        if teacher is None:
-            args.remove("teacher")
-        if not scaler:
-            args.remove("scaler")
-        lines.append(f"        losses.append(train_step({', '.join(args)}))")
+        lines.append(f"        losses.append(train_step({', '.join(_step_args(hooks, scaler))}))")
     else:
         lines.append("        infer_step(model, batch, device)")
     lines += [

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.techniques.base import (AnalyticTerms, Control, Field, LoopHooks, Technique, active,
-                                    all_fields, explanations, get, loop_hooks, model_techniques,
-                                    registry)
+from engine.techniques.base import (AnalyticTerms, Control, Field, LoopHooks, ScriptHooks, Technique,
+                                    active, all_fields, explanations, get, loop_hooks,
+                                    model_techniques, registry, script_hooks)
 
 if TYPE_CHECKING:
     import torch
@@ -42,4 +42,4 @@ def apply_model_techniques(model: "torch.nn.Module", profile: "Profile") -> list
 
 __all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "active", "all_fields",
            "apply_model_techniques", "explanations", "get", "loop_hooks", "model_techniques",
-           "registry"]
+           "registry", "ScriptHooks", "script_hooks"]

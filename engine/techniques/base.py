@@ -138,6 +138,7 @@ class AnalyticTerms:
     #                                           replacing the plain loss's
     forward_phases: tuple[int, ...] = ()  # extra forward-phase temporaries (a teacher forward)
     layers: int = 0  # transformer blocks its extra models run (the traced estimate's cost)
+    rows: tuple[tuple[str, int, int], ...] = ()  # per-layer table rows: (name, params, weight bytes)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,30 @@ class LoopHooks:
 
     extra_models: Callable[..., list] | None = None
     loss: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class ScriptHooks:
+    """What a technique that changes the training step writes into the exported script (the
+    script's side of ``LoopHooks``). Each callable gets the profile and the script's ``tools``
+    (``engine.export.script.ScriptTools``: model facts, constants, build lines).
+
+    ``extra_models``: variables ``main`` builds with ``build_<name>(device)`` after the student and
+    passes to ``train_step`` and the memory probe; ``constants`` / ``model_constants``: added before
+    / after the model's; ``code``: functions for the model section (``build_<name>``) and for the
+    step section (the loss); ``loss_lines(indent, inputs, divide)``: the step's lines computing
+    ``loss``; ``step_doc``: a sentence for train_step's docstring; ``header``: its phrase in the
+    script's first line.
+    """
+
+    extra_models: tuple[str, ...] = ()
+    constants: Callable[..., None] | None = None
+    model_constants: Callable[..., None] | None = None
+    model_code: Callable[..., str] | None = None
+    step_code: Callable[..., str] | None = None
+    loss_lines: Callable[..., list[str]] | None = None
+    step_doc: str = ""
+    header: Callable[["Profile"], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +207,7 @@ class Technique:
     loop: LoopHooks | None = None  # training-step changes (measure and the traced estimate)
     export_source: Callable[[], list[Callable]] | None = None  # functions the script embeds
     export_calls: Callable[["Profile"], list[str]] | None = None  # lines run after the model build
+    script: ScriptHooks | None = None  # training-step changes in the exported script
 
     @property
     def group_key(self) -> str:
@@ -266,6 +292,13 @@ def loop_hooks(profile: "Profile") -> tuple[LoopHooks, ...]:
     return tuple(t.loop for t in active(profile) if t.loop is not None)
 
 
-__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "loop_hooks", "active",
+def script_hooks(profile: "Profile") -> tuple[ScriptHooks, ...]:
+    """The exported script's hooks of the techniques the profile switches on (training only)."""
+    if profile.mode != "train":
+        return ()
+    return tuple(t.script for t in active(profile) if t.script is not None)
+
+
+__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
            "all_fields",
            "defaults_changes", "explanations", "get", "model_techniques", "registry"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import AnalyticTerms, Control, Field, LoopHooks, Technique
+from engine.techniques.base import AnalyticTerms, Control, Field, LoopHooks, ScriptHooks, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -250,7 +250,9 @@ def analytic_terms(profile: "Profile", arch, b: int, t: int, padded: bool, cuda:
     loss = _distill_loss_costs(arch, t_arch, b, t, profile.precision, cuda, t_elt)
     t_cost = layer_cost(t_arch, b, t, _teacher_precision(profile), cuda, "sdpa", padded, False)
     forward = max(sum(t_cost.saved) + t_cost.fwd_transient, loss[0])
-    return AnalyticTerms(weights=weights, loss=loss, forward_phases=(forward,), layers=t_arch.layers)
+    row = (f"teacher ({profile.distill_from}, frozen)", t_arch.params, t_arch.params * t_elt)
+    return AnalyticTerms(weights=weights, loss=loss, forward_phases=(forward,), layers=t_arch.layers,
+                         rows=(row,))
 
 
 def _extra_models(profile: "Profile", device: str, target: str) -> list:
@@ -270,6 +272,98 @@ def _loss(model, extras, ids, mask, labels, profile: "Profile"):
 
 
 LOOP = LoopHooks(extra_models=_extra_models, loss=_loss)
+
+
+# ----- the exported script ---------------------------------------------------------------------
+_TEACHER_HALF = {"bf16-amp": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16-amp": "torch.float16",
+                 "fp16": "torch.float16"}
+_TEACHER_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+
+
+def _script_constants(profile: "Profile", tools) -> None:
+    tools.const("TEMPERATURE", TEMPERATURE, "distillation: both distributions softened by this")
+    tools.const("ALPHA", ALPHA, "distillation: weight of the ordinary loss on the labels (the rest: KL)")
+    if profile.teacher_precision != "auto":
+        tools.const("TEACHER_DTYPE", None, f"teacher_precision {profile.teacher_precision}: the frozen "
+                    "teacher's weights", raw=_TEACHER_DTYPES[profile.teacher_precision])
+
+
+def _script_model_constants(profile: "Profile", tools) -> None:
+    tools.model_constants(tools.model_facts(profile.distill_from), "TEACHER", "the distillation teacher: ")
+
+
+def _script_build_teacher(profile: "Profile", tools) -> str:
+    """``build_teacher(device)``: as ``build_teacher`` above (the teacher dtype rule included)."""
+    chosen = profile.teacher_precision != "auto"
+    half = None if chosen else _TEACHER_HALF.get(profile.precision)
+    doc = ["def build_teacher(device):",
+           '    """The distillation teacher: built like the student but without its techniques (dense,',
+           '    unpruned), frozen: eval mode, no gradients.']
+    if chosen:
+        doc[-1] += " Its weights are stored in TEACHER_DTYPE on any"
+        doc.append("    device: a frozen teacher needs no fp32 master copy.\"\"\"")
+    elif half:
+        doc[-1] += " On a GPU it is stored in the precision the student"
+        doc.append("    computes in: a frozen teacher needs no fp32 master copy.\"\"\"")
+    else:
+        doc[-1] += '"""'
+    lines = doc + tools.build_lines(tools.model_facts(profile.distill_from), "TEACHER", "teacher")
+    if chosen:
+        lines.append("    teacher.to(TEACHER_DTYPE)")
+    elif half:
+        lines += ['    if device.type == "cuda":', f"        teacher.to({half})"]
+    lines += ["    teacher.eval()", "    teacher.requires_grad_(False)", "    return teacher"]
+    return "\n".join(lines)
+
+
+_SCRIPT_LOSS = '''
+def distillation_loss(logits, teacher_logits, labels):
+    """Knowledge distillation (Hinton et al. 2015): KL(teacher || student) on logits softened by
+    TEMPERATURE, times TEMPERATURE^2, mixed with the ordinary cross-entropy on the labels:
+    (1 - ALPHA) * KL + ALPHA * CE. Positions whose label is -100 are left out of both."""
+    vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # vocabularies may differ by padding rows
+    student = logits[..., :vocab].float()  # (B, T, V)
+    teacher = teacher_logits[..., :vocab].detach().float()  # (B, T, V)
+#SHIFT#
+    return soft_target_loss(student, teacher, labels, TEMPERATURE, ALPHA)
+'''
+
+_SCRIPT_SHIFT = ("    # A causal LM predicts token i + 1 at position i.\n"
+                 "    student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]")
+
+
+def _script_loss_code(profile: "Profile", tools) -> str:
+    """``soft_target_loss`` (this module's own source) and the script's ``distillation_loss``."""
+    import inspect
+    import textwrap
+
+    shift = _SCRIPT_SHIFT + "\n" if tools.model_facts(profile.model).task == "causal-lm" else ""
+    own = textwrap.dedent(inspect.getsource(soft_target_loss)).strip("\n")
+    return own + "\n\n\n" + textwrap.dedent(_SCRIPT_LOSS).strip("\n").replace("#SHIFT#\n", shift)
+
+
+def _script_loss_lines(inner: str, inputs: str, divide: str) -> list[str]:
+    return [f"{inner}with torch.no_grad():",
+            f"{inner}    teacher_logits = teacher({inputs}).logits",
+            f"{inner}logits = model({inputs}).logits",
+            f"{inner}loss = distillation_loss(logits, teacher_logits, labels){divide}",
+            f"{inner}del teacher_logits, logits  # only the loss is kept: the logits are freed before backward"]
+
+
+def _script_header(profile: "Profile") -> str:
+    from engine.export.literals import docstring_safe
+
+    chosen = f" ({profile.teacher_precision} teacher)" if profile.teacher_precision != "auto" else ""
+    name = profile.distill_from.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "model"
+    return f"distilled from {docstring_safe(name)}{chosen}"
+
+
+SCRIPT = ScriptHooks(
+    extra_models=("teacher",), constants=_script_constants, model_constants=_script_model_constants,
+    model_code=_script_build_teacher, step_code=_script_loss_code, loss_lines=_script_loss_lines,
+    step_doc="The frozen teacher runs forward without gradients; the student learns from its\n"
+             "logits (distillation_loss).",
+    header=_script_header)
 
 
 def validate(p: "Profile") -> None:
@@ -343,6 +437,7 @@ TECHNIQUE = Technique(
     active=applies,
     analytic_terms=analytic_terms,
     loop=LOOP,
+    script=SCRIPT,
     position_limit=_teacher_positions,
     model_names=lambda p: (p.distill_from,),
     validate=validate,
