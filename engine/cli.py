@@ -8,12 +8,15 @@ User mistakes print one line on stderr and exit 2; an out-of-memory measured run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import engine
@@ -21,6 +24,7 @@ from engine import profile as profile_mod
 from engine.errors import BadInput, Cancelled
 from engine.prepare import prepare
 from engine.profile import Profile
+from engine.techniques.base import cli_type
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
@@ -29,6 +33,11 @@ EXPORT_FORMATS = ("py", "md", "json")  # headroom export --format: script, summa
 #: flag -> profile field: the core fields and every technique's (``engine.techniques``), one table
 #: so the CLI, the docs and tests agree.
 PROFILE_FLAGS: dict[str, profile_mod.Field] = {f.cli_flag: f for f in profile_mod.FIELDS if f.cli}
+
+
+#: argparse type for sizes: parse_bytes' own message, not argparse's "invalid ... value".
+size_arg = cli_type(profile_mod.parse_bytes)
+
 
 #: A hook the desktop launcher installs to render comparison PNGs (the engine has no Qt).
 png_renderer: Callable[[list[dict[str, Any]], str], None] | None = None
@@ -46,6 +55,7 @@ def _add_profile_flags(p: argparse.ArgumentParser, with_file: bool = True) -> No
         p.add_argument(flag, **field.argparse_kwargs())
     p.add_argument("--save", metavar="PROFILE.json", help="write the resulting profile")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verbose", action="store_true", help="let libraries' warnings through to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="largest batch or sequence that fits a budget")
     _add_profile_flags(p)
-    p.add_argument("--budget", required=True, type=profile_mod.parse_bytes, metavar="SIZE")
+    p.add_argument("--budget", required=True, type=size_arg, metavar="SIZE")
     p.add_argument("--vary", choices=("batch", "seq"), default="batch")
 
     p = sub.add_parser("export", help="write a runnable training script for a profile")
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="out.png")
     p.add_argument("--csv", metavar="out.csv")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="let libraries' warnings through to stderr")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the profiles' model folders' own code to run")
 
@@ -267,6 +278,18 @@ COMMANDS = {"estimate": cmd_estimate, "measure": cmd_measure, "plan": cmd_plan,
             "export": cmd_export, "inspect": cmd_inspect}
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an unwritable --save/-o/--csv/--png before any work (a measure can take minutes)."""
+    from pathlib import Path
+
+    from engine.atomic_file import check_target
+
+    for attr in ("save", "output", "csv", "png"):
+        value = getattr(args, attr, None)
+        if value:
+            check_target(Path(value))
+
+
 def one_line(message: object) -> str:
     """The error as exactly one line: a path or value holding a newline must not split it."""
     text = str(message).strip() or "bad input"
@@ -291,13 +314,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool):
+    """Keep library chatter the user cannot act on (transformers' ``loss_type`` notice, Python
+    warnings) off stderr, unless ``--verbose``: stderr is for Headroom's own one-line errors."""
+    if verbose:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    hf_logging = None
+    if "transformers" in sys.modules:  # already imported (an in-process caller): set it directly
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if hf_logging is not None:
+            hf_logging.set_verbosity(level)
+        elif "transformers" in sys.modules and saved_env["TRANSFORMERS_VERBOSITY"] is None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_warning()  # imported meanwhile: its default for later callers
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    with quiet_libraries(verbose):
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     started = time.perf_counter()
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise BadInput("no command given; try: headroom estimate --model gpt2 (or run `headroom` for the app)")
+        check_outputs(args)
         if args.command == "compare":
             return cmd_compare(args, started)
         profile = profile_from_args(args)

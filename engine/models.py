@@ -10,13 +10,12 @@ cpu/cuda for real runs, with the task head the profile's mode needs.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import remote_code, safe_json
-from engine.errors import BadInput
+from engine.errors import BadInput, exception_line
 from engine.resources import RESOURCES
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import engine` must be quick
@@ -143,9 +142,10 @@ def load_config(name: str, trust_remote_code: bool = False) -> "PretrainedConfig
     data.pop("auto_map", None)  # without consent the folder's classes are never looked up
     try:
         config = CONFIG_MAPPING[model_type].from_dict(data)
-    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise BadInput(f"config.json does not describe a valid {model_type} model: {first[:200]}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's file: huggingface_hub's strict
+        # dataclass errors, TypeError, ValueError... all mean the same thing here
+        raise BadInput(f"config.json does not describe a valid {model_type} model: "
+                       f"{exception_line(exc)}") from None
     check_config_sizes(config, config_path)
     return config
 
@@ -253,7 +253,7 @@ def check_safetensors_weights(folder: Path) -> None:
             with safe_open(str(shard), framework="pt") as fh:
                 fh.keys()
         except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError (and OSError)
-            msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:160]
+            msg = exception_line(exc, 160)
             raise BadInput(f"{shard.name} is not a valid safetensors file ({msg}): {folder}") from None
 
 
@@ -313,12 +313,12 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
             with torch.device(device):
                 model = cls.from_config(config, attn_implementation=attn, trust_remote_code=trust)
     except (ValueError, TypeError, ZeroDivisionError, OverflowError, KeyError) as exc:
-        msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
+        msg = exception_line(exc, 200)
         raise BadInput(f"cannot build {name} as {task}: {msg}") from None
     except (OSError, RuntimeError) as exc:
         if not loading:
             raise
-        msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
+        msg = exception_line(exc, 200)
         raise BadInput(f"cannot load the weights in {source.folder}: {msg}") from None
     # transformers builds in the config's own `torch_dtype` (bf16 for Qwen/Llama configs); the
     # measured protocol is fp32 weights unless the profile asks for pure bf16/fp16.
@@ -340,12 +340,18 @@ def load_tokenizer(profile: "Profile") -> "PreTrainedTokenizerBase | None":
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True,
-                                             trust_remote_code=_code_allowed(source, profile.trust_remote_code))
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source.folder), local_files_only=True,
+            trust_remote_code=_code_allowed(source, profile.trust_remote_code))
+        # Some broken files load and fail only when used (a WordPiece vocab without [UNK]): try it
+        # once here so the error names the tokenizer, not the dataset.
+        tokenizer(["Headroom checks the tokenizer: ünïcode, digits 1234, punctuation!"],
+                  add_special_tokens=True)
+        return tokenizer
     except RecursionError:
         raise BadInput(f"cannot load the tokenizer in {source.folder}: its files nest too deeply") from None
     except Exception as exc:  # noqa: BLE001 - tokenizers raises its own (non-OSError) errors for bad files
-        msg = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
+        msg = exception_line(exc, 200)
         raise BadInput(f"cannot load the tokenizer in {source.folder}: {msg}") from None
 
 

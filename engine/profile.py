@@ -15,12 +15,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from engine import techniques
+from engine.atomic_file import atomic_write_text  # noqa: F401 - re-exported: callers import it from here
 from engine.errors import BadInput
+from engine.safe_json import short_repr
 from engine.techniques.base import Field
 
 SCHEMA_VERSION = 1
@@ -35,12 +36,27 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
           "tib": 1024**4}
 
 
+#: Sizes above this (1 EiB) are no memory anyone has; refusing them keeps arithmetic exact.
+MAX_SIZE_BYTES = 1 << 60
+
+
 def parse_bytes(text: str) -> int:
-    """'24GiB' -> 25769803776; '512MB' -> 512e6; '1000' -> 1000 bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    """'24GiB' -> 25769803776; '512MB' -> 512e6; '1000' -> 1000 bytes (exact: no float rounding)."""
+    from fractions import Fraction
+
+    raw = str(text)
+    shown = raw if len(raw) <= 40 else raw[:37] + "..."
+    if raw.strip().startswith("-"):
+        raise BadInput(f"a size cannot be negative: {shown!r} (use e.g. 24GiB, 512MiB, 80GB)")
+    m = re.fullmatch(r"[ \t]*([0-9]{1,30}(?:\.[0-9]{1,30})?)[ \t]*([A-Za-z]{0,3})[ \t]*", raw, re.ASCII)
     if not m or m.group(2).lower() not in _UNITS:
-        raise BadInput(f"not a size: {text!r} (use e.g. 24GiB, 512MiB, 80GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        if re.fullmatch(r"[ \t]*[0-9.]{31,}[ \t]*[A-Za-z]*[ \t]*", raw, re.ASCII):
+            raise BadInput(f"size {shown!r} is far beyond any memory (at most 1 EiB)")
+        raise BadInput(f"not a size: {shown!r} (use e.g. 24GiB, 512MiB, 80GB)")
+    size = int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size > MAX_SIZE_BYTES:
+        raise BadInput(f"size {shown!r} is far beyond any memory (at most 1 EiB)")
+    return size
 
 
 def _check_model(value: str) -> None:
@@ -68,9 +84,9 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("task", str, "auto", "head: auto picks causal-lm for decoders, masked-lm for encoders",
           choices=TASKS, label="task head"),
     Field("batch", int, 8, "sequences per optimizer step (fixed-count strategies)", minimum=1,
-          metavar="N"),
+          maximum=1 << 24, metavar="N"),
     Field("seq", int, 512, "max sequence length in tokens (pad/truncate length)", minimum=1,
-          metavar="N", label="sequence length"),
+          maximum=1 << 24, metavar="N", label="sequence length"),
     Field("optimizer", str, "adamw", "adamw | sgd (torch defaults for the device)", choices=OPTIMIZERS),
     Field("target", str, "cuda", "device the run is for: cuda | cpu", choices=TARGETS, label="target device"),
     Field("dataset", str, "builtin", '"builtin" sample corpus, or a .txt/.csv/.jsonl/.parquet path',
@@ -78,10 +94,11 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("text_column", str, "", 'column holding the text ("" = find it)', metavar="NAME",
     label="text column"),
     Field("steps", int, 3, "measured steps (the first is warm-up, excluded from timings)", minimum=1,
+          maximum=1 << 20, metavar="N"),
+    Field("seed", int, 0, "seed for data order, init and sampling", minimum=0, maximum=2**63 - 1,
           metavar="N"),
-    Field("seed", int, 0, "seed for data order, init and sampling", minimum=0, metavar="N"),
     Field("memory_cap_bytes", int, 0, "simulated device capacity for CPU runs (0 = none)", minimum=0,
-          flag="--memory-cap", metavar="SIZE", parse=_memory_cap, label="simulated capacity"),
+          maximum=MAX_SIZE_BYTES, flag="--memory-cap", metavar="SIZE", parse=_memory_cap, label="simulated capacity"),
 )
 
 
@@ -177,10 +194,10 @@ def from_dict(data: dict[str, Any]) -> Profile:
     data = dict(data)
     version = data.get("schema_version", SCHEMA_VERSION)
     if not isinstance(version, int) or isinstance(version, bool):
-        raise BadInput(f"profile field 'schema_version' must be int, got {version!r}")
+        raise BadInput(f"profile field 'schema_version' must be int, got {short_repr(version)}")
     unknown = sorted(set(data) - set(FIELD_TYPES))
     if unknown:
-        raise BadInput(f"unknown profile field {unknown[0]!r} (known: {', '.join(FIELD_TYPES)})")
+        raise BadInput(f"unknown profile field {short_repr(unknown[0])} (known: {', '.join(FIELD_TYPES)})")
     for name, value in data.items():
         # JSON has no int/float distinction for whole numbers written as 1.0; accept ints for floats.
         if FIELD_TYPES[name] is float and isinstance(value, int) and not isinstance(value, bool):
@@ -208,23 +225,6 @@ def load(path: str | os.PathLike) -> Profile:
 
 def dumps(profile: Profile) -> str:
     return json.dumps(profile.to_dict(), indent=2, sort_keys=False) + "\n"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write-then-rename so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(profile: Profile, path: str | os.PathLike) -> None:

@@ -73,7 +73,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(pm.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match="disk full"):  # one line for the user, not an OSError
         pm.save(Profile(batch=4), path)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]

@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,24 +135,17 @@ def _read_cache(path: Path) -> tuple[str, ...] | None:
 
 
 def _write_cache(path: Path, texts: tuple[str, ...]) -> None:
+    from engine.atomic_file import atomic_write_text
+    from engine.errors import BadInput
+
     payload = {"format": CORPUS_FORMAT, "python": sys.version,
                "stdlib": sysconfig.get_paths()["stdlib"], "texts": list(texts)}
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, ensure_ascii=False)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
+        # atomic_write_text also removes temp files of earlier writes that were killed midway
+        # (each is the whole corpus, ~6 MB).
+        atomic_write_text(path, json.dumps(payload, ensure_ascii=False), make_parents=True)
+    except (BadInput, OSError):
         pass  # read-only home or full disk: the corpus still works, it is just rebuilt next time
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def load_or_build() -> tuple[str, ...]:

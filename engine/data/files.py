@@ -8,11 +8,11 @@ rows. Nothing from a file is ever executed or unpickled: text is decoded as UTF-
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from engine import safe_json
 from engine.errors import BadInput, Cancelled
 
 #: Column names that hold the text, in order of preference (compared case-insensitively).
@@ -26,6 +26,10 @@ _SAMPLE = 500
 _TXT_PEEK_LINES = 2000
 # How often the readers report progress and check for cancel.
 _EVERY = 1000
+#: Longest text kept, in characters (~250k tokens, beyond any model's context): a 50 MB one-line
+#: file is read in pieces of this size and cut here, so reading and tokenizing it stay bounded
+#: (seconds, not a minute); memory planning only needs min(length, seq) tokens of each text.
+MAX_TEXT_CHARS = 1 << 20
 
 Progress = Callable[[float, str], None] | None
 ShouldStop = Callable[[], bool] | None
@@ -51,7 +55,7 @@ def _take(texts: Iterable[str], limit: int, tick: _Ticker) -> list[str]:
     for text in texts:
         if len(out) >= limit:
             break
-        out.append(text)
+        out.append(text[:MAX_TEXT_CHARS])
         tick(len(out))
     return out
 
@@ -75,21 +79,39 @@ def read_file(path: Path, text_column: str, limit: int, txt_mode: str = "auto",
         raise BadInput(f"dataset file {path.name} is empty")
     if txt_mode not in TXT_MODES:
         raise BadInput(f"txt_mode must be one of {', '.join(TXT_MODES)}; got {txt_mode!r}")
-    tick = _Ticker(limit, progress, should_stop)
+    texts, _column = _read_any(path, suffix, text_column, limit, txt_mode,
+                               _Ticker(limit, progress, should_stop))
+    return texts
+
+
+def _read_any(path: Path, suffix: str, text_column: str, limit: int, txt_mode: str,
+              tick: _Ticker) -> tuple[list[str], str | None]:
     try:
         if suffix == ".txt":
-            texts = _read_txt(path, limit, txt_mode, tick)
+            texts, column = _read_txt(path, limit, txt_mode, tick), None
         elif suffix in (".csv", ".tsv"):
-            texts = _read_csv(path, text_column, limit, "\t" if suffix == ".tsv" else ",", tick)
+            texts, column = _read_csv(path, text_column, limit, "\t" if suffix == ".tsv" else ",", tick)
         elif suffix in (".jsonl", ".ndjson"):
-            texts = _read_jsonl(path, text_column, limit, tick)
+            texts, column = _read_jsonl(path, text_column, limit, tick)
         else:
-            texts = _read_parquet(path, text_column, limit, tick)
+            texts, column = _read_parquet(path, text_column, limit, tick)
     except OSError as exc:
         raise BadInput(f"cannot read dataset {path}: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise BadInput(f"{path.name} nests too deeply to read") from None
     if not texts:
         raise BadInput(f"no text found in {path.name}")
-    return texts
+    return texts, column
+
+
+def text_column_of(path: Path, text_column: str = "") -> str | None:
+    """The column ``read_file`` takes the texts from (None for .txt and .jsonl of plain strings),
+    read from the file's first rows with the readers' own checks (what the exported script uses)."""
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise BadInput(f"unsupported dataset type {suffix or '(no extension)'!r} for {path.name}; "
+                       f"use builtin or a file ending in {', '.join(SUFFIXES)}")
+    return _read_any(path, suffix, text_column, _SAMPLE, "auto", _Ticker(_SAMPLE, None, None))[1]
 
 
 def _not_utf8(path: Path, lineno: int, exc: UnicodeDecodeError) -> BadInput:
@@ -114,13 +136,29 @@ def _looks_like_paragraphs(lines: list[str]) -> bool:
     return multi_line and blocks >= 2 and text_lines <= 50 * blocks
 
 
+def bounded_lines(fh, cap: int = MAX_TEXT_CHARS) -> Iterator[str]:
+    """The lines of a text file, each cut at ``cap`` characters; the rest of a longer line is read
+    in pieces of ``cap`` and dropped, so no line is ever held whole (a 50 MB one-line file)."""
+    while True:
+        line = fh.readline(cap)
+        if not line:
+            return
+        if len(line) >= cap and not line.endswith("\n"):
+            while True:
+                rest = fh.readline(cap)
+                if not rest or rest.endswith("\n"):
+                    break
+            line += "\n"
+        yield line
+
+
 def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
     lineno = 0
     try:
         with path.open(encoding="utf-8-sig", newline=None) as fh:
             if mode == "auto":
                 peek = []
-                for lineno, line in enumerate(fh, 1):
+                for lineno, line in enumerate(bounded_lines(fh), 1):
                     peek.append(line)
                     if lineno >= _TXT_PEEK_LINES:
                         break
@@ -130,7 +168,7 @@ def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
 
             def lines() -> Iterator[str]:
                 nonlocal lineno
-                for lineno, line in enumerate(fh, 1):
+                for lineno, line in enumerate(bounded_lines(fh), 1):
                     yield line
 
             if mode == "lines":
@@ -144,12 +182,16 @@ def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
 
 def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
     block: list[str] = []
+    size = 0
     for line in lines:
         if line.strip():
+            if size > MAX_TEXT_CHARS:
+                continue  # the paragraph is already longer than any text is kept
             block.append(line.rstrip("\n").rstrip())
+            size += len(block[-1]) + 1
         elif block:
             yield "\n".join(block)
-            block = []
+            block, size = [], 0
     if block:
         yield "\n".join(block)
 
@@ -200,7 +242,8 @@ def _text(value: Any) -> str | None:
 
 
 # ----- .csv / .tsv --------------------------------------------------------------------------------
-def _read_csv(path: Path, text_column: str, limit: int, delimiter: str, tick: _Ticker) -> list[str]:
+def _read_csv(path: Path, text_column: str, limit: int, delimiter: str,
+              tick: _Ticker) -> tuple[list[str], str]:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # long documents in one cell are normal; the default is 128 KiB
     reader = None
@@ -212,6 +255,8 @@ def _read_csv(path: Path, text_column: str, limit: int, delimiter: str, tick: _T
                 raise BadInput(f"{path.name} has no header row (the first row must name the columns)")
             header = [h.strip() for h in header]
             head_rows = [row for _, row in zip(range(_SAMPLE), reader)]
+            if not any(any(cell.strip() for cell in row) for row in head_rows):
+                raise BadInput(f"{path.name} has a header ({', '.join(header)[:80]}) but no rows")
             samples = {c: [row[i] if i < len(row) else None for row in head_rows]
                        for i, c in enumerate(header)}
             col = header.index(_pick_column(path, header, samples, text_column))
@@ -221,7 +266,7 @@ def _read_csv(path: Path, text_column: str, limit: int, delimiter: str, tick: _T
                 yield from reader
 
             texts = (t for t in (row[col] if col < len(row) else None for row in rows()) if _text(t))
-            return _take(texts, limit, tick)  # type: ignore[arg-type]
+            return _take(texts, limit, tick), header[col]  # type: ignore[arg-type]
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, (reader.line_num if reader else 0) + 1, exc) from None
     except csv.Error as exc:
@@ -232,7 +277,7 @@ def _read_csv(path: Path, text_column: str, limit: int, delimiter: str, tick: _T
 
 
 # ----- .jsonl -------------------------------------------------------------------------------------
-def _read_jsonl(path: Path, text_column: str, limit: int, tick: _Ticker) -> list[str]:
+def _read_jsonl(path: Path, text_column: str, limit: int, tick: _Ticker) -> tuple[list[str], str | None]:
     lineno = 0
     try:
         with path.open(encoding="utf-8-sig") as fh:
@@ -242,10 +287,7 @@ def _read_jsonl(path: Path, text_column: str, limit: int, tick: _Ticker) -> list
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise BadInput(f"{path.name} line {lineno} is not valid JSON: {exc.msg}") from None
+                    record = safe_json.loads(line, f"{path.name} line {lineno}")
                     if not isinstance(record, (dict, str)):
                         raise BadInput(f"{path.name} line {lineno} is a JSON {type(record).__name__}; "
                                        "each line must be an object (or a string)")
@@ -270,7 +312,7 @@ def _read_jsonl(path: Path, text_column: str, limit: int, tick: _Ticker) -> list
                     elif col is not None:
                         yield _text(r.get(col))
 
-            return _take((t for t in values() if t), limit, tick)  # type: ignore[misc]
+            return _take((t for t in values() if t), limit, tick), col  # type: ignore[misc]
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, lineno + 1, exc) from None
 
@@ -281,7 +323,7 @@ def _chain(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
 
 
 # ----- .parquet -----------------------------------------------------------------------------------
-def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> list[str]:
+def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> tuple[list[str], str]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -292,8 +334,16 @@ def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> li
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, ValueError) as exc:
         raise BadInput(f"{path.name} is not a valid Parquet file: {str(exc).splitlines()[0]}") from None
-    schema = pf.schema_arrow
+    try:
+        schema = pf.schema_arrow
+    except (pa.ArrowException, ValueError) as exc:
+        raise BadInput(f"{path.name} has a Parquet schema Headroom cannot read: "
+                       f"{str(exc).splitlines()[0][:120]}") from None
     columns = list(schema.names)
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise BadInput(f"{path.name} has duplicate column names ({', '.join(duplicates)[:80]}); "
+                       "rename them so the text column is unambiguous")
 
     def is_string(t: Any) -> bool:
         return (pa.types.is_string(t) or pa.types.is_large_string(t)
@@ -311,7 +361,10 @@ def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> li
     else:
         samples: dict[str, list[Any]] = {c: [] for c in string_cols}
         if string_cols and pf.metadata.num_rows:
-            first = next(pf.iter_batches(batch_size=_SAMPLE, columns=string_cols), None)
+            try:
+                first = next(pf.iter_batches(batch_size=_SAMPLE, columns=string_cols), None)
+            except (pa.ArrowException, ValueError) as exc:
+                raise BadInput(f"{path.name} could not be read: {str(exc).splitlines()[0][:120]}") from None
             if first is not None:
                 samples = {c: first.column(c).to_pylist() for c in string_cols}
         if not string_cols:
@@ -324,7 +377,7 @@ def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> li
                 for v in batch.column(0).to_pylist():
                     if _text(v):
                         yield v
-        except pa.ArrowException as exc:
-            raise BadInput(f"{path.name} could not be read: {str(exc).splitlines()[0]}") from None
+        except (pa.ArrowException, ValueError) as exc:
+            raise BadInput(f"{path.name} could not be read: {str(exc).splitlines()[0][:120]}") from None
 
-    return _take(values(), limit, tick)
+    return _take(values(), limit, tick), col

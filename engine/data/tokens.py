@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from engine.errors import BadInput, Cancelled
+from engine.errors import BadInput, Cancelled, exception_line
 from engine.resources import RESOURCES
 
 FALLBACK_PATH = RESOURCES / "tokenizer" / "fallback.json"
@@ -104,10 +104,14 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int | None = None,
     for start in range(0, len(texts), _CHUNK):
         if should_stop is not None and should_stop():
             raise Cancelled("tokenization cancelled")
-        enc = tokenizer(texts[start:start + _CHUNK], add_special_tokens=True,
-                        truncation=max_length is not None, max_length=max_length,
-                        padding=False, return_attention_mask=False,
-                        return_token_type_ids=False, verbose=False)
+        try:
+            enc = tokenizer(texts[start:start + _CHUNK], add_special_tokens=True,
+                            truncation=max_length is not None, max_length=max_length,
+                            padding=False, return_attention_mask=False,
+                            return_token_type_ids=False, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exception
+            msg = exception_line(exc, 160)
+            raise BadInput(f"the tokenizer failed on the dataset's texts: {msg}") from None
         out.extend(list(ids) for ids in enc["input_ids"])
         if progress is not None:
             progress(min(1.0, (start + _CHUNK) / max(1, len(texts))), "tokenizing")

@@ -8,12 +8,11 @@ Headroom: it carries the answers, not the code that found them.
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import safe_json
 from engine.errors import BadInput
 from engine.profile import Profile
 
@@ -48,12 +47,10 @@ def model_facts(profile: Profile, name: str | None = None) -> ModelFacts:
 
     name = name or profile.model
     source = models.resolve(name)
-    config_path = source.folder / "config.json"
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise BadInput(f"cannot read {config_path}") from None
-    config = models.load_config(name, profile.trust_remote_code)
+    config = models.load_config(name, profile.trust_remote_code)  # first: its one-line errors
+    data = safe_json.load_file(source.folder / "config.json", "model config")
+    if not isinstance(data, dict):
+        raise BadInput(f"config.json must hold a JSON object: {source.folder}")
     model_type = data.pop("model_type", config.model_type)
     task = models.resolve_task(profile, config)
     return ModelFacts(name=name, kind=source.kind, folder=str(source.folder.resolve()),
@@ -95,7 +92,7 @@ def _txt_mode(path: Path) -> str:
 
     peek = []
     with path.open(encoding="utf-8-sig", errors="replace") as fh:
-        for i, line in enumerate(fh):
+        for i, line in enumerate(files.bounded_lines(fh)):
             if i >= files._TXT_PEEK_LINES:
                 break
             peek.append(line)
@@ -103,47 +100,7 @@ def _txt_mode(path: Path) -> str:
 
 
 def _find_column(path: Path, kind: str) -> str | None:
-    """The column ``engine.data`` would pick from the file's first rows."""
+    """The column ``engine.data`` would pick from the file's first rows (its own readers and checks)."""
     from engine.data import files
 
-    sample = files._SAMPLE
-    if kind in ("csv", "tsv"):
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh, delimiter="\t" if kind == "tsv" else ",")
-            header = [h.strip() for h in next(reader, None) or []]
-            if not header:
-                raise BadInput(f"{path.name} has no header row (the first row must name the columns)")
-            rows = [row for _, row in zip(range(sample), reader)]
-        samples = {c: [row[i] if i < len(row) else None for row in rows] for i, c in enumerate(header)}
-        return files._pick_column(path, header, samples, "")
-    if kind == "jsonl":
-        head: list[Any] = []
-        with path.open(encoding="utf-8-sig") as fh:
-            for line in fh:
-                if len(head) >= sample:
-                    break
-                if line.strip():
-                    try:
-                        head.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise BadInput(f"{path.name} holds a line that is not valid JSON") from None
-        columns: list[str] = []
-        for record in head:
-            if isinstance(record, dict):
-                columns.extend(k for k in record if k not in columns)
-        if not columns:
-            return None  # plain JSON strings: each line is a text
-        samples = {c: [r.get(c) for r in head if isinstance(r, dict)] for c in columns}
-        return files._pick_column(path, columns, samples, "")
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise BadInput("reading .parquet needs pyarrow (pip install pyarrow)") from None
-    pf = pq.ParquetFile(path)
-    schema = pf.schema_arrow
-    strings = [f.name for f in schema if str(f.type) in ("string", "large_string", "string_view")]
-    if not strings:
-        raise BadInput(f"no text column in {path.name}")
-    first = next(pf.iter_batches(batch_size=sample, columns=strings), None)
-    samples = {c: first.column(c).to_pylist() for c in strings} if first is not None else {}
-    return files._pick_column(path, strings, samples, "")
+    return files.text_column_of(path)

@@ -42,6 +42,32 @@ if TYPE_CHECKING:
     from engine.profile import Profile
 
 
+#: Largest whole number a field takes unless it says otherwise: beyond any real count or size, low
+#: enough that every size computed from it stays exact and fast (a 4000-digit batch would not).
+DEFAULT_INT_MAXIMUM = 1 << 40
+#: Longest text field (a name, a path, a column, a technique's setting): a profile is a form.
+MAX_TEXT_FIELD = 4096
+
+
+def cli_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` whose errors say what is wrong in one short line: a parse function's
+    BadInput as it is (argparse would print "invalid _memory_cap value"), a number of thousands of
+    digits without echoing it."""
+    import argparse
+
+    def convert(text: str) -> Any:
+        if parse is int and len(text.strip().lstrip("+-")) > 30:
+            raise argparse.ArgumentTypeError(f"{text[:20]}... is not a whole number anyone needs "
+                                             f"({len(text):,} characters)")
+        try:
+            return parse(text)
+        except BadInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse: "invalid int value: 'x'"
+    return convert
+
+
 def _always(profile: "Profile") -> bool:
     return True
 
@@ -56,6 +82,7 @@ class Field:
     help: str  # one line: what the field holds (field comment, CLI help)
     choices: tuple[Any, ...] | None = None  # allowed values (CLI choices too)
     minimum: int | None = None  # ints: smallest allowed value
+    maximum: int | None = None  # ints: largest allowed value (None: DEFAULT_INT_MAXIMUM)
     check: Callable[[Any], None] | None = None  # grammar of compound values: BadInput when wrong
     flag: str | None = None  # CLI flag; None: "--" + name with dashes
     metavar: str | None = None  # CLI metavar
@@ -77,21 +104,34 @@ class Field:
         if self.choices is not None and self.parse is None:
             kwargs["choices"] = self.choices
         else:
-            kwargs["type"] = self.parse or self.type
+            kwargs["type"] = cli_type(self.parse or self.type)
         if self.metavar:
             kwargs["metavar"] = self.metavar
         return kwargs
 
     def validate(self, value: Any) -> None:
-        """BadInput (one line) unless ``value`` is of the type, among the choices, above the
-        minimum and of the grammar."""
+        """BadInput (one line) unless ``value`` is of the type, among the choices, within the
+        bounds (texts: length, no NUL) and of the grammar."""
+        from engine.safe_json import short_repr
+
         ok = isinstance(value, self.type) and not (self.type is int and isinstance(value, bool))
         if not ok:
-            raise BadInput(f"profile field {self.name!r} must be {self.type.__name__}, got {value!r}")
+            raise BadInput(f"profile field {self.name!r} must be {self.type.__name__}, "
+                           f"got {short_repr(value)}")
+        if self.type is str:
+            if len(value) > MAX_TEXT_FIELD:
+                raise BadInput(f"profile field {self.name!r} is {len(value):,} characters long "
+                               f"(at most {MAX_TEXT_FIELD:,})")
+            if "\x00" in value:
+                raise BadInput(f"profile field {self.name!r} holds a NUL character")
         if self.choices is not None and value not in self.choices:
-            raise BadInput(f"{self.name} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+            raise BadInput(f"{self.name} must be one of {', '.join(map(str, self.choices))}; "
+                           f"got {short_repr(value)}")
         if self.minimum is not None and value < self.minimum:
-            raise BadInput(f"{self.name} must be >= {self.minimum}; got {value}")
+            raise BadInput(f"{self.name} must be >= {self.minimum}; got {short_repr(value)}")
+        maximum = self.maximum if self.maximum is not None else DEFAULT_INT_MAXIMUM
+        if self.type is int and value > maximum:
+            raise BadInput(f"{self.name} must be at most {maximum:,}; got {short_repr(value)}")
         if self.check is not None:
             self.check(value)
 

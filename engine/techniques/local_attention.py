@@ -350,7 +350,7 @@ def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
     return f"local attention, window {window}: {how}"
 
 
-_ATTN_RE = re.compile(r"(sdpa|eager|local:(\d+))")
+_ATTN_RE = re.compile(r"(sdpa|eager|local:([0-9]{1,9}))", re.ASCII)  # used with fullmatch
 
 
 def _check_attn(value: str) -> None:
