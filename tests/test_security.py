@@ -82,7 +82,7 @@ def test_a_profile_file_never_runs_a_known_architectures_folder_code(tmp_path, c
     folder, marker = evil_folder(tmp_path)
     path = profile_file(tmp_path, folder)
     extra = {"export": ["-o", tmp_path / "train.py"], "inspect": ["--dataset", "builtin"]}.get(command, [])
-    code, out, err = run_cli([command, path, *extra])
+    code, _out, err = run_cli([command, path, *extra])
     assert code == 0, err
     assert not marker.exists()
     if command == "export":  # the script it writes does not enable the code either
