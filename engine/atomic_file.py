@@ -65,6 +65,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _probe_folder(parent: Path, path: Path, make_parents: bool) -> None:
+    """Can a new file be made there? (/proc, a read-only mount: say so before any work is done)."""
+    if make_parents and not parent.exists():
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=parent)
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc} (folder {parent})") from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def check_target(path: Path, make_parents: bool = False) -> int | None:
     """BadInput unless ``path`` may be written; the mode to keep when it replaces a file."""
     parent = path.parent
@@ -76,6 +91,7 @@ def check_target(path: Path, make_parents: bool = False) -> int | None:
     try:
         st = path.lstat()
     except FileNotFoundError:
+        _probe_folder(parent, path, make_parents)
         return None
     except OSError as exc:
         raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
