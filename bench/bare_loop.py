@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 
-PRESETS = Path(__file__).resolve().parent.parent / "resources" / "models"
+PRESETS = Path(__file__).resolve().parent.parent / "engine" / "resources" / "models"
 
 
 def config_folder(name: str) -> Path:

@@ -172,8 +172,9 @@ def diag(args) -> None:
     import torch
 
     from engine.estimate import traced
-    from engine.estimate import tracker as trk
+    from engine.measure import probes as trk
     from engine.profile import Profile
+    from engine.results import MemoryCategory
 
     p = Profile(model=args.diag, precision=args.precision, batch=args.batch, seq=args.seq,
                 checkpointing=args.checkpointing, attn=args.attn, mode="train")
@@ -202,20 +203,20 @@ def diag(args) -> None:
 
     # traced side
     est_saved: list = []
-    orig = trk.MemoryTracker.classify
+    orig = trk.LiveBytesTracker.classify
 
     def classify(self, t, category):
-        if category == trk.ACTIVATIONS and self.current_layer.endswith(f".{layer}") \
-                and self.layer_tracking:
+        if category == MemoryCategory.ACTIVATIONS.value and self.current_layer.endswith(f".{layer}") \
+                and getattr(self, "layer_tracking", True):
             est_saved.append(("", tuple(t.shape), str(t.dtype).replace("torch.", ""),
                               t.untyped_storage().nbytes(), t.untyped_storage()._cdata))
         return orig(self, t, category)
 
-    trk.MemoryTracker.classify = classify
+    trk.LiveBytesTracker.classify = classify
     try:
         out = traced.trace_step(p, (args.batch, args.seq), has_padding=not args.no_padding)
     finally:
-        trk.MemoryTracker.classify = orig
+        trk.LiveBytesTracker.classify = orig
     print(f"traced peak {out.peak_allocated / GIB:.3f} GiB ({out.peak_phase}); timeline "
           + ", ".join(f"{n}:{v / GIB:.3f}" for n, v in out.timeline))
     _print_saved("traced", est_saved)

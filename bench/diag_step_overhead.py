@@ -29,6 +29,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("engine", "same-data", "random-data")
+#: A/B variants of the engine's own loop (--variants): its bookkeeping switched off piece by piece.
+#   engine-nohooks   no post-accumulate-grad hooks (the breakdown's samples inside backward)
+#   engine-noprobe   no hooks and no allocator reads at phase boundaries (peaks then meaningless)
+#   bare-loop        bench/bare_loop.py (its own model build, random ids, a full mask)
+EXTRA_VARIANTS = ("engine-nohooks", "engine-noprobe", "bare-loop")
 
 
 def profile_from(args):
@@ -89,13 +94,28 @@ def child(args) -> dict:
     import torch
 
     profile = profile_from(args)
+    if args.variant in ("engine-nohooks", "engine-noprobe"):
+        import torch as _torch
+
+        # The runner registers the hooks only where torch has them: take the method away.
+        del _torch.Tensor.register_post_accumulate_grad_hook
+        if args.variant == "engine-noprobe":
+            from engine.measure import probes
+            from engine.measure.probes import PhaseEnd
+
+            probes.CudaProbe._stats = lambda self: ({"current": 0, "peak": 0}, {"current": 0, "peak": 0})
+            probes.CudaProbe.phase_end = lambda self: PhaseEnd(0, 0, 0, 0)
+        args.variant = "engine"
+        out = child(args)
+        out["note"] = "A/B variant: numbers other than timings are not meaningful"
+        return out
     if args.variant == "engine":
         from engine.measure import run_measure
 
         r = run_measure(profile)
         return {"step_time_s": r.step_time_s, "first_step_s": r.first_step_s,
                 "peak_allocated_bytes": r.peak_allocated_bytes}
-    from engine.measure.runner import _prepare_steps
+    from engine.measure.inputs import prepare_steps as _prepare_steps
     from engine.models import check_profile, resolve_task
 
     config = check_profile(profile)
@@ -126,19 +146,40 @@ def main() -> int:
     ap.add_argument("--dataset", default="builtin")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of step 3")
-    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of " + ", ".join(VARIANTS + EXTRA_VARIANTS))
+    ap.add_argument("--repeat", type=int, default=1, help="run the variant list this many times, interleaved")
+    ap.add_argument("--pin", default="", help="taskset CPU list for every variant (less host noise)")
+    ap.add_argument("--variant", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
         print(json.dumps({"variant": args.variant, **child(args)}))
         return 0
     rows = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", v] + [a for a in sys.argv[1:]]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        sys.stderr.write(p.stderr[-4000:])
-        line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith("{")), None)
-        rows[v] = json.loads(line) if line else {"variant": v, "error": p.stderr[-300:]}
-        print(json.dumps(rows[v]), flush=True)
+    passthrough = [a for a in sys.argv[1:]]
+    for rep in range(args.repeat):
+        for v in args.variants.split(","):
+            if v == "bare-loop":
+                cmd = [sys.executable, str(ROOT / "bench" / "bare_loop.py"), "--model", args.model,
+                       "--precision", args.precision, "--batch", str(args.batch), "--seq", str(args.seq),
+                       "--steps", str(args.steps), "--device", args.device] + (
+                           ["--checkpointing"] if args.checkpointing else [])
+            else:
+                cmd = [sys.executable, __file__, "--variant", v] + passthrough
+            if args.pin:
+                cmd = ["taskset", "-c", args.pin] + cmd
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            sys.stderr.write(p.stderr[-4000:])
+            line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith("{")), None)
+            row = json.loads(line) if line else {"error": p.stderr[-300:]}
+            row = {"variant": v, "repeat": rep, "model": args.model, "batch": args.batch, "seq": args.seq,
+                   "precision": args.precision, "checkpointing": args.checkpointing,
+                   **{k: row.get(k) for k in ("step_time_s", "first_step_s", "peak_allocated_bytes",
+                                              "error") if k in row}}
+            rows.setdefault(v, row)
+            print(json.dumps(row), flush=True)
+    if not all(v in rows for v in VARIANTS):
+        return 0
     e, s, r = (rows[v].get("step_time_s") for v in VARIANTS)
     if e and s and r:
         print(f"loop cost (engine / same-data): {e / s - 1:+.1%}; "

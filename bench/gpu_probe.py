@@ -32,7 +32,7 @@ def run_one(cfg: dict) -> dict:
     dev = "cuda"
     torch.cuda.init()
     free0, total = torch.cuda.mem_get_info()
-    preset = json.loads((ROOT / "resources/models" / cfg["model"] / "config.json").read_text())
+    preset = json.loads((ROOT / "engine/resources/models" / cfg["model"] / "config.json").read_text())
     mt = preset.pop("model_type")
     config = transformers.CONFIG_MAPPING[mt].from_dict(preset)
     config.use_cache = False  # inference keeps no KV cache: the protocol measures one forward

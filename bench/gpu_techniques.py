@@ -93,7 +93,7 @@ class _Peak:
         self.torch = torch
         self.tracker = None
         if device == "cpu":
-            from engine.measure.cpu_tracker import LiveBytesTracker
+            from engine.measure.probes import LiveBytesTracker
 
             self.tracker = LiveBytesTracker("cpu")
             self.tracker.__enter__()

@@ -59,10 +59,14 @@ DEVICES: dict[str, DeviceConstants] = {
                             expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
                             capacity_bytes=80 * 1024 * MiB,
                             context_train_extra_bytes=64 * MiB, context_half_bytes=8 * MiB),
-    "h200": DeviceConstants("h200", context_bytes=520 * MiB, cublas_workspace_bytes=32 * MiB,
+    # H200 (bench/results/verify_h200_2026-12-01: 8 solo runs, torch 2.11+cu130, driver
+    # 580.159.04): device_used - peak_reserved = 750.8 MiB fp32 training, 766.8 MiB bf16-amp
+    # training, 694.8 MiB bf16-amp inference: the H100's constants to the MiB.
+    "h200": DeviceConstants("h200", context_bytes=687 * MiB, cublas_workspace_bytes=32 * MiB,
                             workspace_handles_train=2, workspace_handles_infer=1,
                             expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
-                            capacity_bytes=141 * 1000 * MiB),
+                            capacity_bytes=143771 * MiB,
+                            context_train_extra_bytes=64 * MiB, context_half_bytes=8 * MiB),
     "a100": DeviceConstants("a100", context_bytes=450 * MiB, cublas_workspace_bytes=8 * MiB,
                             workspace_handles_train=2, workspace_handles_infer=1,
                             expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Every single-GPU claim, measured on the lent GPU (issue 19), in three calls of under ten minutes,
+# most important first. Run from the repository root of a plain checkout with $OUT set:
+#   bash bench/gpu_verify.sh 1     # engine overhead vs the bare loop, its diagnosis, export check
+#   bash bench/gpu_verify.sh 2     # batching strategies on the built-in corpus
+#   bash bench/gpu_verify.sh 3     # the estimator matrix (11 architectures x 6), context, new capabilities
+#   bash bench/gpu_verify.sh 4     # A/B of the engine's per-step bookkeeping (host-bound steps), export again
+# Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
+set -u
+part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4}"
+: "${OUT:?set OUT to an output folder}"
+export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
+PY=python3
+has_flag() { $PY -m engine "$1" --help 2>/dev/null | grep -q -- "$2"; }
+
+gpu_facts() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+  $PY -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)' >> "$OUT/gpu.txt" 2>&1
+}
+
+case "$part" in
+1)
+  gpu_facts
+  # 1. Engine overhead: headroom measure vs the independent bare loop, 24 steps (>= 20 timed).
+  timeout 250 $PY bench/gpu_measure_matrix.py --quick --modes train --steps 24 --budget-s 230 \
+    --timeout-s 70 --out "$OUT/cross.jsonl" > "$OUT/cross.log" 2>&1
+  # ... and where it differs: engine loop vs the same data vs random data (with a profiler table).
+  timeout 110 $PY bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp \
+    --steps 24 --profile > "$OUT/diag_bert.log" 2>&1
+  timeout 110 $PY bench/diag_step_overhead.py --model Qwen2.5-0.5B --precision bf16-amp \
+    --checkpointing --steps 16 > "$OUT/diag_qwen.log" 2>&1
+  # 3. Export: the exported script vs headroom measure, 24 steps.
+  timeout 170 $PY bench/gpu_export_check.py --steps 24 --out "$OUT/export_check.jsonl" \
+    > "$OUT/export_check.log" 2>&1
+  tail -8 "$OUT/cross.log"; grep -h "cost" "$OUT"/diag_*.log; tail -6 "$OUT/export_check.log"
+  ;;
+2)
+  gpu_facts
+  # 2. Batching: the best strategies and fixed for both models, then the rest; two passes each.
+  $PY bench/gpu_batching.py --out "$OUT/batching64.jsonl" --budget-s 300 --no-chunked --pad-multiple 64 \
+    --only gpt2/fixed,gpt2/token-budget+pad64,Qwen2.5-0.5B/fixed,Qwen2.5-0.5B/token-budget+pad64,Qwen2.5-0.5B/bucketed+pad64,gpt2/bucketed+pad64,Qwen2.5-0.5B/token-budget \
+    > "$OUT/batching64.log" 2>&1
+  for m in 32 16; do
+    $PY bench/gpu_batching.py --out "$OUT/batching$m.jsonl" --budget-s 100 --no-chunked --pad-multiple $m \
+      --only gpt2/token-budget+pad$m,Qwen2.5-0.5B/token-budget+pad$m > "$OUT/batching$m.log" 2>&1
+  done
+  $PY bench/gpu_batching.py --out "$OUT/batching_rest.jsonl" --budget-s 60 --min-run-s 20 --no-chunked \
+    --only Qwen2.5-0.5B/dynamic,Qwen2.5-0.5B/bucketed > "$OUT/batching_rest.log" 2>&1
+  grep -h "^\[" "$OUT"/batching*.log
+  ;;
+3)
+  gpu_facts
+  # 4. The estimator matrix: 66 rows, 4 at a time (peaks are per process).
+  timeout 400 $PY bench/gpu_estimator_matrix.py --out "$OUT/estimator_matrix.jsonl" -j 4 --steps 4 \
+    --budget-s 330 --timeout-s 120 > "$OUT/estimator_matrix.log" 2>&1
+  # Context calibration: solo runs (device used - reserved = the CUDA context), one per mode/precision.
+  for args in "--model gpt2 --precision fp32" "--model gpt2 --precision bf16-amp" \
+              "--model gpt2 --mode infer --precision bf16-amp" "--model Qwen2.5-0.5B --precision bf16"; do
+    timeout 60 $PY -m engine measure $args --batch 4 --seq 256 --steps 3 --target cuda --json 2>/dev/null \
+      | tail -1 >> "$OUT/context.jsonl"
+  done
+  # 5. Capabilities, as their code lands: LoRA, 8-bit optimizers, generation.
+  if has_flag measure --lora; then
+    timeout 60 $PY -m engine measure --model Qwen2.5-0.5B --lora 16 --precision bf16-amp --batch 8 --seq 512 \
+      --steps 6 --target cuda --json 2>>"$OUT/capabilities.log" | tail -1 >> "$OUT/capabilities.jsonl"
+  fi
+  if has_flag measure --new-tokens; then
+    timeout 60 $PY -m engine measure --model Qwen2.5-0.5B --mode generate --batch 8 --prompt-len 512 \
+      --new-tokens 64 --target cuda --json 2>>"$OUT/capabilities.log" | tail -1 >> "$OUT/capabilities.jsonl"
+  fi
+  tail -3 "$OUT/estimator_matrix.log"; wc -l "$OUT/context.jsonl"
+  ;;
+4)
+  gpu_facts
+  # 1, continued: which part of the engine's bookkeeping costs time in host-bound steps (A/B, pinned
+  # to one core, interleaved twice), and a GPU-bound shape of the same model.
+  V=engine,engine-nohooks,engine-noprobe,bare-loop
+  timeout 170 $PY bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp --steps 24 \
+    --variants $V --repeat 2 --pin 2 > "$OUT/ab_bert.log" 2>&1
+  timeout 80 $PY bench/diag_step_overhead.py --model Qwen2.5-0.5B --precision bf16-amp --checkpointing \
+    --steps 16 --variants engine,engine-noprobe,bare-loop --pin 2 > "$OUT/ab_qwen.log" 2>&1
+  timeout 60 $PY bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp --batch 32 \
+    --steps 16 --variants engine,bare-loop --pin 2 > "$OUT/ab_bert32.log" 2>&1
+  timeout 60 $PY bench/gpu_export_check.py --models Qwen2.5-0.5B --steps 24 --out "$OUT/export_check2.jsonl" \
+    > "$OUT/export_check2.log" 2>&1
+  grep -h '^{"variant"' "$OUT"/ab_*.log; tail -3 "$OUT/export_check2.log"
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4"; exit 2 ;;
+esac
