@@ -15,6 +15,7 @@ unexpected exception. tests/test_fuzz.py runs the same targets with a few hundre
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import csv
 import datetime
@@ -252,7 +253,7 @@ def run_case(target: Target, folder: Path, data: bytes, text_column: str = "", l
             raise
         tally.counts["unexpected"] += 1
         if len(tally.failures) < 5:
-            tally.failures.append((data[:300], traceback.format_exc(limit=4)))
+            tally.failures.append((data, traceback.format_exc()))
         return "unexpected"
     if tally is not None:
         tally.counts[outcome] += 1
@@ -294,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8} cases {total:6,}  ok {tally.counts['ok']:6,}  refused (BadInput) "
                   f"{tally.counts['refused']:6,}  unexpected {tally.counts['unexpected']}  ({took:.0f} s)",
                   flush=True)
-            for data, tb in tally.failures:
-                print(f"  input {data[:120]!r}\n" + "\n".join("    " + line for line in tb.splitlines()))
+            for data, tb in tally.failures:  # the whole input, base64, to replay it with run_case
+                print(f"  input ({len(data)} bytes, base64) {base64.b64encode(data[:8192]).decode()}\n"
+                      + "\n".join("    " + line for line in tb.splitlines()[-12:]))
             bad += tally.counts["unexpected"]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -71,6 +71,14 @@ def parquet_with_duplicate_columns(tmp: Path) -> list[str]:
     return ["estimate", *TINY, "--dataset", str(tmp / "dup.parquet"), "--padding", "dynamic"]
 
 
+def parquet_with_invalid_utf8(tmp: Path) -> list[str]:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    column = pa.array([b"good text here", b"\xff\xfe bad"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": column}), tmp / "bad-utf8.parquet")
+    return ["estimate", *TINY, "--dataset", str(tmp / "bad-utf8.parquet"), "--padding", "dynamic"]
+
+
 def tokenizer_folder(tmp: Path, files: dict[str, str], base: str = "tiny-gpt2") -> list[str]:
     folder = model_dir(tmp, base)
     for name, text in files.items():
@@ -172,6 +180,7 @@ CASES = {
     "export-fake-parquet": lambda t: dataset(t, "d.parquet", b"PAR1 this is not parquet", "export"),
     "fake-parquet": lambda t: dataset(t, "d.parquet", b"not a parquet file at all"),
     "parquet-duplicate-columns": parquet_with_duplicate_columns,
+    "parquet-invalid-utf8": parquet_with_invalid_utf8,
     "jsonl-int-5000-digits": lambda t: dataset(t, "d.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}\n"),
     "jsonl-nested": lambda t: dataset(t, "d.jsonl", '{"text": ' + nested(100_000) + "}\n"),
     "jsonl-array-line": lambda t: dataset(t, "d.jsonl", "[1, 2, 3]\n"),

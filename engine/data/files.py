@@ -361,12 +361,12 @@ def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> tu
     else:
         samples: dict[str, list[Any]] = {c: [] for c in string_cols}
         if string_cols and pf.metadata.num_rows:
-            try:
+            try:  # invalid UTF-8 in a string column surfaces in to_pylist (UnicodeDecodeError)
                 first = next(pf.iter_batches(batch_size=_SAMPLE, columns=string_cols), None)
+                if first is not None:
+                    samples = {c: first.column(c).to_pylist() for c in string_cols}
             except (pa.ArrowException, ValueError) as exc:
                 raise BadInput(f"{path.name} could not be read: {str(exc).splitlines()[0][:120]}") from None
-            if first is not None:
-                samples = {c: first.column(c).to_pylist() for c in string_cols}
         if not string_cols:
             raise BadInput(f"no text column in {path.name} (columns: {', '.join(columns) or '(none)'})")
         col = _pick_column(path, string_cols, samples, "")
