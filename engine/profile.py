@@ -64,13 +64,6 @@ def _check_model(value: str) -> None:
         raise BadInput("model must name a preset or a folder holding config.json")
 
 
-def _memory_cap(text: str) -> int:
-    size = parse_bytes(text)
-    if size < 0:  # pragma: no cover - parse_bytes reads no sign
-        raise BadInput("--memory-cap must be positive")
-    return size
-
-
 #: The run itself (not a technique); each technique's fields come from its module
 #: (``engine.techniques``) and are placed in the record after the field they name.
 CORE_FIELDS: tuple[Field, ...] = (
@@ -98,7 +91,8 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("seed", int, 0, "seed for data order, init and sampling", minimum=0, maximum=2**63 - 1,
           metavar="N"),
     Field("memory_cap_bytes", int, 0, "simulated device capacity for CPU runs (0 = none)", minimum=0,
-          maximum=MAX_SIZE_BYTES, flag="--memory-cap", metavar="SIZE", parse=_memory_cap, label="simulated capacity"),
+          maximum=MAX_SIZE_BYTES, flag="--memory-cap", metavar="SIZE", parse=parse_bytes,
+          label="simulated capacity"),
 )
 
 

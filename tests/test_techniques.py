@@ -276,17 +276,16 @@ def test_max_split_size_in_the_allocator_conf(monkeypatch):
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == ("garbage_collection_threshold:0.6,"
                                              "expandable_segments:True,max_split_size_mb:512")
     # measure sets it before CUDA starts, keeping the user's other keys
-    assert runner.allocator_conf(both)[0] == "expandable_segments:True,max_split_size_mb:512"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,roundup_power2_divisions:4")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     notes: list[str] = []
-    runner.configure_allocator(p, notes)
+    runner.configure_process(p, notes)
     import os
 
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "roundup_power2_divisions:4,max_split_size_mb:512"
     assert notes == ["PYTORCH_CUDA_ALLOC_CONF=roundup_power2_divisions:4,max_split_size_mb:512"]
     notes = []
-    assert runner.configure_allocator(p.replace(target="cpu"), notes) is None
+    runner.configure_process(p.replace(target="cpu"), notes)
     assert notes == ["allocator settings apply to CUDA only; ignored on CPU"]
     assert any("never splits it" in n for n in check_compatible(p.replace(alloc="pool:1GiB")))
 

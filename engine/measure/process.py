@@ -65,14 +65,14 @@ def _child_env(profile) -> dict[str, str]:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from engine.techniques.memory_pool import alloc_conf, merge_conf
+    from engine import techniques
 
-        conf = alloc_conf(profile)
-    except Exception:  # noqa: BLE001 - the child sets it again and reports problems itself
-        conf = None
-    if conf and profile.target == "cuda":
-        env["PYTORCH_CUDA_ALLOC_CONF"] = merge_conf(env.get("PYTORCH_CUDA_ALLOC_CONF"), conf)
+    for hooks in techniques.process_hooks():  # the allocator's configuration, read when CUDA starts
+        if hooks.environment is not None:
+            try:
+                env = hooks.environment(profile, env)
+            except Exception:  # noqa: BLE001 - the child sets it again and reports problems itself
+                pass
     return env
 
 

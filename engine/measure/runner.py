@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from engine import techniques
 from engine.errors import BadInput, Cancelled
 from engine.measure import attribution, inputs, loop, probes
-from engine import techniques
-from engine.techniques import memory_pool
 from engine.units import format_bytes
 
 #: Entries kept by ``--snapshot`` (torch.cuda.memory._record_memory_history).
@@ -87,37 +84,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-# ----- allocator configuration (must precede CUDA initialisation) ------------------------------
-def allocator_conf(profile) -> tuple[str | None, Any, str]:
-    """(PYTORCH_CUDA_ALLOC_CONF value or None, the memory_pool module, a note or "")."""
-    return memory_pool.alloc_conf(profile), memory_pool, ""
-
-
-def configure_allocator(profile, notes: list[str]):
-    """Set ``PYTORCH_CUDA_ALLOC_CONF`` for the profile before CUDA starts; return the pool module.
-
-    Refuses (BadInput) when CUDA is already initialised in this process with a different setting:
-    allocator settings take effect only in a fresh process (the CLI ``measure`` child).
-    """
-    conf = memory_pool.alloc_conf(profile)
-    if profile.target != "cuda":
-        if profile.alloc.lower() != "default" or profile.alloc_max_split:
-            notes.append("allocator settings apply to CUDA only; ignored on CPU")
-        return None
-    current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    if conf is None:
-        if current:
-            notes.append(f"PYTORCH_CUDA_ALLOC_CONF={current} (from the environment)")
-        return memory_pool
-    wanted = memory_pool.merge_conf(current, conf)
-    torch_mod = sys.modules.get("torch")
-    if wanted != current and torch_mod is not None and torch_mod.cuda.is_initialized():
-        raise BadInput(f"CUDA is already initialised with PYTORCH_CUDA_ALLOC_CONF={current or '(unset)'}; "
-                       f"the profile's allocator settings need {conf} in a fresh process "
-                       f"(run `headroom measure`)")
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = wanted
-    notes.append(f"PYTORCH_CUDA_ALLOC_CONF={wanted}")
-    return memory_pool
+# ----- process setup (must precede CUDA initialisation) ---------------------------------------
+def configure_process(profile, notes: list[str]) -> None:
+    """Every technique's setup of this process (``ProcessHooks.configure``: the CUDA allocator's
+    configuration), before anything touches CUDA."""
+    for hooks in techniques.process_hooks():
+        if hooks.configure is not None:
+            hooks.configure(profile, notes)
 
 
 # ----- the run ---------------------------------------------------------------------------------
@@ -130,7 +103,7 @@ def run_measure(profile, progress: Progress | None = None,
     """
     started = time.perf_counter()
     notes: list[str] = []
-    pool = configure_allocator(profile, notes)  # before anything touches CUDA
+    configure_process(profile, notes)  # before anything touches CUDA
 
     def report(fraction: float, message: str) -> None:
         if progress is not None:
@@ -149,7 +122,7 @@ def run_measure(profile, progress: Progress | None = None,
 
     run = attribution.PeakAttribution()
     gc.collect()
-    dev, run.probe, tracker, rss, device_name = _clean_device(profile, pool, snapshot, notes)
+    dev, run.probe, tracker, rss, device_name = _clean_device(profile, snapshot, notes)
     probe = run.probe
     built = _Built(precision=profile.precision)
     times = loop.StepTimes()
@@ -223,12 +196,12 @@ def _checked(profile, snapshot, notes: list[str]):
         raise BadInput("no CUDA device is available here; measure with --target cpu "
                        "(memory_cap_bytes simulates a device size)")
     prepared = prepare(profile)  # the one gate: the same refusals as estimate, plan and export
-    # the allocator note is configure_allocator's
+    # the allocator note is configure_process's
     notes.extend(n for n in prepared.notes if not n.startswith("allocator settings"))
     return prepared.config, resolve_task(profile, prepared.config)
 
 
-def _clean_device(profile, pool, snapshot, notes: list[str]):
+def _clean_device(profile, snapshot, notes: list[str]):
     """(device, probe, CPU tracker, RSS sampler, device name) after the protocol's clean start:
     CUDA context created, cache emptied, the pool pre-reserved, peaks reset, baseline read."""
     import torch
@@ -241,8 +214,8 @@ def _clean_device(profile, pool, snapshot, notes: list[str]):
     torch.cuda.init()
     torch.empty(0, device=dev)  # create the context now, outside the measured region
     torch.cuda.empty_cache()
-    if pool is not None:
-        note = pool.prereserve(profile, str(dev))
+    for hooks in techniques.process_hooks():  # e.g. a pre-reserved allocator pool
+        note = hooks.before_steps(profile, str(dev)) if hooks.before_steps is not None else ""
         if note:
             notes.append(note)
     torch.cuda.synchronize(dev)

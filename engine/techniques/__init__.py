@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.techniques.base import (AnalyticTerms, Control, Field, LoopHooks, ScriptHooks, Technique,
-                                    active, all_fields, explanations, get, loop_hooks,
-                                    model_techniques, registry, script_hooks)
+from engine.techniques.base import (AnalyticTerms, Control, Field, LoopHooks, ProcessHooks,
+                                    ScriptHooks, Technique, active, all_fields, explanations, get,
+                                    loop_hooks, model_techniques, process_hooks, registry,
+                                    script_hooks)
 
 if TYPE_CHECKING:
     import torch
@@ -42,4 +43,4 @@ def apply_model_techniques(model: "torch.nn.Module", profile: "Profile") -> list
 
 __all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "active", "all_fields",
            "apply_model_techniques", "explanations", "get", "loop_hooks", "model_techniques",
-           "registry", "ScriptHooks", "script_hooks"]
+           "registry", "ProcessHooks", "process_hooks", "ScriptHooks", "script_hooks"]

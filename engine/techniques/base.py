@@ -196,6 +196,22 @@ class LoopHooks:
 
 
 @dataclass(frozen=True)
+class ProcessHooks:
+    """How a technique sets up the process a measurement runs in, whatever the profile selects
+    (so it can also report settings found in the environment).
+
+    ``environment(profile, env) -> env``: the measure child's environment (variables read when CUDA
+    starts); ``configure(profile, notes)``: the same in the measuring process, before anything
+    touches CUDA (BadInput when it is too late); ``before_steps(profile, device) -> note``: on the
+    clean CUDA device, before the peak counters are reset ("" for nothing done).
+    """
+
+    environment: Callable[..., dict] | None = None
+    configure: Callable[..., None] | None = None
+    before_steps: Callable[..., str] | None = None
+
+
+@dataclass(frozen=True)
 class ScriptHooks:
     """What a technique that changes the training step writes into the exported script (the
     script's side of ``LoopHooks``). Each callable gets the profile and the script's ``tools``
@@ -248,6 +264,7 @@ class Technique:
     export_source: Callable[[], list[Callable]] | None = None  # functions the script embeds
     export_calls: Callable[["Profile"], list[str]] | None = None  # lines run after the model build
     script: ScriptHooks | None = None  # training-step changes in the exported script
+    process: ProcessHooks | None = None  # the measuring process's setup (the CUDA allocator)
 
     @property
     def group_key(self) -> str:
@@ -332,6 +349,11 @@ def loop_hooks(profile: "Profile") -> tuple[LoopHooks, ...]:
     return tuple(t.loop for t in active(profile) if t.loop is not None)
 
 
+def process_hooks() -> tuple[ProcessHooks, ...]:
+    """Every technique's process setup, in registry order (each decides from the profile)."""
+    return tuple(t.process for t in registry() if t.process is not None)
+
+
 def script_hooks(profile: "Profile") -> tuple[ScriptHooks, ...]:
     """The exported script's hooks of the techniques the profile switches on (training only)."""
     if profile.mode != "train":
@@ -339,6 +361,6 @@ def script_hooks(profile: "Profile") -> tuple[ScriptHooks, ...]:
     return tuple(t.script for t in active(profile) if t.script is not None)
 
 
-__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
+__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "ProcessHooks", "process_hooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
            "all_fields",
            "defaults_changes", "explanations", "get", "model_techniques", "registry"]

@@ -25,7 +25,7 @@ import re
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import Control, Field, ProcessHooks, Technique
 
 if TYPE_CHECKING:
     from engine.profile import Profile
@@ -82,6 +82,40 @@ def child_env(profile: "Profile", base: dict | None = None) -> dict:
     if value:
         env[ENV] = merge_conf(env.get(ENV, ""), value)
     return env
+
+
+def configure_process(profile: "Profile", notes: list[str]) -> None:
+    """Set ``PYTORCH_CUDA_ALLOC_CONF`` for the profile in this process, before CUDA starts.
+
+    Refuses (BadInput) when CUDA is already initialised in this process with a different setting:
+    allocator settings take effect only in a fresh process (the CLI ``measure`` child).
+    """
+    import sys
+
+    conf = alloc_conf(profile)
+    if profile.target != "cuda":
+        if profile.alloc.lower() != "default" or profile.alloc_max_split:
+            notes.append("allocator settings apply to CUDA only; ignored on CPU")
+        return
+    current = os.environ.get(ENV)
+    if conf is None:
+        if current:
+            notes.append(f"{ENV}={current} (from the environment)")
+        return
+    wanted = merge_conf(current, conf)
+    torch_mod = sys.modules.get("torch")
+    if wanted != current and torch_mod is not None and torch_mod.cuda.is_initialized():
+        raise BadInput(f"CUDA is already initialised with {ENV}={current or '(unset)'}; "
+                       f"the profile's allocator settings need {conf} in a fresh process "
+                       f"(run `headroom measure`)")
+    os.environ[ENV] = wanted
+    notes.append(f"{ENV}={wanted}")
+
+
+def _child_environment(profile: "Profile", env: dict) -> dict:
+    """The measure child's environment: the allocator setting for CUDA runs (the user's other
+    allocator keys kept)."""
+    return child_env(profile, env) if profile.target == "cuda" else env
 
 
 def prereserve(profile: "Profile", device: str = "cuda") -> str:
@@ -235,6 +269,8 @@ TECHNIQUE = Technique(
     ),
     explanations={"memory_pool": EXPLANATION},
     summary_title=lambda p: f"Allocator ({p.alloc})",
+    process=ProcessHooks(environment=_child_environment, configure=configure_process,
+                         before_steps=prereserve),
     properties={
         "alloc_pool_bytes": _pool_bytes,
         "alloc_max_split_bytes": _max_split_bytes,
