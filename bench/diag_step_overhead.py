@@ -116,11 +116,10 @@ def child(args) -> dict:
         return {"step_time_s": r.step_time_s, "first_step_s": r.first_step_s,
                 "peak_allocated_bytes": r.peak_allocated_bytes}
     from engine.measure.inputs import prepare_steps as _prepare_steps
-    from engine.models import check_profile, resolve_task
+    from engine.prepare import prepare
 
-    config = check_profile(profile)
-    steps, _ = _prepare_steps(profile, config, resolve_task(profile, config), None,
-                           lambda f, m: None, [])
+    prepared = prepare(profile)
+    steps, _ = _prepare_steps(profile, prepared.config, prepared.task, None, lambda f, m: None, [])
     batches = [(s.input_ids, s.attention_mask, s.labels) for s in steps]
     if args.variant == "random-data":
         g = torch.Generator().manual_seed(0)
