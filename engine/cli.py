@@ -279,12 +279,13 @@ COMMANDS = {"estimate": cmd_estimate, "measure": cmd_measure, "plan": cmd_plan,
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse an unwritable --save/-o/--csv/--png before any work (a measure can take minutes)."""
+    """Refuse an unwritable --save/-o/--csv/--png/--snapshot before any work (a measure can take
+    minutes)."""
     from pathlib import Path
 
     from engine.atomic_file import check_target
 
-    for attr in ("save", "output", "csv", "png"):
+    for attr in ("save", "output", "csv", "png", "snapshot"):
         value = getattr(args, attr, None)
         if value:
             check_target(Path(value))

@@ -199,6 +199,8 @@ CASES = {
     "save-into-missing-folder": lambda t: ["estimate", *TINY, "--save", str(t / "no" / "such" / "p.json")],
     "export-into-missing-folders": lambda t: ["export", *TINY, "-o", str(t / "a" / "b" / "c.py")],
     "export-onto-a-folder": lambda t: ["export", *TINY, "-o", str(t)],
+    "snapshot-into-missing-folder": lambda t: [*MEASURE, "--model", "tiny-gpt2", "--snapshot",
+                                               str(t / "no" / "snap.pickle")],
     "compare-bad-profile": lambda t: ["compare", str(write(t / "a.json", "{}")), str(write(t / "b.json", "{"))],
     "compare-csv-onto-a-folder": lambda t: ["compare", str(write(t / "a.json", "{}")), "--csv", str(t)],
 }
