@@ -25,6 +25,7 @@ from engine.export import snippets
 from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
 from engine.export.literals import dict_block, docstring_safe, literal, noqa_long_lines
 from engine.export.techniques import Port, model_techniques
+from engine.measure import probes
 from engine.profile import Profile
 from engine.techniques.memory_pool import alloc_conf
 
@@ -126,7 +127,7 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
                 "            # keeps the segment reserved and carves later large blocks out of it.\n"
                 "            torch.empty(POOL_BYTES, dtype=torch.uint8, device=device)")
     peak = snippets.PEAK_MEMORY.replace("            #POOL#\n", pool + "\n" if pool else "")
-    s.add("memory", snippets.LIVE_BYTES + "\n" + peak)
+    s.add("memory", probes.portable_source() + "\n\n\n" + peak)
     _step_section(s, profile, model, hooks, tools)
     _main_section(s, profile, model, hooks)
     if not model.has_tokenizer:  # last: a long blob would bury the code above

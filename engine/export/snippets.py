@@ -232,38 +232,7 @@ def make_batches(token_lists, pad_token_id):
     return batches
 '''
 
-# ----- memory -------------------------------------------------------------------------------
-LIVE_BYTES = '''
-class LiveTensorBytes(TorchDispatchMode):
-    """CPU has no allocator statistics: count the bytes of distinct live tensor storages. Every
-    tensor an op returns is registered once; a weak reference subtracts it when its storage dies."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.sizes = {}  # id(storage) -> (bytes, weak reference)
-
-    def track(self, tensor):
-        if tensor.device.type != "cpu" or tensor.is_sparse:
-            return
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key not in self.sizes:
-            self.sizes[key] = (storage.nbytes(), weakref.ref(storage, lambda _, key=key: self.forget(key)))
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-
-    def forget(self, key):
-        self.live -= self.sizes.pop(key)[0]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.track(tensor)
-        return out
-'''
-
+# ----- memory (the live-bytes tracker itself is the engine's: engine.measure.probes) ----------
 PEAK_MEMORY = '''
 class PeakMemory:
     """Peak memory of everything the run creates after the baseline (the model, gradients,
@@ -284,7 +253,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device)
         else:
-            self.tracker = LiveTensorBytes()
+            self.tracker = LiveBytesTracker("cpu")  # the tracker of Headroom's CPU measure
             self.base = self.resident_peak = resident_bytes()
 
     def start(self, *models):
@@ -312,7 +281,7 @@ class PeakMemory:
             return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device) - self.base,
                     "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
                     "device_used_bytes": total - free}
-        return {"peak_allocated_bytes": self.tracker.peak,
+        return {"peak_allocated_bytes": self.tracker.peak_bytes,
                 "peak_reserved_bytes": self.resident_peak - self.base,
                 "device_used_bytes": self.resident_peak}
 
