@@ -368,12 +368,18 @@ def _embed_technique_sources(port: Port, profile: Profile) -> None:
     ``export_calls`` are the lines build_model runs once the model exists."""
     import inspect
 
-    for technique in techniques.active(profile):
+    active = techniques.active(profile)
+    for technique in active:
         if technique.export_source is None:
             continue
         sources = [textwrap.dedent(inspect.getsource(fn)).strip("\n") for fn in technique.export_source()]
         port.sections.append((technique.title, "\n\n\n".join(sources)))
-        if technique.export_calls is not None:
+        if technique.export_constants is not None:
+            for name, value, comment in technique.export_constants(profile):
+                port.const(name, value, comment)
+    # build_model's calls in the order build_model applies the techniques (apply_rank)
+    for technique in sorted(active, key=lambda t: t.apply_rank):
+        if technique.export_source is not None and technique.export_calls is not None:
             port.calls.extend(technique.export_calls(profile))
 
 

@@ -1,6 +1,6 @@
 """The model-side techniques of an exported script: GeGLU, pruning (unstructured, heads, FFN
-neurons), feed-forward chunking and local attention (gradient checkpointing exports its own
-function: ``Technique.export_source``).
+neurons) and local attention (gradient checkpointing and feed-forward chunking export their own
+functions: ``Technique.export_source``).
 
 Each is a standalone port of its ``engine.techniques`` module: the same modifications in the same
 order (``engine.techniques``' apply_rank), the same initialisation (so the random stream, the
@@ -434,47 +434,6 @@ def _ffn_config_key(profile: Profile, gated_geglu: bool) -> str:
     return ""
 
 
-# ----- feed-forward chunking ----------------------------------------------------------------------
-_CHUNK_FFN = '''
-def chunk_feed_forward(model):
-    """Feed-forward chunking: every block's feed-forward runs on FFN_CHUNKS slices of the sequence
-    in turn. The output is the same (the feed-forward treats tokens independently); only one
-    slice's wide intermediate exists at a time."""
-    for block in transformer_blocks(model):
-        @TARGET@ = in_sequence_chunks(@TARGET@)
-
-
-def in_sequence_chunks(feed_forward):
-    def feed_forward_in_chunks(hidden):@ONE_PARAMETER@
-        if hidden.dim() < 3 or hidden.shape[1] < 2:
-            return feed_forward(hidden)
-        # contiguous: a slice along the sequence is strided@VIEWS@
-        parts = [feed_forward(part.contiguous()) for part in torch.chunk(hidden, FFN_CHUNKS, dim=1)]
-        return torch.cat(parts, dim=1)  # (B, T, d)
-
-    return feed_forward_in_chunks
-'''
-
-
-def _ffn_chunking(port: Port, profile: Profile, block: Any) -> None:
-    if getattr(block, "mlp", None) is not None:  # GPT-2, Llama, Qwen2, Mistral
-        target = "block.mlp.forward"
-    elif hasattr(block, "feed_forward_chunk"):  # BERT: intermediate + output (residual, LayerNorm)
-        target = "block.feed_forward_chunk"
-    elif getattr(block, "ffn", None) is not None:  # DistilBERT
-        target = "block.ffn.forward"
-    else:
-        raise BadInput(f"feed-forward chunking: the feed-forward of {type(block).__name__} is not recognised")
-    port.const("FFN_CHUNKS", profile.ffn_chunks, "feed-forward run on this many slices of the sequence")
-    bert = target == "block.feed_forward_chunk"
-    conv1d = any(_is_conv1d(m) for m in block.modules())
-    code = _code(_CHUNK_FFN, TARGET=target,
-                 ONE_PARAMETER="  # one parameter: BERT's apply_chunking_to_forward counts them" if bert else "",
-                 VIEWS=", and GPT-2's Conv1D views its input" if conv1d else "")
-    port.sections.append(("feed-forward chunking", code))
-    port.calls.append("chunk_feed_forward(model)")
-
-
 # ----- local attention --------------------------------------------------------------------------
 _LOCAL_ATTENTION = '''
 FLEX = {"compiled": None, "block_masks": {}, "failed": False}  # compiled FlexAttention, cached masks
@@ -657,8 +616,7 @@ def _local_attention(port: Port, profile: Profile) -> None:
 def model_techniques(profile: Profile) -> Port:
     """The ported model-side techniques the profile selects, in ``engine.techniques`` order."""
     port = Port()
-    structural = (profile.mlp == "geglu" or profile.prune_kind in ("heads", "ffn")
-                  or profile.ffn_chunks > 1)
+    structural = profile.mlp == "geglu" or profile.prune_kind in ("heads", "ffn")
     model = layers = None
     geglu_layout = None
     if structural:
@@ -671,8 +629,6 @@ def model_techniques(profile: Profile) -> Port:
         geglu.apply(model, profile)  # later techniques see the GeGLU blocks (meta: shapes only)
     if profile.prune and profile.prune_fraction > 0:
         _pruning(port, profile, layers, geglu_layout)
-    if profile.ffn_chunks > 1:
-        _ffn_chunking(port, profile, layers[0])
     if profile.local_window:
         _local_attention(port, profile)
     return port

@@ -16,8 +16,9 @@ A technique lives in one module of this package, which defines ``TECHNIQUE = Tec
   model facts share it through ``engine.models.build_model``), in ``apply_rank`` order.
 * ``analytic_terms``: what the analytic estimator adds for it (``AnalyticTerms``), and
   ``trace_hooks``/``loop hooks``: what the traced step and the measured loop add.
-* ``export_source`` / ``export_calls``: the functions the exported script embeds (their source,
-  ``inspect.getsource``) and the lines that call them.
+* ``export_source`` / ``export_calls`` / ``export_constants``: the functions the exported script
+  embeds (their source, ``inspect.getsource``), the lines that call them and the settings those
+  lines name.
 
 Discovery: every module on this package's ``__path__`` is imported once (``pkgutil``), so a new
 technique is one new module; the registry is ordered by ``Technique.order`` (the panel's order),
@@ -263,6 +264,8 @@ class Technique:
     loop: LoopHooks | None = None  # training-step changes (measure and the traced estimate)
     export_source: Callable[[], list[Callable]] | None = None  # functions the script embeds
     export_calls: Callable[["Profile"], list[str]] | None = None  # lines run after the model build
+    export_constants: Callable[["Profile"], list[tuple[str, Any, str]]] | None = None  # (name, value,
+    #                                                    comment) of the settings export_calls name
     script: ScriptHooks | None = None  # training-step changes in the exported script
     process: ProcessHooks | None = None  # the measuring process's setup (the CUDA allocator)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.models import transformer_blocks
 from engine.techniques.base import Control, Field, Technique
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def applies(profile: "Profile") -> bool:
     return profile.ffn_chunks > 1
 
 
-def chunked_call(fn, chunks: int, hidden, *rest):
+def chunked_call(fn, chunks, hidden, *rest):
     """fn over ``chunks`` slices of ``hidden`` along the sequence (dim 1), concatenated."""
     import torch
 
@@ -46,35 +47,41 @@ def chunked_call(fn, chunks: int, hidden, *rest):
     return torch.cat(parts, dim=1)  # (B, T, d)
 
 
-def _chunked_method(self, hidden):  # one parameter: BERT's apply_chunking_to_forward counts them
+def chunked_method(self, hidden):  # one parameter: BERT's apply_chunking_to_forward counts them
     original = getattr(type(self), self._headroom_chunk_attr).__get__(self)  # the class's own
     return chunked_call(original, self._headroom_ffn_chunks, hidden)
 
 
-def _wrap(owner, attr: str, chunks: int) -> None:
-    """Shadow ``owner.<attr>`` by a bound method (survives deepcopy: it rebinds to the copy)."""
-    import types
-
-    owner._headroom_ffn_chunks = chunks
-    owner._headroom_chunk_attr = attr
-    setattr(owner, attr, types.MethodType(_chunked_method, owner))
+def chunk_feed_forward(model, chunks):
+    """Feed-forward chunking: every block's feed-forward runs on ``chunks`` slices of the sequence
+    in turn. The output is the same (the feed-forward treats tokens independently); only one
+    slice's wide intermediate exists at a time. The module's own method is shadowed by a bound
+    method on the instance (parameter names unchanged; a deepcopy rebinds it to the copy).
+    Torch only: the exported script embeds it."""
+    for block in transformer_blocks(model):
+        if getattr(block, "mlp", None) is not None:  # GPT-2, Llama, Qwen2, Mistral
+            owner, attr = block.mlp, "forward"
+        elif hasattr(block, "feed_forward_chunk"):  # BERT: intermediate + output (residual, LN)
+            owner, attr = block, "feed_forward_chunk"
+        elif getattr(block, "ffn", None) is not None:  # DistilBERT
+            owner, attr = block.ffn, "forward"
+        else:
+            raise ValueError(f"feed-forward chunking: the feed-forward of {type(block).__name__} "
+                             f"is not recognised")
+        owner._headroom_ffn_chunks = chunks
+        owner._headroom_chunk_attr = attr
+        setattr(owner, attr, chunked_method.__get__(owner))  # bound to this instance
 
 
 def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
     from engine.models import find_layers
 
     chunks = profile.ffn_chunks
-    _, layers = find_layers(model)
-    for block in layers:
-        if getattr(block, "mlp", None) is not None:  # GPT-2, Llama, Qwen2, Mistral
-            _wrap(block.mlp, "forward", chunks)
-        elif hasattr(block, "feed_forward_chunk"):  # BERT: intermediate + output (residual, LN)
-            _wrap(block, "feed_forward_chunk", chunks)
-        elif getattr(block, "ffn", None) is not None:  # DistilBERT
-            _wrap(block.ffn, "forward", chunks)
-        else:
-            raise BadInput(f"feed-forward chunking: the feed-forward of {type(block).__name__} "
-                           f"is not recognised")
+    find_layers(model)  # BadInput when the model has no block list
+    try:
+        chunk_feed_forward(model, chunks)
+    except ValueError as exc:  # a block whose feed-forward is not recognised
+        raise BadInput(str(exc)) from None
     if profile.is_training and not profile.checkpointing:
         return (f"feed-forward in {chunks} sequence chunks: same output; in training without "
                 f"checkpointing autograd still saves every chunk's intermediates, so it saves little")
@@ -107,4 +114,8 @@ TECHNIQUE = Technique(
     check=check,
     apply_model=apply,
     apply_rank=30,
+    export_source=lambda: [chunked_call, chunked_method, chunk_feed_forward],
+    export_calls=lambda p: ["chunk_feed_forward(model, FFN_CHUNKS)"],
+    export_constants=lambda p: [("FFN_CHUNKS", p.ffn_chunks, "feed-forward run on this many slices of the "
+                                 "sequence")],
 )
