@@ -322,7 +322,10 @@ def test_every_technique_exports_its_own_code(corpus):
     heads = export_script(profiles["llama_heads_local_bf16amp"])
     assert "attn = block.self_attn" in heads and "attn.q_proj" in heads and "per_group" in heads
     assert "Conv1D" not in heads
-    assert 'AttentionInterface.register("local_window", local_attention)' in heads
+    from engine.techniques import local_attention
+
+    assert inspect.getsource(local_attention.blocked_local_attention) in heads  # the engine's own code
+    assert "use_local_attention(model, LOCAL_WINDOW)" in heads
     assert "LOCAL_WINDOW = 16" in heads
     assert "flex_attention" in heads and "blocked_local_attention" in heads and "ATTENTION =" not in heads
     assert 'attn_implementation="sdpa"' in heads

@@ -24,8 +24,6 @@ Needs transformers >= 4.53 (masking_utils); older versions raise BadInput.
 from __future__ import annotations
 
 import functools
-import inspect
-import math
 import re
 from typing import TYPE_CHECKING
 
@@ -36,8 +34,6 @@ if TYPE_CHECKING:
     import torch
 
     from engine.profile import Profile
-
-IMPLEMENTATION = "headroom_local"
 
 EXPLANATION = (
     "Local (sliding-window) attention lets each token attend only to the W tokens before it "
@@ -85,7 +81,7 @@ def _keep_mask(attention_mask, q_len: int, k_len: int):
         if m.dtype == torch.bool:
             return m
         return m > torch.finfo(m.dtype).min / 2  # additive float mask: 0 keep, very negative drop
-    raise BadInput(f"local attention: unexpected attention mask of shape {tuple(m.shape)}")
+    raise ValueError(f"local attention: unexpected attention mask of shape {tuple(m.shape)}")
 
 
 def _repeat_kv(x, groups: int):
@@ -96,7 +92,7 @@ def _repeat_kv(x, groups: int):
 
 
 # ----- implementations ------------------------------------------------------------------------
-def dense_masked_attention(q, k, v, window: int, causal: bool = True, scale: float | None = None,
+def dense_masked_attention(q, k, v, window: int, causal: bool = True, scale=None,
                            attention_mask=None, dropout: float = 0.0):
     """Local attention done densely: an (Tq, Tk) band mask passed to SDPA. O(T²) memory."""
     import torch
@@ -112,10 +108,12 @@ def dense_masked_attention(q, k, v, window: int, causal: bool = True, scale: flo
                                                             dropout_p=dropout, scale=scale)
 
 
-def blocked_local_attention(q, k, v, window: int, causal: bool = True, scale: float | None = None,
+def blocked_local_attention(q, k, v, window: int, causal: bool = True, scale=None,
                             attention_mask=None, dropout: float = 0.0, training: bool = False,
-                            block: int | None = None):
+                            block=None):
     """Sliding-window attention with O(T·W) memory, plain tensor ops (autograd, any device)."""
+    import math
+
     import torch
     import torch.nn.functional as F
 
@@ -160,19 +158,28 @@ def blocked_local_attention(q, k, v, window: int, causal: bool = True, scale: fl
     return out.reshape(b, h, tp, d)[:, :, :t]
 
 
-_FLEX_STATE: dict = {"error": None, "compiled": None, "masks": {}}
+def flex_state():
+    """FlexAttention's state in this process, kept on this function: ``compiled`` (flex_attention
+    compiled once), ``masks`` (block masks per (T, W, causal, device)) and ``error`` (why it is
+    unavailable; None while it works)."""
+    if not hasattr(flex_state, "cache"):
+        flex_state.cache = {"error": None, "compiled": None, "masks": {}}
+    return flex_state.cache
+
+
+_FLEX_STATE = flex_state()  # the same dict (benchmarks read its error)
 
 
 def flex_available(device) -> bool:
     """FlexAttention usable here: CUDA device, torch with flex_attention, no earlier failure."""
     import torch
 
-    if getattr(device, "type", str(device)) != "cuda" or _FLEX_STATE["error"] is not None:
+    if getattr(device, "type", str(device)) != "cuda" or flex_state()["error"] is not None:
         return False
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as exc:
-        _FLEX_STATE["error"] = f"flex_attention unavailable ({exc})"
+        flex_state()["error"] = f"flex_attention unavailable ({exc})"
         return False
     return torch.cuda.is_available()
 
@@ -181,18 +188,20 @@ def _compiled_flex():
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
-    if _FLEX_STATE["compiled"] is None:
-        _FLEX_STATE["compiled"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_STATE["compiled"]
+    if flex_state()["compiled"] is None:
+        flex_state()["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return flex_state()["compiled"]
 
 
 def _block_mask(q_len: int, window: int, causal: bool, device, keep=None):
     """FlexAttention BlockMask for the window (cached per (T, W, causal, device) without padding)."""
+    import inspect
+
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = (q_len, window, causal, str(device))
-    if keep is None and key in _FLEX_STATE["masks"]:
-        return _FLEX_STATE["masks"][key]
+    if keep is None and key in flex_state()["masks"]:
+        return flex_state()["masks"][key]
 
     if causal:
         def mask_mod(b, h, q_idx, kv_idx):
@@ -213,13 +222,15 @@ def _block_mask(q_len: int, window: int, causal: bool, device, keep=None):
     mask = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=q_len,
                              device=device, **kwargs)
     if keep is None:
-        _FLEX_STATE["masks"][key] = mask
+        flex_state()["masks"][key] = mask
     return mask
 
 
-def flex_local_attention(q, k, v, window: int, causal: bool = True, scale: float | None = None,
+def flex_local_attention(q, k, v, window: int, causal: bool = True, scale=None,
                          attention_mask=None):
     """Sliding-window attention with compiled FlexAttention (CUDA)."""
+    import inspect
+
     from torch.nn.attention.flex_attention import flex_attention
 
     t = q.shape[2]
@@ -242,14 +253,14 @@ def _is_fake(t) -> bool:
     return type(t).__name__ == "FakeTensor"
 
 
-def local_attention(q, k, v, window: int, causal: bool = True, scale: float | None = None,
+def local_attention(q, k, v, window: int, causal: bool = True, scale=None,
                     attention_mask=None, dropout: float = 0.0, training: bool = False):
     """Flex on CUDA (when it works), else the blocked implementation. Returns (B, H, Tq, D)."""
     if q.shape[2] == k.shape[2] and flex_available(q.device) and not _is_fake(q):
         try:
             return flex_local_attention(q, k, v, window, causal, scale, attention_mask)
         except Exception as exc:  # compile/kernel failure: fall back, and say so in later notes
-            _FLEX_STATE["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            flex_state()["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return blocked_local_attention(q, k, v, window, causal, scale, attention_mask, dropout, training)
 
 
@@ -259,7 +270,7 @@ def _window_of(module) -> int:
     if not w:
         w = getattr(getattr(module, "config", None), "headroom_local_window", None)
     if not w:
-        raise BadInput("local attention: the model was switched to headroom_local without a window")
+        raise ValueError("local attention: the model was switched to headroom_local without a window")
     return int(w)
 
 
@@ -287,23 +298,32 @@ def _pass_through_mask(*args, attention_mask=None, **kwargs):
     return attention_mask
 
 
+def register_local_attention():
+    """Register ``headroom_local`` with transformers' AttentionInterface (the attention function)
+    and AttentionMaskInterface (hand it the 2-D padding mask, not an n x n one); transformers >= 4.53."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("headroom_local", headroom_local_forward)
+    AttentionMaskInterface.register("headroom_local", _pass_through_mask)
+    return "headroom_local"
+
+
 @functools.lru_cache(maxsize=1)
 def register() -> str:
     """Register ``headroom_local`` with transformers; BadInput when this transformers is too old."""
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
     except ImportError:
         import transformers
 
         raise BadInput(f"local attention needs transformers >= 4.53 (AttentionInterface); "
                        f"this is {transformers.__version__}") from None
-    AttentionInterface.register(IMPLEMENTATION, headroom_local_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, _pass_through_mask)
-    return IMPLEMENTATION
+    return register_local_attention()
 
 
-def _set_implementation(model, name: str) -> None:
+def _set_implementation(model, name):
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
         try:
@@ -324,30 +344,48 @@ def _set_implementation(model, name: str) -> None:
             if getattr(cfg, "_attn_implementation", None) != name:
                 cfg._attn_implementation = name
     if getattr(model.config, "_attn_implementation", None) != name:
-        raise BadInput(f"local attention: cannot switch {type(model).__name__} to a custom attention "
-                       f"function (it does not use transformers' AttentionInterface)")
+        raise ValueError(f"local attention: cannot switch {type(model).__name__} to a custom attention "
+                         f"function (it does not use transformers' AttentionInterface)")
 
 
-def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
-    window = profile.local_window
-    name = register()
+def use_local_attention(model, window):
+    """Switch every attention layer of the model to sliding-window attention of ``window`` tokens
+    (``headroom_local_forward``; the window is kept on the configs). Torch and transformers only:
+    the exported script embeds it."""
+    name = register_local_attention()
     model.config.headroom_local_window = window
     for mod in model.modules():
         if getattr(mod, "config", None) is not None and mod.config is not model.config:
             mod.config.headroom_local_window = window
     _set_implementation(model, name)
+
+
+def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
+    window = profile.local_window
+    register()  # BadInput when this transformers is too old
+    try:
+        use_local_attention(model, window)
+    except ValueError as exc:  # the model does not use transformers' AttentionInterface
+        raise BadInput(str(exc)) from None
     device = next((p.device for p in model.parameters()), None)
     if device is not None and device.type == "cuda":
         if flex_available(device):
             how = "FlexAttention (compiled) with a cached block mask"
         else:
-            how = f"blocked O(n·W) implementation (FlexAttention unavailable: {_FLEX_STATE['error']})"
+            how = f"blocked O(n·W) implementation (FlexAttention unavailable: {flex_state()['error']})"
     elif device is not None and device.type == "meta":
         how = ("FlexAttention on CUDA, blocked O(n·W) elsewhere" if profile.target == "cuda"
                else "blocked O(n·W) implementation")
     else:
         how = "blocked O(n·W) implementation (FlexAttention needs CUDA)"
     return f"local attention, window {window}: {how}"
+
+
+#: The functions the exported script embeds, in order (torch and transformers only).
+PORTABLE = (band_mask, _keep_mask, _repeat_kv, dense_masked_attention, blocked_local_attention,
+            flex_state, flex_available, _compiled_flex, _block_mask, flex_local_attention, _is_fake,
+            local_attention, _window_of, headroom_local_forward, _pass_through_mask,
+            register_local_attention, _set_implementation, use_local_attention)
 
 
 _ATTN_RE = re.compile(r"(sdpa|eager|local:([0-9]{1,9}))", re.ASCII)  # used with fullmatch
@@ -414,4 +452,7 @@ TECHNIQUE = Technique(
     check=check,
     apply_model=apply,
     apply_rank=40,
+    export_source=lambda: list(PORTABLE),
+    export_calls=lambda p: ["use_local_attention(model, LOCAL_WINDOW)"],
+    export_constants=lambda p: [("LOCAL_WINDOW", p.local_window, "local attention: tokens each query sees")],
 )
