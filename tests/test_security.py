@@ -231,7 +231,10 @@ def test_the_app_loading_a_hostile_profile_runs_nothing_until_confirmed(qtbot, t
         assert asked and list(asked[0]) == [folder.resolve()] and asked[0][folder.resolve()] == ["evilcode.py"]
         assert not panel.trust_code.isChecked() and not remote_code.is_granted(folder)
         answer[0] = True
-        monkeypatch.setattr(panel._runner, "start", lambda *a, **k: None)  # keep the code from running
+        # Granted, the code would run in any worker that reads the model: keep them all idle.
+        from app.worker import TaskRunner
+
+        monkeypatch.setattr(TaskRunner, "start", lambda *a, **k: None)
         panel.trust_code.setChecked(True)
         assert remote_code.is_granted(folder) and panel.trust_code.isChecked()
         assert panel.trust_note.isHidden()
