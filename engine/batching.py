@@ -54,14 +54,51 @@ class Batch:
         return (int(self.input_ids.shape[0]), int(self.input_ids.shape[1]))
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def plan_padded_batches(lengths, padding, batch, seq, seed, pad_multiple=1, max_tokens=0,
+                        megabatches=50, before_chunk=None):
+    """Which sequences go in which batch, and each batch's padded length T (no tensors), for the
+    strategies of this module's docstring. ``lengths`` are untruncated token counts (truncated to
+    ``seq`` here); ``max_tokens`` 0 means ``batch * seq``; ``before_chunk`` is called before each
+    bucketed mega-batch (the engine's cancel check). Torch only: the exported script embeds it."""
+    import torch
 
+    def padded_length(longest):  # rounded up to pad_multiple, never beyond seq, at least 1 column
+        return max(1, min(seq, -(-longest // pad_multiple) * pad_multiple))
 
-def padded_length(longest: int, profile) -> int:
-    """T for a batch whose longest (truncated) sequence has ``longest`` tokens: rounded up to
-    ``pad_multiple`` but never beyond ``seq``, and at least 1 (an all-empty batch still has a column)."""
-    return max(1, min(profile.seq, _round_up(longest, profile.pad_multiple)))
+    n = len(lengths)
+    if n == 0:
+        return []
+    lens = [min(int(x), seq) for x in lengths]
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).tolist()
+    if padding in ("fixed", "dynamic"):
+        groups = [order[i:i + batch] for i in range(0, n, batch)]
+    elif padding == "bucketed":  # Hugging Face's group_by_length
+        mega = batch * megabatches
+        groups = []
+        for start in range(0, n, mega):
+            if before_chunk is not None:
+                before_chunk()
+            chunk = sorted(order[start:start + mega], key=lambda i: -lens[i])  # stable: ties keep order
+            groups.extend(chunk[i:i + batch] for i in range(0, len(chunk), batch))
+    else:  # token-budget: fairseq's max_tokens
+        budget = max_tokens or batch * seq
+        rank = [0] * n
+        for r, i in enumerate(order):
+            rank[i] = r  # random tie-break among equal lengths
+        groups, current = [], []
+        for i in sorted(range(n), key=lambda i: (lens[i], rank[i])):
+            # Ascending order: the newcomer is the longest, so it sets the padded length.
+            if current and (len(current) + 1) * padded_length(lens[i]) > budget:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+    if padding in ("bucketed", "token-budget"):
+        groups = [groups[j] for j in torch.randperm(len(groups), generator=generator).tolist()]
+    if padding == "fixed":
+        return [(tuple(g), seq) for g in groups]
+    return [(tuple(g), padded_length(max(lens[i] for i in g))) for g in groups]
 
 
 def token_budget(profile) -> int:
@@ -75,50 +112,23 @@ def token_budget(profile) -> int:
 
 def plan_batches(lengths: Sequence[int], profile,
                  should_stop: Callable[[], bool] | None = None) -> Plan:
-    """Which sequences go in which batch, and each batch's padded length T (no tensors).
+    """Which sequences go in which batch, and each batch's padded length T (no tensors):
+    ``plan_padded_batches`` with the profile's settings.
 
     ``lengths`` are untruncated token counts; they are truncated to ``profile.seq`` here.
     """
     if profile.padding not in ("fixed", "dynamic", "bucketed", "token-budget"):
         raise BadInput(f"padding must be fixed, dynamic, bucketed or token-budget; got {profile.padding!r}")
-    n = len(lengths)
-    if n == 0:
+    if len(lengths) == 0:
         return []
-    seq, bsz = profile.seq, profile.batch
-    lens = [min(int(x), seq) for x in lengths]
-    gen = torch.Generator().manual_seed(profile.seed)
-    order = torch.randperm(n, generator=gen).tolist()
+    budget = token_budget(profile) if profile.padding == "token-budget" else 0
 
-    groups: list[list[int]]
-    if profile.padding in ("fixed", "dynamic"):
-        groups = [order[i:i + bsz] for i in range(0, n, bsz)]
-    elif profile.padding == "bucketed":
-        mega = bsz * BUCKET_MEGABATCHES
-        groups = []
-        for start in range(0, n, mega):
-            if should_stop is not None and should_stop():
-                raise Cancelled("batching cancelled")
-            chunk = sorted(order[start:start + mega], key=lambda i: -lens[i])  # stable: ties keep order
-            groups.extend(chunk[i:i + bsz] for i in range(0, len(chunk), bsz))
-    else:
-        budget = token_budget(profile)
-        rank = [0] * n
-        for r, i in enumerate(order):
-            rank[i] = r  # random tie-break among equal lengths
-        groups, current = [], []
-        for i in sorted(range(n), key=lambda i: (lens[i], rank[i])):
-            # Ascending order: the newcomer is the longest, so it sets the padded length.
-            if current and (len(current) + 1) * padded_length(lens[i], profile) > budget:
-                groups.append(current)
-                current = []
-            current.append(i)
-        groups.append(current)
+    def before_chunk() -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled("batching cancelled")
 
-    if profile.padding in ("bucketed", "token-budget"):
-        groups = [groups[j] for j in torch.randperm(len(groups), generator=gen).tolist()]
-    if profile.padding == "fixed":
-        return [(tuple(g), seq) for g in groups]
-    return [(tuple(g), padded_length(max(lens[i] for i in g), profile)) for g in groups]
+    return plan_padded_batches(lengths, profile.padding, profile.batch, profile.seq, profile.seed,
+                               profile.pad_multiple, budget, BUCKET_MEGABATCHES, before_chunk)
 
 
 def shapes_from_lengths(lengths: Sequence[int], profile) -> list[tuple[int, int]]:

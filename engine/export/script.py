@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import inspect
 import lzma
 import textwrap
 from dataclasses import dataclass, field
@@ -350,14 +351,18 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
     else:
         s.imports |= {"import base64", "import lzma", "import tokenizers"}
         s.add("tokenizer", snippets.FALLBACK_TOKENIZER)
-    plan = {"fixed": snippets.PLAN_FIXED, "dynamic": snippets.PLAN_DYNAMIC,
-            "bucketed": snippets.PLAN_BUCKETED, "token-budget": snippets.PLAN_TOKEN_BUDGET}[profile.padding]
-    code = ""
-    if profile.padding != "fixed":
-        multiple = profile.pad_multiple > 1
-        code += snippets.PADDED_LENGTH_MULTIPLE if multiple else snippets.PADDED_LENGTH_PLAIN
-        code += "\n"
-    code += plan + "\n" + snippets.MAKE_BATCHES
+    from engine.batching import plan_padded_batches
+
+    args = ["lengths", f'"{profile.padding}"', "BATCH", "SEQ", "SEED"]
+    if profile.padding != "fixed" and profile.pad_multiple > 1:
+        args.append("pad_multiple=PAD_MULTIPLE")
+    if profile.padding == "token-budget":
+        args.append("max_tokens=MAX_TOKENS")
+    if profile.padding == "bucketed":
+        args.append("megabatches=BUCKET_MEGABATCHES")
+    plan = "plan_padded_batches(" + ", ".join(args) + ")"
+    code = (textwrap.dedent(inspect.getsource(plan_padded_batches)).strip("\n") + "\n\n"
+            + snippets.MAKE_BATCHES.replace("#PLAN#", plan))
     s.add(f"batching: {profile.padding} padding", code)
 
 

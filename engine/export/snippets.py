@@ -156,73 +156,14 @@ def load_tokenizer():
     return tokenizer
 '''
 
-# ----- batching: one plan_batches per strategy, then the shared collate ----------------------
-PADDED_LENGTH_MULTIPLE = '''
-def padded_length(longest):
-    """A batch's length: its longest sequence rounded up to PAD_MULTIPLE, never beyond SEQ."""
-    return max(1, min(SEQ, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
-'''
-
-PADDED_LENGTH_PLAIN = '''
-def padded_length(longest):
-    """A batch's length: its longest sequence."""
-    return max(1, longest)
-'''
-
-PLAN_FIXED = '''
-def plan_batches(lengths, generator):
-    """Fixed padding: BATCH sequences in a seeded random order, every one padded to SEQ."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    return [(order[i:i + BATCH], SEQ) for i in range(0, len(order), BATCH)]
-'''
-
-PLAN_DYNAMIC = '''
-def plan_batches(lengths, generator):
-    """Dynamic padding: BATCH sequences in a seeded random order, each batch padded to its longest."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    groups = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
-    return [(group, padded_length(max(lengths[i] for i in group))) for group in groups]
-'''
-
-PLAN_BUCKETED = '''
-def plan_batches(lengths, generator):
-    """Length bucketing (Hugging Face's group_by_length): the seeded order is cut into mega-batches
-    of BATCH * BUCKET_MEGABATCHES sequences, each sorted longest first and cut into batches of
-    similar lengths; then the batches are shuffled."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    mega = BATCH * BUCKET_MEGABATCHES
-    groups = []
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
-        groups += [chunk[i:i + BATCH] for i in range(0, len(chunk), BATCH)]
-    groups = [groups[j] for j in torch.randperm(len(groups), generator=generator).tolist()]
-    return [(group, padded_length(max(lengths[i] for i in group))) for group in groups]
-'''
-
-PLAN_TOKEN_BUDGET = '''
-def plan_batches(lengths, generator):
-    """Token-budget batching (fairseq's max_tokens): sequences sorted by length (seeded tie-break)
-    fill a batch while batch size * padded length stays within MAX_TOKENS; then batches are
-    shuffled. Many short sequences or a few long ones per batch."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    rank = {i: r for r, i in enumerate(order)}
-    groups, current = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], rank[i])):
-        if current and (len(current) + 1) * padded_length(lengths[i]) > MAX_TOKENS:
-            groups.append(current)
-            current = []
-        current.append(i)
-    groups.append(current)
-    groups = [groups[j] for j in torch.randperm(len(groups), generator=generator).tolist()]
-    return [(group, padded_length(max(lengths[i] for i in group))) for group in groups]
-'''
-
+# ----- batching: the plan is the engine's (engine.batching.plan_padded_batches) ---------------
 MAKE_BATCHES = '''
 def make_batches(token_lists, pad_token_id):
     """(input_ids, attention_mask) pairs, right-padded, in the order they are trained on."""
-    generator = torch.Generator().manual_seed(SEED)
+    lengths = [len(ids) for ids in token_lists]
+    plan = #PLAN#  # [(rows, T)]
     batches = []
-    for group, length in plan_batches([len(ids) for ids in token_lists], generator):
+    for group, length in plan:
         input_ids = torch.full((len(group), length), pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(group), length), dtype=torch.long)  # (B, T)
         for row, i in enumerate(group):
