@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 #: Bump when the way texts are extracted changes, so stale disk caches are ignored.
@@ -33,24 +32,23 @@ CORPUS_FORMAT = 2
 MIN_WORDS = 8
 
 # Folders of the stdlib that hold tests, vendored code or generated data rather than documentation.
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                         "__pycache__", "lib2to3", "pydoc_data", "encodings", "ensurepip",
                         "venv", "turtledemo"})
 
-# Statements whose bodies can hold (conditionally defined) classes and functions.
-_BLOCKS = (ast.If, ast.Try, ast.With, ast.For, ast.While)
 
-
-def _stdlib_files(root: Path) -> list[Path]:
+# The functions below use the standard library only: the exported script embeds their source
+# (with MIN_WORDS and STDLIB_SKIP_DIRS as its constants).
+def stdlib_files(root):
     """Stdlib .py files in sorted relative-path order (independent of os.walk's order)."""
-    found: list[Path] = []
+    found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith(".")]
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _docstrings(body: list[ast.stmt], owner: ast.AST | None) -> Iterator[str]:
+def docstrings(body, owner=None):
     """Docstrings of ``owner`` and every class/function defined in ``body``, in source order.
 
     Only statement bodies are visited (not expressions): a docstring can live nowhere else, and
@@ -62,36 +60,32 @@ def _docstrings(body: list[ast.stmt], owner: ast.AST | None) -> Iterator[str]:
             yield doc
     for node in body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _docstrings(node.body, node)
-        elif isinstance(node, _BLOCKS):
+            yield from docstrings(node.body, node)
+        elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):  # conditional defs
             for part in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])):
-                yield from _docstrings(part, None)
+                yield from docstrings(part)
             for handler in getattr(node, "handlers", []):
-                yield from _docstrings(handler.body, None)
+                yield from docstrings(handler.body)
 
 
-def _clean(text: str) -> str:
-    return text.strip().replace("\r\n", "\n")
-
-
-def build_corpus() -> tuple[str, ...]:
+def build_corpus():
     """Extract the corpus from this interpreter's stdlib (no cache). Deterministic order:
     files by relative path, docstrings in source order, then pydoc topics by name; exact
     duplicates (the same docstring copied between modules) are kept once, and texts shorter than
     ``MIN_WORDS`` words are left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
+    texts = []
     # Syntax trees are freed by reference counting; the cyclic collector would only rescan the
     # millions of nodes they create (about 15% of the build time, more in a busy process).
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for path in _stdlib_files(root):
+        for path in stdlib_files(root):
             try:
                 tree = ast.parse(path.read_bytes(), filename=str(path))
             except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
                 continue  # a broken or unreadable file in someone's stdlib is not our problem
-            texts.extend(_clean(d) for d in _docstrings(tree.body, tree))
+            texts.extend(d.strip().replace("\r\n", "\n") for d in docstrings(tree.body, tree))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -99,8 +93,8 @@ def build_corpus() -> tuple[str, ...]:
         from pydoc_data.topics import topics  # a plain dict of str: str, safe to import
     except ImportError:  # some distributions strip pydoc_data
         topics = {}
-    texts.extend(_clean(topics[name]) for name in sorted(topics))
-    seen: set[str] = set()
+    texts.extend(topics[name].strip().replace("\r\n", "\n") for name in sorted(topics))
+    seen = set()
     unique = []
     for text in texts:
         if len(text.split()) >= MIN_WORDS and text not in seen:

@@ -333,9 +333,16 @@ def _model_constants(s: _Script, model: ModelFacts, prefix: str, what: str = "")
 # ----- data --------------------------------------------------------------------------------------
 def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts) -> None:
     if data.kind == "builtin":
-        s.imports |= {"import ast", "import sysconfig", "import warnings", "from pathlib import Path"}
-        s.constants.append(snippets.BUILTIN_CONSTANTS.strip("\n"))
-        s.add("data: the built-in sample corpus", snippets.BUILTIN_CORPUS)
+        from engine.data import corpus
+
+        s.imports |= {"import ast", "import sysconfig", "from pathlib import Path"}
+        s.const("MIN_WORDS", corpus.MIN_WORDS, "shorter docstrings are labels (\"Return self.\"), not text")
+        skip = ",\n    ".join(literal(name) for name in sorted(corpus.STDLIB_SKIP_DIRS))
+        s.const("STDLIB_SKIP_DIRS", None, "stdlib folders of tests, vendored code or data, not documentation",
+                raw="(\n    " + skip + ",\n)")
+        code = "\n\n\n".join(textwrap.dedent(inspect.getsource(fn)).strip("\n")
+                              for fn in (corpus.stdlib_files, corpus.docstrings, corpus.build_corpus))
+        s.add("data: the built-in sample corpus", code + "\n\n" + snippets.BUILTIN_TEXTS)
     elif data.kind == "txt":
         s.add("data", snippets.TXT_PARAGRAPHS if data.txt_mode == "paragraphs" else snippets.TXT_LINES)
     elif data.kind in ("csv", "tsv"):

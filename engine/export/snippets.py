@@ -2,54 +2,10 @@
 refers to the script's constants by name; ``engine.export.script`` picks the pieces a profile
 needs and fills in constants. Nothing here is ever executed by Headroom itself."""
 
-BUILTIN_CORPUS = '''
-def docstrings(body, owner=None):
-    """Docstrings of `owner` and of every class/function defined in `body`, in source order."""
-    if owner is not None:
-        doc = ast.get_docstring(owner, clean=True)
-        if doc:
-            yield doc
-    for node in body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from docstrings(node.body, node)
-        elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
-            for part in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])):
-                yield from docstrings(part)
-            for handler in getattr(node, "handlers", []):
-                yield from docstrings(handler.body)
-
-
+BUILTIN_TEXTS = '''
 def load_texts():
-    """Headroom's built-in sample corpus: the standard library's docstrings (read with ast, nothing
-    is imported), then pydoc's help topics; duplicates and texts under MIN_WORDS words left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith(".")]
-        files += [Path(dirpath, name) for name in filenames if name.endswith(".py")]
-    texts = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # invalid escape sequences in some stdlib sources
-        for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-            try:
-                tree = ast.parse(path.read_bytes(), filename=str(path))
-            except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
-                continue
-            texts += [doc.strip().replace("\\r\\n", "\\n") for doc in docstrings(tree.body, tree)]
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        topics = {}
-    texts += [topics[name].strip().replace("\\r\\n", "\\n") for name in sorted(topics)]
-    unique = dict.fromkeys(text for text in texts if len(text.split()) >= MIN_WORDS)
-    return list(unique)[:TEXT_LIMIT]
-'''
-
-BUILTIN_CONSTANTS = '''
-# The built-in corpus is made from text already on the machine (see load_texts).
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                    "lib2to3", "pydoc_data", "encodings", "ensurepip", "venv", "turtledemo"}
-MIN_WORDS = 8  # shorter docstrings are labels ("Return self."), not text
+    """Headroom's built-in sample corpus (build_corpus), its first TEXT_LIMIT texts."""
+    return list(build_corpus())[:TEXT_LIMIT]
 '''
 
 TXT_LINES = '''
