@@ -18,6 +18,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
 from app.state import AppState  # noqa: E402
 from app.widgets.common import stacked_parts  # noqa: E402
 from engine.profile import Profile  # noqa: E402
+from app_helpers import tiny_main_window, wait_idle  # noqa: E402
 from engine.results import EstimateResult, LayerBytes, MeasureResult, TimelinePoint  # noqa: E402
 
 # The offscreen platform says this once per shown window; it is not a problem of the app.
@@ -53,22 +54,9 @@ def fake_measured(total_gib: float = 10.5, oom: bool = False) -> MeasureResult:
 
 @pytest.fixture
 def window(qtbot):
-    from app.main_window import MainWindow
-
-    w = MainWindow(Profile(name="tiny", model="tiny-gpt2", target="cpu", batch=2, seq=32, steps=2))
-    qtbot.addWidget(w)
-    w.show()
-    w.run_panel.ask_before_slow_runs = False
-    w.profiles.ask_before_delete = False
+    w = tiny_main_window(qtbot, ask_before_slow_runs=False)
     yield w
     w.shutdown()
-
-
-def wait_idle(qtbot, w, timeout=60000):
-    """Until the model facts and dataset statistics workers are done."""
-    qtbot.waitUntil(lambda: not (w.model_panel._runner.is_running or w.dataset_panel._runner.is_running
-                                 or w.estimator._runner.is_running or w.estimator._timer.isActive()),
-                    timeout=timeout)
 
 
 # ----- the worker -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (QAbstractScrollArea, QApplication, QComboBox, QLa
                                QSplitterHandle, QWidget)
 
 from engine.profile import Profile  # noqa: E402
+from app_helpers import tiny_main_window, wait_idle  # noqa: E402
 from engine.results import EstimateResult, LayerBytes, MeasureResult, TimelinePoint  # noqa: E402
 
 pytestmark = pytest.mark.qt_log_ignore("This plugin does not support")
@@ -44,20 +45,9 @@ def measured_of(peak: int, points: tuple[int, ...]) -> MeasureResult:
 
 @pytest.fixture
 def window(qtbot):
-    from app.main_window import MainWindow
-
-    w = MainWindow(Profile(name="tiny", model="tiny-gpt2", target="cpu", batch=2, seq=32, steps=2))
-    qtbot.addWidget(w)
-    w.show()
-    w.profiles.ask_before_delete = False
+    w = tiny_main_window(qtbot)
     yield w
     w.shutdown()
-
-
-def wait_idle(qtbot, w, timeout=60000):
-    qtbot.waitUntil(lambda: not (w.model_panel._runner.is_running or w.dataset_panel._runner.is_running
-                                 or w.estimator._runner.is_running or w.estimator._timer.isActive()),
-                    timeout=timeout)
 
 
 # ----- the run guard ------------------------------------------------------------------------------
