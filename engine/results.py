@@ -56,7 +56,7 @@ class EstimateResult:
     params: int  # parameter count of the (technique-modified) model
     layers: tuple[LayerBytes, ...] = ()  # per-layer breakdown
     peak_batch_shape: tuple[int, int] = (0, 0)  # (B, T) of the batch that sets the peak
-    peak_phase: str = ""  # where the peak happens: forward | backward | optimizer
+    peak_phase: str = ""  # where the peak happens: forward | backward | optimizer (| step)
     notes: tuple[str, ...] = ()  # honest remarks (e.g. "unstructured pruning saves no dense memory")
     elapsed_s: float = 0.0  # wall time of the estimate itself
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific numbers
@@ -79,7 +79,8 @@ class EstimateResult:
 @dataclass(frozen=True)
 class TimelinePoint:
     step: int  # 0-based step index
-    phase: str  # "forward" | "backward" | "optimizer" | "start"
+    phase: str  # "forward" | "backward" | "optimizer" | "start"; "step": a quiet CUDA step (one
+    #             point at its end: a repeated batch shape, run without the per-phase reads)
     allocated_bytes: int  # memory_allocated() after the phase (live tensor bytes on CPU)
     reserved_bytes: int  # memory_reserved() after the phase (RSS on CPU)
 

@@ -284,3 +284,28 @@ def test_cuda_probe_reads_the_counters_torch_reads(monkeypatch):
     assert end.peak_reserved == torch.cuda.max_memory_reserved() == 40_000
     assert (end.allocated, end.reserved) == (4_000, 20_000)
     assert resets == ["cuda:0"]  # the peaks are reset after they are read
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(padding="dynamic", batch=2, seq=64, steps=7)])
+def test_quiet_repeats_keep_the_peak_and_its_breakdown(monkeypatch, kw):
+    """Repeated shapes run without the bookkeeping (CUDA's default): the peak, the peak's
+    breakdown and the steps are those of the fully instrumented run; only repeats are quiet."""
+    from engine.measure import runner
+
+    profile = cpu(**{"steps": 5, **kw})
+    full = run_measure(profile)
+    monkeypatch.setattr(runner, "quiet_repeats", lambda p: True)
+    quiet = run_measure(profile)
+    assert quiet.peak_allocated_bytes == full.peak_allocated_bytes
+    assert quiet.breakdown == full.breakdown
+    assert quiet.steps == full.steps and quiet.losses == pytest.approx(full.losses)
+    quiet_steps = {r[0] for r in quiet.extra["phase_peaks"] if r[1] == "step"}
+    assert quiet_steps, "no step ran quiet"
+    assert 0 not in quiet_steps and 1 not in quiet_steps  # step 0 and the first repeat: measured
+    # Each quiet step's peak equals the peak of the instrumented step of the same shape.
+    full_peaks = {}
+    for s, _, peak in full.extra["phase_peaks"]:
+        full_peaks[s] = max(full_peaks.get(s, 0), peak)
+    for s, phase, peak in quiet.extra["phase_peaks"]:
+        if phase == "step":
+            assert peak == full_peaks[s]

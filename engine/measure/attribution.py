@@ -68,15 +68,19 @@ class PeakAttribution:
     records: list[PhaseRecord] = field(default_factory=list)
     peak_reserved: int = 0
     timeline: list = field(default_factory=list)
+    quiet: bool = False  # inside a quiet step: phase marks and hook samples are skipped
 
     def begin(self, step: int, phase: str) -> None:
+        if self.quiet:
+            self.phase = phase  # named in an OOM's message; nothing is read
+            return
         self.step, self.phase = step, phase
         self.current = PhaseRecord(step, phase)
         self.sample()
 
     def sample(self, alloc: int | None = None) -> None:
         rec = self.current
-        if rec is None:
+        if rec is None or self.quiet:
             return
         if alloc is None:
             alloc = self.probe.allocated()
@@ -84,6 +88,8 @@ class PeakAttribution:
             rec.sample_alloc, rec.sample_grads, rec.sample_states = alloc, self.grads, self.states
 
     def end(self) -> None:
+        if self.quiet:
+            return
         end = self.probe.phase_end()  # one read: the phase's last sample, its peaks, the timeline point
         self.sample(end.allocated)
         rec = self.current
@@ -93,6 +99,31 @@ class PeakAttribution:
         self.timeline.append(TimelinePoint(self.step, self.phase, int(end.allocated), int(end.reserved)))
         self.current = None
 
+    def begin_quiet(self, step: int, template: PhaseRecord) -> None:
+        """Start a quiet step; ``template`` is the instrumented record of the same batch shape
+        whose breakdown the step shares."""
+        self.step, self.phase, self.quiet = step, "step", True
+        self.current = PhaseRecord(step, "step", sample_alloc=template.sample_alloc,
+                                   sample_grads=template.sample_grads,
+                                   sample_states=template.sample_states)
+
+    def end_quiet(self) -> None:
+        """End a quiet step: one read of its peak counters."""
+        self.quiet = False
+        self.phase = "step"
+        end = self.probe.phase_end()
+        rec = self.current
+        rec.peak = max(end.peak, rec.sample_alloc)
+        self.peak_reserved = max(self.peak_reserved, end.peak_reserved)
+        self.records.append(rec)
+        self.timeline.append(TimelinePoint(self.step, "step", int(end.allocated), int(end.reserved)))
+        self.current = None
+
+    def step_record(self, step: int) -> PhaseRecord | None:
+        """The fullest instrumented record of ``step`` (a quiet step's template)."""
+        recs = [r for r in self.records if r.step == step and r.phase != "step"]
+        return max(recs, key=lambda r: r.peak) if recs else None
+
     def start_timeline(self) -> None:
         """The timeline's first point: what is allocated before the first step."""
         self.timeline.append(TimelinePoint(0, "start", int(self.probe.allocated()),
@@ -100,6 +131,7 @@ class PeakAttribution:
 
     def close_partial(self) -> None:
         """After an OOM: record the interrupted phase's peak."""
+        self.quiet = False
         if self.current is not None:
             rec = self.current
             peak, reserved = self.probe.take_phase_peaks()
@@ -109,6 +141,8 @@ class PeakAttribution:
             self.current = None
 
     def grad_hook(self, param) -> None:
+        if self.quiet:
+            return
         key = id(param)
         if key not in self.grad_ids and param.grad is not None:
             self.grad_ids.add(key)
@@ -123,6 +157,8 @@ class PeakAttribution:
     def optimizer_stepped(self, optimizer) -> None:
         """After ``optimizer.step()``: count the states (they appear once per parameter, then
         stay) and sample."""
+        if self.quiet:
+            return
         if len(optimizer.state) != self.states_of:
             self.states, self.states_of = optimizer_state_bytes(optimizer), len(optimizer.state)
         self.sample()

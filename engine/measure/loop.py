@@ -159,18 +159,30 @@ class StepTimes:
 
 
 def run_steps(loop: StepLoop, steps: list[StepData], probe, times: StepTimes,
-              report: Callable[[float, str], None], rss=None) -> None:
+              report: Callable[[float, str], None], rss=None, quiet_repeats: bool = False) -> None:
     """Run and time every step (between two ``probe.sync()``), appending to ``times``.
 
-    ``report`` gets the fraction of the steps started."""
+    ``report`` gets the fraction of the steps started. ``quiet_repeats``: a step whose batch shape
+    was already run instrumented at step >= 1 (the optimizer's states exist from there on) runs
+    quiet (``PeakAttribution.begin_quiet``): its time is the step's own, not the bookkeeping's."""
+    run = loop.attribution
+    measured: dict[tuple, int] = {}  # batch shape -> the step that measured it in full
     for s, data in enumerate(steps):
         loop.check_stop()
         report(s / len(steps), f"step {s + 1}/{len(steps)}")
+        template = run.step_record(measured[data.shape]) if quiet_repeats and data.shape in measured \
+            else None
         probe.sync()
         t0 = time.perf_counter()
+        if template is not None:
+            run.begin_quiet(s, template)
         loss_value = loop.step(s, data)
         probe.sync()
         elapsed = time.perf_counter() - t0
+        if template is not None:
+            run.end_quiet()
+        elif s >= 1:
+            measured.setdefault(data.shape, s)
         if s == 0:
             times.first_step_s = elapsed
         else:
