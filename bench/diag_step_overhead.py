@@ -33,7 +33,9 @@ VARIANTS = ("engine", "same-data", "random-data")
 #   engine-nohooks   no post-accumulate-grad hooks (the breakdown's samples inside backward)
 #   engine-noprobe   no hooks and no allocator reads at phase boundaries (peaks then meaningless)
 #   bare-loop        bench/bare_loop.py (its own model build, random ids, a full mask)
-EXTRA_VARIANTS = ("engine-nohooks", "engine-noprobe", "bare-loop")
+#   engine-instrumented  every step with the full bookkeeping (HEADROOM_INSTRUMENT_ALL=1: the loop
+#                    before repeated shapes ran quiet)
+EXTRA_VARIANTS = ("engine-nohooks", "engine-noprobe", "engine-instrumented", "bare-loop")
 
 
 def profile_from(args):
@@ -94,6 +96,12 @@ def child(args) -> dict:
     import torch
 
     profile = profile_from(args)
+    if args.variant == "engine-instrumented":
+        import os
+
+        os.environ["HEADROOM_INSTRUMENT_ALL"] = "1"
+        args.variant = "engine"
+        return child(args)
     if args.variant in ("engine-nohooks", "engine-noprobe"):
         import torch as _torch
 

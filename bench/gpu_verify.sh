@@ -5,9 +5,10 @@
 #   bash bench/gpu_verify.sh 2     # batching strategies on the built-in corpus
 #   bash bench/gpu_verify.sh 3     # the estimator matrix (11 architectures x 6), context, new capabilities
 #   bash bench/gpu_verify.sh 4     # A/B of the engine's per-step bookkeeping (host-bound steps), export again
+#   bash bench/gpu_verify.sh 5     # after the fix (quiet repeated shapes, GC freeze): 1's checks again
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
 set -u
-part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4}"
+part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5}"
 : "${OUT:?set OUT to an output folder}"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
@@ -85,5 +86,19 @@ case "$part" in
     > "$OUT/export_check2.log" 2>&1
   grep -h '^{"variant"' "$OUT"/ab_*.log; tail -3 "$OUT/export_check2.log"
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4"; exit 2 ;;
+5)
+  gpu_facts
+  # 1 again with the overhead fix: engine vs bare (24 steps), the A/B new vs old bookkeeping
+  # (pinned, interleaved), the GPU-bound control, and the export check.
+  timeout 250 $PY bench/gpu_measure_matrix.py --quick --modes train --steps 24 --budget-s 230 \
+    --timeout-s 70 --out "$OUT/cross.jsonl" > "$OUT/cross.log" 2>&1
+  timeout 150 $PY bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp --steps 24 \
+    --variants engine,engine-instrumented,bare-loop --repeat 2 --pin 2 > "$OUT/ab_bert.log" 2>&1
+  timeout 80 $PY bench/diag_step_overhead.py --model Qwen2.5-0.5B --precision bf16-amp --checkpointing \
+    --steps 16 --variants engine,engine-instrumented,bare-loop --pin 2 > "$OUT/ab_qwen.log" 2>&1
+  timeout 70 $PY bench/gpu_export_check.py --models Qwen2.5-0.5B --steps 24 --out "$OUT/export_check.jsonl" \
+    > "$OUT/export_check.log" 2>&1
+  tail -8 "$OUT/cross.log"; grep -h '^{"variant"' "$OUT"/ab_*.log; tail -3 "$OUT/export_check.log"
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5"; exit 2 ;;
 esac
