@@ -74,12 +74,11 @@ def _limit(profile: Profile, vary: str) -> int:
 
 
 def _with_value(profile: Profile, vary: str, value: int) -> Profile:
-    if vary == "batch":
-        return profile.replace(batch=value, micro_batches=min(profile.micro_batches, value))
-    changes: dict[str, Any] = {"seq": value}
-    if profile.padding == "token-budget" and profile.max_tokens and profile.max_tokens < value:
-        changes["max_tokens"] = value
-    return profile.replace(**changes)
+    """The profile at ``vary = value``, with the techniques' settings that follow it (each
+    technique's ``resize``: micro-batches within the batch, a token budget of at least seq)."""
+    from engine import techniques
+
+    return profile.replace(**techniques.resized(profile, {vary: value}))
 
 
 def plan(profile: Profile, budget_bytes: int, vary: str = "batch",

@@ -143,7 +143,8 @@ def _arch(key: tuple) -> Arch:
     kv = max(1, (kv_out or kv_cfg * d) // d)
     ffn = int(ffn or getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
               or 4 * h)
-    if profile.mlp == "geglu":
+    geglu = bool(getattr(config, "headroom_geglu_hidden", None))  # set by GeGLU's apply_model
+    if geglu:
         gated = True
     act = str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "gelu"))
     if "silu" in act or "swish" in act:
@@ -152,7 +153,7 @@ def _arch(key: tuple) -> Arch:
         act = "gelu_new" if act == "gelu_new" else "gelu"
     else:
         act = "gelu"
-    if profile.mlp == "geglu":
+    if geglu:
         act = "gelu"
     attn_drop = float(getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", 0.0)
                       or getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
@@ -400,24 +401,21 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     training = profile.mode == "train"
     precision = profile.precision
     amp = precision in ("bf16-amp", "fp16-amp")
-    notes: list[str] = []
     B, T = batch_shape
-    m = max(1, min(profile.micro_batches, B)) if training else 1
-    b = -(-B // m)
-    t = T if training or not profile.chunk_input else min(profile.chunk_input, T)
-    window = profile.local_window
-    attn = "eager" if profile.attn == "eager" else "sdpa"
+    from engine import techniques
+
+    # How the techniques run the batch: rows and tokens per pass (micro-batches, input windows),
+    # passes per step, the attention kernel, checkpointed blocks, the allocator.
+    setup = techniques.analytic_setup(profile, B, T)
+    notes: list[str] = list(setup.notes)
+    m, b, t = setup.passes, setup.rows, setup.tokens
+    window, attn = setup.window, setup.attention
+    every = setup.checkpoint_every  # 0: no checkpointing
 
     # ----- persistent state --------------------------------------------------------------
     weights_list = [_r(n * s, cuda) for n, s in arch.param_tensors]
     weights = sum(weights_list) + _r(arch.buffer_bytes, cuda)
-    if profile.prune_kind == "unstructured":
-        # engine.techniques.pruning makes the pruning permanent (prune.remove): the weights are
-        # plain dense tensors again (no weight_orig / mask kept), same bytes as unpruned.
-        notes.append("unstructured pruning zeroes weights in dense storage: no memory saved")
     # What the techniques switched on add (a distillation teacher's weights, loss and forward).
-    from engine import techniques
-
     terms = [tech.analytic_terms(profile, arch, b, t, padded, cuda)
              for tech in techniques.active(profile) if tech.analytic_terms is not None]
     extra_weights = sum(x.weights for x in terms)
@@ -438,12 +436,12 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     # ----- per layer ---------------------------------------------------------------------
     cost = layer_cost(arch, b, t, precision, cuda, attn, padded, training, window)
     full_layer = sum(cost.saved)
-    ckpt = training and profile.checkpointing
+    ckpt = training and every > 0
     r_bytes = 2 if precision in ("bf16", "fp16") else 4
     layer_in = _r(b * t * arch.hidden * r_bytes, cuda)
     per_layer_saved = []
     for i in range(arch.layers):
-        if ckpt and i % profile.checkpoint_every == 0:
+        if ckpt and i % every == 0:
             per_layer_saved.append(layer_in)
         else:
             per_layer_saved.append(full_layer)
@@ -494,7 +492,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         g_so_far = head_g if m == 1 else grads
         remaining = acts - head_saved_b
         for i in reversed(range(arch.layers)):
-            recompute = full_layer if (ckpt and i % profile.checkpoint_every == 0) else 0
+            recompute = full_layer if (ckpt and i % every == 0) else 0
             g_now = g_so_far + (layer_g[i] if m == 1 else 0)
             add("backward", w_all, min(g_now, grads), states, remaining + recompute + head_saved_b,
                 tmp_common + cost.bwd_transient + accum_tmp)
@@ -513,8 +511,6 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     # logits and the loss's tensors alive at the loss (temporaries in the breakdown)
     layer_acts[LOGITS_ROW] = loss_fwd + (saved_logits if training else 0)  # a teacher's logits too
     peak, phase, breakdown = max(candidates, key=lambda c: c[0])
-    if window and not cuda:
-        notes.append("local attention on CPU: blocked implementation, O(T*2W) per layer")
 
     # ----- reserved ----------------------------------------------------------------------
     c = dev.constants(profile.target)
@@ -527,7 +523,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         if training:
             transient = []
             for i in range(arch.layers):
-                if ckpt and i % profile.checkpoint_every == 0:
+                if ckpt and i % every == 0:
                     transient.append(layer_in)
                 else:
                     transient += cost.saved
@@ -535,14 +531,14 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         else:
             transient = list(cost.saved) + [cost.fwd_transient, loss_fwd]
         reserved_fb = reserved_from_sizes(persistent, transient,
-                                          expandable=profile.alloc == "expandable",
-                                          pool_bytes=profile.alloc_pool_bytes,
-                                          max_split=profile.alloc_max_split_bytes,
+                                          expandable=setup.expandable,
+                                          pool_bytes=setup.pool_bytes,
+                                          max_split=setup.max_split,
                                           small_page=c.expandable_small_page,
                                           large_page=c.expandable_large_page)
         reserved = max(peak, reserved_fb)
-        if profile.alloc_pool_bytes:
-            reserved = max(reserved, -(-profile.alloc_pool_bytes // (2 << 20)) * (2 << 20))
+        if setup.pool_bytes:
+            reserved = max(reserved, -(-setup.pool_bytes // (2 << 20)) * (2 << 20))
     else:
         reserved = peak
     return AnalyticOutcome(peak_allocated=int(peak), peak_reserved=int(reserved),

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.techniques.base import (AnalyticTerms, Control, Field, LoopHooks, ProcessHooks,
-                                    ScriptHooks, Technique, active, all_fields, explanations, get,
-                                    loop_hooks, model_techniques, process_hooks, registry,
+from engine.techniques.base import (AnalyticSetup, AnalyticTerms, Control, Field, LoopHooks,
+                                    ProcessHooks, ScriptHooks, Technique, active, all_fields,
+                                    analytic_setup, explanations, get, loop_hooks,
+                                    model_techniques, process_hooks, registry, resized,
                                     script_hooks)
 
 if TYPE_CHECKING:
@@ -41,6 +42,6 @@ def apply_model_techniques(model: "torch.nn.Module", profile: "Profile") -> list
     return notes
 
 
-__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "Technique", "active", "all_fields",
+__all__ = ["AnalyticSetup", "AnalyticTerms", "analytic_setup", "resized", "Control", "Field", "LoopHooks", "Technique", "active", "all_fields",
            "apply_model_techniques", "explanations", "get", "loop_hooks", "model_techniques",
            "registry", "ProcessHooks", "process_hooks", "ScriptHooks", "script_hooks"]

@@ -14,8 +14,11 @@ A technique lives in one module of this package, which defines ``TECHNIQUE = Tec
   that need the model's config (``engine.prepare``), returning notes. One-line BadInput each.
 * ``apply_model(model, profile)``: how it changes the built model (measure, both estimators and
   model facts share it through ``engine.models.build_model``), in ``apply_rank`` order.
-* ``analytic_terms``: what the analytic estimator adds for it (``AnalyticTerms``), and
-  ``trace_hooks``/``loop hooks``: what the traced step and the measured loop add.
+* ``analytic_terms``: what the analytic estimator adds for it (``AnalyticTerms``);
+  ``analytic_setup``: how it changes the way the formulas run a batch (``AnalyticSetup``: rows and
+  tokens per pass, passes per step, attention kernel and window, checkpointed blocks, allocator);
+  ``loop``: what the traced step and the measured loop add.
+* ``resize(profile, changes)``: its own field changes when a planner changes batch or seq.
 * ``export_source`` / ``export_calls`` / ``export_constants``: the functions the exported script
   embeds (their source, ``inspect.getsource``), the lines that call them and the settings those
   lines name.
@@ -183,6 +186,24 @@ class AnalyticTerms:
 
 
 @dataclass(frozen=True)
+class AnalyticSetup:
+    """How the analytic estimator's formulas run one (rows, tokens) batch. It starts as the plain
+    run and every technique's ``analytic_setup(profile, setup)`` may change it (registry order,
+    each deciding from the profile, on or off), so the formulas name no technique's field."""
+
+    rows: int  # rows one forward/backward pass sees (a micro-batch)
+    tokens: int  # tokens one forward sees per row (an input window)
+    passes: int = 1  # forward/backward passes per optimizer step (gradients accumulate)
+    attention: str = "sdpa"  # sdpa | eager
+    window: int = 0  # local attention window (0: dense)
+    checkpoint_every: int = 0  # 0: no checkpointing; k: every k-th block keeps only its input
+    expandable: bool = False  # CUDA allocator: expandable segments
+    pool_bytes: int = 0  # CUDA allocator: a pool reserved before the run
+    max_split: int = 0  # CUDA allocator: blocks this large are never split (0: no limit)
+    notes: tuple[str, ...] = ()  # what the estimate should say about the setting
+
+
+@dataclass(frozen=True)
 class LoopHooks:
     """How a technique changes the training step; the measured loop and the traced step share it.
 
@@ -261,6 +282,9 @@ class Technique:
     apply_model: Callable[["torch.nn.Module", "Profile"], str | None] | None = None
     apply_rank: int = 0  # order of model changes: structure (GeGLU, pruning) before wrappers
     analytic_terms: Callable[..., AnalyticTerms] | None = None  # (profile, arch, b, t, padded, cuda)
+    analytic_setup: Callable[["Profile", AnalyticSetup], AnalyticSetup] | None = None  # on or off
+    resize: Callable[["Profile", dict[str, Any]], dict[str, Any]] | None = None  # (profile, new
+    #   batch/seq) -> its own field changes that keep the profile valid (the planner's search)
     loop: LoopHooks | None = None  # training-step changes (measure and the traced estimate)
     export_source: Callable[[], list[Callable]] | None = None  # functions the script embeds
     export_calls: Callable[["Profile"], list[str]] | None = None  # lines run after the model build
@@ -345,6 +369,24 @@ def defaults_changes(profile: "Profile", mode: str) -> dict[str, Any]:
     return out
 
 
+def analytic_setup(profile: "Profile", rows: int, tokens: int) -> AnalyticSetup:
+    """The analytic estimator's setting for a (rows, tokens) batch, every technique's changes in."""
+    setup = AnalyticSetup(rows=rows, tokens=tokens)
+    for t in registry():
+        if t.analytic_setup is not None:
+            setup = t.analytic_setup(profile, setup)
+    return setup
+
+
+def resized(profile: "Profile", changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` (batch, seq) plus the techniques' own changes that keep the profile valid."""
+    out = dict(changes)
+    for t in registry():
+        if t.resize is not None:
+            out.update(t.resize(profile, changes))
+    return out
+
+
 def loop_hooks(profile: "Profile") -> tuple[LoopHooks, ...]:
     """The loop hooks of the techniques the profile switches on (training only)."""
     if profile.mode != "train":
@@ -364,6 +406,6 @@ def script_hooks(profile: "Profile") -> tuple[ScriptHooks, ...]:
     return tuple(t.script for t in active(profile) if t.script is not None)
 
 
-__all__ = ["AnalyticTerms", "Control", "Field", "LoopHooks", "ProcessHooks", "process_hooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
+__all__ = ["AnalyticSetup", "AnalyticTerms", "analytic_setup", "resized", "Control", "Field", "LoopHooks", "ProcessHooks", "process_hooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
            "all_fields",
            "defaults_changes", "explanations", "get", "model_techniques", "registry"]

@@ -6,10 +6,11 @@ memory (k = 1 keeps only each block's input) and speed (k large recomputes littl
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.models import transformer_blocks
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +60,10 @@ def _export_calls(profile: "Profile") -> list[str]:
     return [f"enable_checkpointing(model{every})"]
 
 
+def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
+    return replace(setup, checkpoint_every=p.checkpoint_every) if applies(p) else setup
+
+
 TECHNIQUE = Technique(
     name="checkpointing",
     title="Gradient checkpointing",
@@ -79,6 +84,7 @@ TECHNIQUE = Technique(
     active=applies,
     apply_model=apply,
     apply_rank=50,
+    analytic_setup=analytic_setup,
     export_source=lambda: [enable_checkpointing],
     export_calls=_export_calls,
 )

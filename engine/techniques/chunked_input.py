@@ -7,10 +7,11 @@ estimators size one window's forward. A window may exceed no model position limi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
     from engine.profile import Profile
@@ -29,6 +30,13 @@ def validate(p: "Profile") -> None:
                        "for training use micro_batches")
 
 
+def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
+    """Inference: one forward sees one window of the input."""
+    if p.mode == "train" or not p.chunk_input:
+        return setup
+    return replace(setup, tokens=min(p.chunk_input, setup.tokens))
+
+
 TECHNIQUE = Technique(
     name="chunked_input",
     title="Chunking",
@@ -44,4 +52,5 @@ TECHNIQUE = Technique(
     active=lambda p: p.chunk_input > 0,
     forward_tokens=lambda p: p.chunk_input,
     validate=validate,
+    analytic_setup=analytic_setup,
 )

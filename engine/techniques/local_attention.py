@@ -24,11 +24,12 @@ Needs transformers >= 4.53 (masking_utils); older versions raise BadInput.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import re
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -424,6 +425,16 @@ def check(prepared) -> list[str]:
     return []
 
 
+def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
+    """The attention kernel the formulas model (eager, or SDPA: dense or windowed)."""
+    window = p.local_window
+    notes = setup.notes
+    if window and p.target != "cuda":
+        notes += ("local attention on CPU: blocked implementation, O(T*2W) per layer",)
+    return replace(setup, attention="eager" if p.attn == "eager" else "sdpa", window=window,
+                   notes=notes)
+
+
 def _attn_changes(values: dict) -> dict:
     kind = values["attn"]
     return {"attn": f"local:{values['window']}" if kind == "local" else kind}
@@ -452,6 +463,7 @@ TECHNIQUE = Technique(
     check=check,
     apply_model=apply,
     apply_rank=40,
+    analytic_setup=analytic_setup,
     export_source=lambda: list(PORTABLE),
     export_calls=lambda p: ["use_local_attention(model, LOCAL_WINDOW)"],
     export_constants=lambda p: [("LOCAL_WINDOW", p.local_window, "local attention: tokens each query sees")],

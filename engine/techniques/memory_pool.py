@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, ProcessHooks, Technique
+from engine.techniques.base import AnalyticSetup, Control, Field, ProcessHooks, Technique
 
 if TYPE_CHECKING:
     from engine.profile import Profile
@@ -229,6 +230,12 @@ def check(prepared) -> list[str]:
     return notes
 
 
+def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
+    """The allocator the reserved-memory model simulates."""
+    return replace(setup, expandable=p.alloc == "expandable", pool_bytes=p.alloc_pool_bytes,
+                   max_split=p.alloc_max_split_bytes)
+
+
 def _alloc_changes(values: dict) -> dict:
     kind = values["alloc"]
     return {"alloc": f"pool:{values['pool_gib']:g}GiB" if kind == "pool" else kind}
@@ -278,4 +285,5 @@ TECHNIQUE = Technique(
     },
     active=applies,
     check=check,
+    analytic_setup=analytic_setup,
 )

@@ -6,10 +6,11 @@ The measured loop, the traced step and the exported script split each batch in
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
     from engine.profile import Profile
@@ -30,6 +31,19 @@ def validate(p: "Profile") -> None:
         raise BadInput("micro_batches (gradient accumulation) applies to training only")
 
 
+def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
+    """Training: each pass sees ceil(B / N) rows, N passes per optimizer step."""
+    if p.mode != "train":
+        return setup
+    passes = max(1, min(p.micro_batches, setup.rows))
+    return replace(setup, rows=-(-setup.rows // passes), passes=passes)
+
+
+def resize(p: "Profile", changes: dict) -> dict:
+    """A smaller batch has at most that many micro-batches."""
+    return {"micro_batches": min(p.micro_batches, changes["batch"])} if "batch" in changes else {}
+
+
 TECHNIQUE = Technique(
     name="micro_batching",
     title="Chunking",
@@ -44,4 +58,6 @@ TECHNIQUE = Technique(
     summary_title=lambda p: "Micro-batches with gradient accumulation",
     active=lambda p: p.micro_batches > 1,
     validate=validate,
+    analytic_setup=analytic_setup,
+    resize=resize,
 )

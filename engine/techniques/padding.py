@@ -51,6 +51,14 @@ SUMMARY_TITLES = {"fixed": "Fixed padding", "dynamic": "Dynamic padding", "bucke
 _LABELS = {"fixed": "Fixed: pad every text to seq", "dynamic": "Dynamic: pad to the batch's longest",
            "bucketed": "Length bucketing", "token-budget": "Token budget per batch"}
 
+def resize(p: "Profile", changes: dict) -> dict:
+    """A token budget below a longer seq would fit no full-length sequence: raise it to seq."""
+    seq = changes.get("seq")
+    if seq is not None and p.padding == "token-budget" and p.max_tokens and p.max_tokens < seq:
+        return {"max_tokens": seq}
+    return {}
+
+
 TECHNIQUE = Technique(
     name="padding",
     title="Padding and batching",
@@ -75,4 +83,5 @@ TECHNIQUE = Technique(
     summary_title=lambda p: SUMMARY_TITLES[p.padding],
     explain_always=True,
     active=lambda p: p.padding != "fixed",
+    resize=resize,
 )

@@ -27,10 +27,11 @@ After structured pruning the config describes the pruned model: ``num_attention_
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -411,6 +412,15 @@ def check(prepared) -> list[str]:
     return notes
 
 
+def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
+    """Structured pruning changes the built model's shapes (the formulas read them); unstructured
+    pruning is made permanent (prune.remove): plain dense weights, the same bytes as unpruned."""
+    if p.prune_kind != "unstructured":
+        return setup
+    return replace(setup, notes=setup.notes + (
+        "unstructured pruning zeroes weights in dense storage: no memory saved",))
+
+
 def _prune_changes(values: dict) -> dict:
     kind, fraction = values["prune_kind"], values["prune_fraction"]
     if not kind:
@@ -444,4 +454,5 @@ TECHNIQUE = Technique(
     check=check,
     apply_model=apply,
     apply_rank=20,
+    analytic_setup=analytic_setup,
 )
