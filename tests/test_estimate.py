@@ -282,6 +282,54 @@ def test_fp32_gqa_without_mask_runs_math_on_cuda(method):
         assert r.extra["sdpa_backends"] == ["flash"]
 
 
+def _texts(tmp_path, name: str, words: int, n: int = 12) -> str:
+    import json
+
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": " ".join(["memory"] * words)}) + "\n"
+                            for _ in range(n)), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["analytic", "traced"])
+def test_fixed_padding_of_full_texts_is_estimated_without_a_mask(tmp_path, method):
+    # Fixed padding used to be estimated as padded whatever the data. Texts that all reach seq
+    # give an all-ones mask, which transformers drops; for fp32 grouped-query attention it then
+    # passes enable_gqa and CUDA runs the math kernel (the H200 matrix's fp32 Qwen/Llama/SmolLM
+    # rows on long texts were 8-15% low). Short texts keep the mask: repeat_kv + efficient.
+    from engine.estimate import batch_candidates
+
+    base = Profile(model="tiny-llama", batch=4, seq=256, precision="fp32", padding="fixed")
+    full = base.replace(dataset=_texts(tmp_path, "long.jsonl", 600))
+    short = base.replace(dataset=_texts(tmp_path, "short.jsonl", 20))
+    assert batch_candidates(full)[0] == [((4, 256), False)]
+    assert batch_candidates(short)[0] == [((4, 256), True)]
+    r_full, r_short = estimate(full, method), estimate(short, method)
+    assert not r_full.extra["padded"] and r_short.extra["padded"]
+    assert r_full.peak_allocated_bytes == estimate_shape(base, (4, 256), False, method).peak_allocated_bytes
+    assert r_short.peak_allocated_bytes == estimate_shape(base, (4, 256), True, method).peak_allocated_bytes
+    assert r_full.peak_allocated_bytes > r_short.peak_allocated_bytes  # T x T fp32 probabilities
+    if method == "traced":
+        assert r_full.extra["sdpa_backends"] == ["math"]
+        assert r_short.extra["sdpa_backends"] == ["efficient"]
+
+
+def test_a_shape_seen_padded_and_full_keeps_both(tmp_path):
+    import json
+
+    from engine.estimate import batch_candidates
+
+    path = tmp_path / "mixed.jsonl"  # batch 2 in seeded order: some batches all long, some not
+    path.write_text("".join(json.dumps({"text": " ".join(["memory"] * w)}) + "\n"
+                            for w in [600] * 8 + [10] * 8), encoding="utf-8")
+    p = Profile(model="tiny-llama", batch=2, seq=128, precision="fp32", dataset=str(path))
+    for padding in ("fixed", "dynamic"):
+        shapes, _note = batch_candidates(p.replace(padding=padding))
+        assert ((2, 128), True) in shapes and ((2, 128), False) in shapes, shapes
+    r = estimate(p, "analytic")  # the larger of the two: no mask (math, T x T) for fp32 GQA
+    assert r.extra["padded"] is False
+
+
 def test_traced_local_attention_takes_the_cuda_path():
     # On CUDA local:W runs FlexAttention (measured: as much as dense flash attention); the traced
     # estimate used to run the blocked CPU fallback there (+18% at gpt2 8x1024).

@@ -57,34 +57,38 @@ def _dataset_lengths(dataset: str, text_column: str, model: str, trust: bool) ->
 def batch_candidates(profile: Profile) -> tuple[list[tuple[tuple[int, int], bool]], str]:
     """(B, T) shapes worth estimating, each with "has padding", and a note on where they come from.
 
-    ``fixed`` padding: (batch, seq), assumed padded (real text shorter than seq is padded and
-    HF then passes an attention mask, which changes the SDPA kernel). Other strategies: the
-    distinct shapes of the batches ``engine.batching`` makes from the dataset's token lengths.
+    ``fixed`` padding: (batch, seq), padded or not as the dataset's batches are: a batch whose
+    every text reaches ``seq`` has an all-ones mask, which transformers drops; the SDPA kernel then
+    differs (no mask: flash in half precision, and for grouped-query heads ``enable_gqa``, which
+    sends fp32 to the math kernel with its T x T probabilities; a mask: the memory-efficient
+    kernel with repeated k/v and a saved bias). Both kinds can occur; the analytic estimate picks
+    the larger. Other strategies: the distinct shapes of the batches ``engine.batching`` makes from
+    the dataset's token lengths.
     """
-    if profile.padding == "fixed":
-        return [((profile.batch, profile.seq), True)], "fixed padding: (batch, seq)"
-    try:
-        from engine import batching
-    except ImportError:  # batching not available: fall back to the largest possible shape
-        return [((profile.batch, profile.seq), True)], "batching unavailable: (batch, seq)"
     lengths = _dataset_lengths(profile.dataset, profile.text_column, profile.model,
                                profile.trust_remote_code)
     if not lengths:
         raise BadInput(f"dataset {profile.dataset!r} has no texts")
     from engine.estimate.fragmentation import plan_of
 
+    if profile.padding == "fixed":
+        plan = plan_of(profile, lengths)
+        whole = [idx for idx, _t in plan if len(idx) == profile.batch] or [idx for idx, _t in plan]
+        kinds = sorted({any(lengths[i] < profile.seq for i in idx) for idx in whole}, reverse=True)
+        shapes = [((profile.batch, profile.seq), k) for k in kinds]
+        what = " and ".join("padded" if k else "full (no mask)" for k in kinds)
+        return shapes, f"fixed padding: (batch, seq), {what} batches"
+
     plan = plan_of(profile, lengths)  # batching.plan_batches, memoized
-    shapes: dict[tuple[int, int], bool] = {}
-    for idx, t in plan:
-        padded = any(min(lengths[i], profile.seq) < t for i in idx)
-        shape = (len(idx), t)
-        shapes[shape] = shapes.get(shape, False) or padded
+    shapes: dict[tuple[int, int], set[bool]] = {}
+    for idx, t in plan:  # a shape can come both padded and full (see above): both are kept
+        shapes.setdefault((len(idx), t), set()).add(any(min(lengths[i], profile.seq) < t for i in idx))
     # Keep the Pareto-largest shapes: no other shape has both B and T at least as large.
     items = sorted(shapes.items(), key=lambda x: (-x[0][0] * x[0][1], -x[0][1]))
     keep = []
-    for (b, t), padded in items:
+    for (b, t), kinds in items:
         if not any(b2 >= b and t2 >= t and (b2, t2) != (b, t) for (b2, t2), _ in keep):
-            keep.append(((b, t), padded))
+            keep += [((b, t), k) for k in sorted(kinds, reverse=True)]
     return keep[:16], f"{profile.padding} batches over {len(lengths)} texts: {len(plan)} batches"
 
 
