@@ -38,6 +38,19 @@ _MESSAGE_STYLES = {
 VIEWS_COMFORTABLE_WIDTH = 460
 
 
+def _prefer_traced(profile: Profile, shown, should_stop):
+    """The estimate an export writes: the traced one (closer to a real run; the export names the
+    estimator), made now if the app still shows the analytic one; else what the app shows."""
+    if shown is not None and shown.method == "traced":
+        return shown
+    from engine.estimate import estimate
+
+    try:
+        return estimate(profile, method="traced", should_stop=should_stop)
+    except Exception:  # noqa: BLE001 - Cancelled, a trace that fails: the shown estimate stays
+        return shown
+
+
 class MainWindow(QMainWindow):
     export_finished = Signal(str, bool)  # path, written
 
@@ -158,9 +171,6 @@ class MainWindow(QMainWindow):
         self.cancel_action = self._action("&Cancel run", "Esc", self.run_panel.cancel)
         self.cancel_action.setEnabled(False)
         self.estimate_action = self._action("Re-&estimate now", "F5", self.estimator.estimate_now)
-        self.traced_action = self._action("&Traced estimate", "Ctrl+T",
-                                          lambda: self.estimate_view.traced.toggle(),
-                                          "FakeTensor step: slower, closer to a real run")
         self.layers_action = self._action("&Per-layer breakdown…", "Ctrl+L", self.estimate_view.show_layers)
         self.layers_action.setEnabled(False)
         self.search_action = self._action("&Find preset", QKeySequence.StandardKey.Find, self._on_find_preset)
@@ -193,8 +203,7 @@ class MainWindow(QMainWindow):
         for a in (self.duplicate_action, self.rename_action, self.delete_action):
             profile_menu.addAction(a)
         run_menu = bar.addMenu("&Run")
-        for a in (self.run_action, self.cancel_action, None, self.estimate_action, self.traced_action,
-                  self.layers_action):
+        for a in (self.run_action, self.cancel_action, None, self.estimate_action, self.layers_action):
             run_menu.addSeparator() if a is None else run_menu.addAction(a)
         view_menu = bar.addMenu("&View")
         for a in self.tab_actions + [None, self.search_action, self.dark_action]:
@@ -310,7 +319,7 @@ class MainWindow(QMainWindow):
         profile, estimate, measured = entry.profile, entry.estimate, entry.measured
 
         def job(progress, should_stop):
-            text = fn(profile, estimate, measured)
+            text = fn(profile, _prefer_traced(profile, estimate, should_stop), measured)
             out = QSaveFile(path)
             if not out.open(QIODevice.OpenModeFlag.WriteOnly | QIODevice.OpenModeFlag.Text):
                 raise OSError(f"cannot write {path}: {out.errorString()}")

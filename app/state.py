@@ -57,7 +57,8 @@ def default_profile() -> Profile:
 @dataclass
 class ProfileEntry:
     profile: Profile
-    estimate: Any = None  # EstimateResult of exactly this profile, or None
+    estimate: Any = None  # EstimateResult of ``estimate_for`` (the profile before an edit, until re-estimated)
+    estimate_for: Any = None  # the Profile ``estimate`` was computed for
     measured: Any = None  # MeasureResult of exactly this profile, or None
     measure_error: str = ""  # why the last run of this profile failed
 
@@ -230,7 +231,7 @@ class AppState(QObject):
         """Attach an estimate to the entry whose profile is exactly ``profile`` (else drop it)."""
         for entry in self._entries:
             if entry.profile == profile:
-                entry.estimate = result
+                entry.estimate, entry.estimate_for = result, profile
                 if entry is self.current:
                     self.estimate_changed.emit(result)
 

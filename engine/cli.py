@@ -201,14 +201,19 @@ def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
 
 
 def _export_estimate(profile: Profile) -> Any:
-    """The analytic estimate for the script's header and the summary; None where it cannot be made
+    """The estimate for the script's header and the summary, traced where it can be made (the
+    closer one; the header names the estimator), else analytic; None where neither can be made
     here (a dataset that exists only on the target machine, say): the export does not need it."""
     from engine.estimate import estimate
 
-    try:
-        return estimate(profile, method="analytic")
-    except (BadInput, NotImplementedError):
-        return None
+    for method in ("auto", "analytic"):
+        try:
+            return estimate(profile, method=method)
+        except (BadInput, NotImplementedError):
+            return None
+        except Exception:  # noqa: BLE001 - a trace that fails falls back to the formulas
+            continue
+    return None
 
 
 def cmd_export(args: argparse.Namespace, profile: Profile, started: float) -> int:

@@ -13,7 +13,7 @@ from engine.profile import Profile, atomic_write_text
 from engine.results import ALLOCATED_CATEGORIES
 
 CSV_COLUMNS = (
-    ["name", "model", "mode", "batch", "seq", "precision",
+    ["name", "model", "mode", "batch", "seq", "precision", "estimate_method",
      "estimate_peak_allocated_bytes", "estimate_peak_reserved_bytes", "estimate_device_used_bytes"]
     + [f"estimate_{c.value}_bytes" for c in ALLOCATED_CATEGORIES]
     + ["measured_peak_allocated_bytes", "measured_peak_reserved_bytes", "measured_device_used_bytes",
@@ -26,6 +26,7 @@ def compare_row(profile: Profile, estimate: Any, measured: Any | None = None) ->
     row: dict[str, Any] = {
         "name": profile.name, "model": profile.model, "mode": profile.mode, "batch": profile.batch,
         "seq": profile.seq, "precision": profile.precision,
+        "estimate_method": getattr(estimate, "method", "") or None,  # "traced" | "analytic"
         "estimate_peak_allocated_bytes": estimate.peak_allocated_bytes,
         "estimate_peak_reserved_bytes": estimate.peak_reserved_bytes,
         "estimate_device_used_bytes": estimate.device_used_bytes,

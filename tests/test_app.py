@@ -273,13 +273,17 @@ def test_compare_estimates_every_profile(qtbot, window):
     w.duplicate_action.trigger()
     w.techniques.seq.setValue(64)
     w.tabs.setCurrentWidget(w.compare_view)
-    qtbot.waitUntil(lambda: len(w.compare_view.rows()) == 2, timeout=30000)
+    qtbot.waitUntil(lambda: [r["estimate_method"] for r in w.compare_view.rows()] == ["traced", "traced"],
+                    timeout=30000)  # the compare view prefers (and makes) traced estimates
     rows = w.compare_view.rows()
     assert rows[1]["estimate_peak_allocated_bytes"] > rows[0]["estimate_peak_allocated_bytes"]
+    w.compare_view._redraw()
+    assert "Estimates: traced (1, 2)." in w.compare_view.charts.empty_note.text()
 
 
 def test_compare_export_png_and_csv(qtbot, window, tmp_path):
     w = window
+    wait_idle(qtbot, w)  # the live (traced) estimate must not replace the known one below
     w.state.set_estimate(w.state.profile, fake_estimate(2.0))
     w.state.set_measured(w.state.profile, fake_measured(2.1))
     png, csv = tmp_path / "cmp.png", tmp_path / "cmp.csv"
@@ -287,6 +291,8 @@ def test_compare_export_png_and_csv(qtbot, window, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = csv.read_text()
     assert text.splitlines()[0].startswith("name,") and "tiny" in text
+    header, row = text.splitlines()[:2]
+    assert dict(zip(header.split(","), row.split(",")))["estimate_method"] == "analytic"  # which estimator
 
 
 def test_save_and_reload_profile(qtbot, window, tmp_path):
@@ -336,18 +342,31 @@ def test_export_script(qtbot, window, tmp_path):
     w = window
     out = tmp_path / "train.py"
     wait_idle(qtbot, w)  # the live estimate must not replace the known one below
-    w.state.set_estimate(w.state.profile, fake_estimate(1.0))
+    import dataclasses
+
+    w.state.set_estimate(w.state.profile, dataclasses.replace(fake_estimate(1.0), method="traced"))
     with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
         assert w.export_script_to(str(out))
     assert blocker.args == [str(out), True], w.message.text()
     text = out.read_text()
     assert "import torch" in text
-    assert "Estimated peak allocated memory: 1024.00 MiB" in text  # the app passes its estimate on
+    # the app passes its (traced) estimate on, and the header names the estimator
+    assert "Estimated peak allocated memory: 1024.00 MiB (traced estimate)." in text
     assert w.message.text() == f"Wrote {out}"
     summary = tmp_path / "summary.md"
     with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
         assert w.export_summary_to(str(summary))
     assert blocker.args[1] and summary.read_text().startswith("# tiny")
+    assert "| | estimated (traced) | measured |" in summary.read_text()
+    # an analytic estimate on screen: the export makes and writes the traced one
+    w.state.set_estimate(w.state.profile, fake_estimate(1.0))
+    with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
+        assert w.export_script_to(str(out))
+    from engine.estimate import estimate
+    from engine.units import format_bytes
+
+    traced = estimate(w.state.profile, method="traced").peak_allocated_bytes
+    assert f"Estimated peak allocated memory: {format_bytes(traced)} (traced estimate)." in out.read_text()
     # a folder that does not exist: a message, not a crash
     with qtbot.waitSignal(w.export_finished, timeout=30000) as blocker:
         w.export_script_to(str(tmp_path / "missing" / "deeper" / "x.py"))
@@ -610,13 +629,14 @@ def test_estimate_is_debounced(qtbot, window):
     wait_idle(qtbot, w)
     starts = []
     original = w.estimator._start
-    w.estimator._start = lambda profile, method: (starts.append(profile.batch), original(profile, method))
+    w.estimator._start = lambda profile, method: (starts.append((profile.batch, method)),
+                                                  original(profile, method))
     for batch in (3, 4, 5, 6):
         w.techniques.batch.setValue(batch)
     assert starts == []  # nothing yet: the edits are still within the debounce interval
     qtbot.waitUntil(lambda: w.state.current.estimate is not None and bool(starts), timeout=20000)
     wait_idle(qtbot, w)
-    assert starts == [6]  # one estimate, for the final value
+    assert starts == [(6, "analytic"), (6, "traced")]  # one estimate (traced after analytic), for the final value
 
 
 # ----- target panel ------------------------------------------------------------------------------
@@ -798,7 +818,7 @@ def test_main_actions_have_distinct_shortcuts(qtbot, window):
     w = window
     actions = [w.new_action, w.open_action, w.save_action, w.duplicate_action, w.rename_action,
                w.export_action, w.summary_action, w.open_model_action, w.open_data_action, w.run_action,
-               w.cancel_action, w.estimate_action, w.traced_action, w.layers_action, w.search_action,
+               w.cancel_action, w.estimate_action, w.layers_action, w.search_action,
                w.dark_action, w.shortcuts_action, w.quit_action] + w.tab_actions
     keys = [a.shortcut().toString() for a in actions]
     assert all(keys), [a.text() for a in actions if not a.shortcut().toString()]

@@ -423,3 +423,23 @@ def test_dynamic_reserved_at_least_fixed_and_deterministic(tmp_path):
     assert again.extra.get("replayed") == r.extra.get("replayed")
     a = estimate(p, "analytic")
     assert any("distinct batch shapes" in n for n in a.notes)
+
+
+def test_traced_estimate_stops_within_the_forward_when_asked():
+    """The app cancels a traced estimate on every edit: ``should_stop`` is read before every
+    transformer block, not only once a step, and a True answer ends it with Cancelled."""
+    p = Profile(model="tiny-gpt2", target="cpu", batch=2, seq=32)
+    layers = analytic.arch_of(p).layers
+    calls = []
+    estimate(p, "traced", should_stop=lambda: calls.append(1) and False)
+    # the gate and the shape (2), then per traced step (2): one per micro-batch and one per block
+    assert len(calls) >= 2 + 2 * (1 + layers)
+    asked = []
+
+    def stop_at_second_block():
+        asked.append(1)
+        return len(asked) > len(calls) - 2 * layers + 1
+
+    with pytest.raises(Cancelled):
+        estimate(p, "traced", should_stop=stop_at_second_block)
+    assert len(asked) < len(calls)  # it stopped before the trace's end

@@ -59,6 +59,7 @@ def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 class _NoEstimate:
+    method = ""
     peak_allocated_bytes = peak_reserved_bytes = device_used_bytes = 0
     breakdown: dict[str, int] = {}
 
@@ -202,8 +203,16 @@ class CompareCharts(QWidget):
         missing = [r.get("name", "") for r in self.rows if not r.get("tokens_per_s")]
         pareto = ("Green: the Pareto front (" + ", ".join(self.front_names) + "): no other profile uses "
                   "less memory and runs faster." if self.front_names else "")
+        by_method: dict[str, list[str]] = {}
+        for i, r in enumerate(self.rows):
+            if r.get("estimate_method"):
+                by_method.setdefault(r["estimate_method"], []).append(str(i + 1))
+        self.estimators_text = ("Estimates: " + "; ".join(
+            f"{m} ({', '.join(nums)})" for m, nums in sorted(by_method.items(), key=lambda x: x[0] != "traced"))
+            + ". " if by_method else "")
         self.empty_note.setText(
-            ("Not measured yet: " + ", ".join(missing) + ". Select a profile and run it to add "
+            self.estimators_text
+            + ("Not measured yet: " + ", ".join(missing) + ". Select a profile and run it to add "
              "measured bars, throughput and a point on the Pareto plot. " if missing else "")
             + "Measured bars have a dark outline; the percentage above them is measured versus "
               "estimated. " + pareto)
@@ -245,6 +254,22 @@ class CompareCharts(QWidget):
         if len(rest) > chars:
             rest = rest[:chars - 1] + "…"
         return first + "\n" + rest
+
+
+def _best_estimate(profile, should_stop) -> tuple:
+    """(profile, estimate, error): the traced estimate (closer to a real run), else the analytic
+    one where the trace fails, else the error's first line."""
+    error = ""
+    for method in ("traced", "analytic"):
+        try:
+            return profile, estimate(profile, method=method, should_stop=should_stop), ""
+        except Exception as exc:  # noqa: BLE001 - one bad profile must not hide the others
+            error = error or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            from engine.errors import BadInput, Cancelled
+
+            if isinstance(exc, (BadInput, Cancelled)):
+                break  # the analytic estimate refuses the same profile; a cancel ends the job
+    return profile, None, error
 
 
 def _hidden_names(state: AppState) -> list[str]:
@@ -299,9 +324,10 @@ class CompareView(QWidget):
 
     # ----- public -------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Estimate every profile that has no estimate yet (off the GUI thread), then redraw."""
-        missing = [e.profile for e in self._state.entries if e.estimate is None
-                   and e.profile.name not in self.hidden]
+        """Estimate (traced, else analytic) every profile without a traced estimate yet (off the GUI
+        thread), then redraw."""
+        missing = [e.profile for e in self._state.entries if e.profile.name not in self.hidden
+                   and (e.estimate is None or e.estimate.method != "traced")]
         if not missing:
             self._redraw()
             return
@@ -313,10 +339,7 @@ class CompareView(QWidget):
                 if should_stop():
                     break
                 progress(i / len(missing), p.name)
-                try:
-                    out.append((p, estimate(p, method="analytic"), ""))
-                except Exception as exc:  # noqa: BLE001 - one bad profile must not hide the others
-                    out.append((p, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+                out.append(_best_estimate(p, should_stop))
             return out
 
         self._runner.start(job)

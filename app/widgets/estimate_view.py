@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QApplication, QCheckBox, QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtWidgets import (QApplication, QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel,
                                QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.estimator import EstimateController
@@ -122,8 +122,9 @@ class EstimateView(QWidget):
         self.summary.setTextFormat(Qt.TextFormat.RichText)
         self.notes = note_label()
         self.engine_state = note_label()
-        self.traced = QCheckBox("Traced estimate")
-        self.traced.setToolTip("Trace one step under FakeTensor: slower (seconds), closer to a real run")
+        self.method_label = QLabel()  # which estimator the headline comes from
+        self.method_label.setObjectName("estimate_method")
+        self.method_label.setWordWrap(True)
         self.layers_button = QPushButton("Per-layer breakdown…")
         self.layers_button.setEnabled(False)
 
@@ -154,7 +155,7 @@ class EstimateView(QWidget):
 
         self.status.setWordWrap(True)
         options = QHBoxLayout()
-        options.addWidget(self.traced, 1)
+        options.addWidget(self.method_label, 1)
         options.addWidget(self.layers_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -166,13 +167,13 @@ class EstimateView(QWidget):
         layout.addWidget(self.engine_state)
 
         item.vb.sigResized.connect(lambda *_: self._fit_legend())
-        self.traced.toggled.connect(self._on_traced_toggled)
         self.layers_button.clicked.connect(self._on_layers_clicked)
         state.estimate_changed.connect(self._on_estimate_changed)
         state.measured_changed.connect(self._on_measured_changed)
         state.capacity_changed.connect(lambda _c: self._redraw())
         state.profile_changed.connect(lambda _p: self._redraw())
         controller.status_changed.connect(self._on_engine_status)
+        controller.pending_changed.connect(lambda _p: self._redraw())
         self._estimate = state.current.estimate
         self._measured = state.current.measured
         self.on_theme_changed()
@@ -198,9 +199,6 @@ class EstimateView(QWidget):
         self._capacity_label.update()
 
     # ----- handlers -----------------------------------------------------------------------
-    def _on_traced_toggled(self, on: bool) -> None:
-        self._controller.set_traced(on)
-
     def _on_layers_clicked(self) -> None:
         self.show_layers()
 
@@ -254,7 +252,7 @@ class EstimateView(QWidget):
             else:
                 self._capacity_line.hide()
                 self._capacity_label.hide()
-        labels = ["Estimated", "Measured"]
+        labels = [self.estimate_label(est), "Measured"]
         totals_text = [format_bytes(t) if t else "" for t in totals]
         diff = self._difference(est, meas)
         if diff is not None:
@@ -278,15 +276,47 @@ class EstimateView(QWidget):
                      else f"{format_bytes(-free)} over {format_bytes(capacity)}")
             if capacity_name in ("this machine's RAM", "simulated capacity"):
                 where += f" ({capacity_name})"
-            self.status.setText(f"{_STATUS_TEXT[status]} — {where}")
+            self.status.setText(f"{_STATUS_TEXT[status]} — {where} · {self.method_tag(est)}")
             self.status.setStyleSheet(f"color: {STATUS_COLORS[status]}")
         self.summary.setText(self._summary_html(est, meas, capacity, show_capacity))
+        self.method_label.setText(self.method_text(est))
+        self.method_label.setToolTip("Analytic: formulas, shown at once while you edit. Traced: the "
+                                     "measured step run on meta tensors, seconds, closer to a real run; "
+                                     "it follows by itself and replaces the analytic number.")
         notes = list(getattr(est, "notes", ()) or ()) + list(getattr(meas, "notes", ()) or ())
         self.notes.setText("\n".join(f"• {n}" for n in notes))
         has_layers = bool(est is not None and est.layers)
         if has_layers != self.layers_button.isEnabled():
             self.layers_button.setEnabled(has_layers)
             self.layers_button_enabled_changed.emit(has_layers)
+
+    def estimate_label(self, est) -> str:
+        """The estimate bar's label: which estimator the number comes from."""
+        if est is None:
+            return "Estimated"
+        if est.method == "traced":
+            return "Estimated (traced)"
+        return "Estimated (analytic)"
+
+    def method_tag(self, est) -> str:
+        """The headline's short word on its estimator: "traced" or "analytic (refining…)"."""
+        if est.method == "traced":
+            return "traced"
+        return "analytic (refining…)" if self._controller.pending else "analytic"
+
+    def method_text(self, est) -> str:
+        """One line on where the headline comes from: "traced", "analytic (refining…)" or why the
+        analytic one stays."""
+        c = self._controller
+        if est is None:
+            return "Estimator: analytic…" if c.pending else ""
+        if est.method == "traced":
+            return "Estimator: traced (one step on meta tensors)" + (" · updating…" if c.pending else "")
+        if c.pending:
+            return "Estimator: analytic (refining…)"
+        if c.traced_error:
+            return f"Estimator: analytic (the traced estimate failed: {c.traced_error})"
+        return "Estimator: analytic"
 
     @staticmethod
     def _difference(est, meas) -> float | None:

@@ -151,6 +151,9 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
             name = f"{layers_path}.{i}"
 
             def pre(_m, _a, name=name):
+                # an edit in the app cancels a trace within one block, not one whole step
+                if should_stop is not None and should_stop():
+                    raise Cancelled("estimate cancelled")
                 tracker.current_layer = name
 
             def post(_m, _a, _o):

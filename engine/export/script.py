@@ -164,6 +164,12 @@ def _peak_of(result: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _method_of(result: Any) -> str:
+    """Which estimator made ``result`` ("traced" | "analytic"; "" when unknown)."""
+    method = result.get("method") if isinstance(result, dict) else getattr(result, "method", "")
+    return method if method in ("traced", "analytic") else ""
+
+
 def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any, notes: list[str]) -> str:
     from engine.units import format_bytes
 
@@ -176,7 +182,9 @@ def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any, n
     lines += textwrap.wrap(f"Settings: {_summary_line(profile)}.", 100)
     est, meas = _peak_of(estimate), _peak_of(measured)
     if est is not None:
-        lines.append(f"Estimated peak allocated memory: {format_bytes(est)}.")
+        method = _method_of(estimate)
+        lines.append(f"Estimated peak allocated memory: {format_bytes(est)}"
+                     + (f" ({method} estimate)." if method else "."))
     if meas is not None:
         lines.append(f"Measured peak allocated memory: {format_bytes(meas)}.")
     for note in notes:  # engine-made text about the combination (what saves little, and why)

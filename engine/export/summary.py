@@ -53,7 +53,9 @@ def export_summary_markdown(profile: Profile, estimate: Any = None, measured: An
              f"{engine.__version__} on {today} (UTC).", ""]
     est_peak, meas_peak = _get(estimate, "peak_allocated_bytes"), _get(measured, "peak_allocated_bytes")
     if est_peak is not None or meas_peak is not None:
-        lines += ["## Memory and speed", "", "| | estimated | measured |", "|---|---|---|"]
+        method = _get(estimate, "method")
+        est_head = f"estimated ({method})" if method in ("traced", "analytic") else "estimated"
+        lines += ["## Memory and speed", "", f"| | {est_head} | measured |", "|---|---|---|"]
         rows = (("peak_allocated_bytes", "peak allocated"), ("peak_reserved_bytes", "peak reserved"),
                 ("device_used_bytes", "device used"))
         for key, label in rows:
