@@ -163,9 +163,13 @@ def main() -> int:
         print(json.dumps({"variant": args.variant, **child(args)}))
         return 0
     rows = {}
+    times: dict[str, list[float]] = {}
     passthrough = [a for a in sys.argv[1:]]
+    variants = args.variants.split(",")
     for rep in range(args.repeat):
-        for v in args.variants.split(","):
+        # Rotate the order each repeat: the first process after an idle spell runs slower (clocks,
+        # caches), which would otherwise always count against the same variant.
+        for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:
             if v == "bare-loop":
                 cmd = [sys.executable, str(ROOT / "bench" / "bare_loop.py"), "--model", args.model,
                        "--precision", args.precision, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -184,7 +188,12 @@ def main() -> int:
                    **{k: row.get(k) for k in ("step_time_s", "first_step_s", "peak_allocated_bytes",
                                               "error") if k in row}}
             rows.setdefault(v, row)
+            if row.get("step_time_s"):
+                times.setdefault(v, []).append(row["step_time_s"])
             print(json.dumps(row), flush=True)
+    if args.repeat > 1 and times:
+        summary = {v: statistics.median(ts) for v, ts in times.items()}
+        print(json.dumps({"median_step_time_s": summary, "repeats": args.repeat}), flush=True)
     if not all(v in rows for v in VARIANTS):
         return 0
     e, s, r = (rows[v].get("step_time_s") for v in VARIANTS)
