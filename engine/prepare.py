@@ -52,8 +52,9 @@ def _window_hint(profile: Profile) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _prepare(profile: Profile) -> Prepared:
-    from engine import models
+    from engine import gpus, models
 
+    gpus.check_precision(profile)  # bf16 on a T4/V100: one line, fp16 offered
     config = models.load_config(profile.model, profile.trust_remote_code)
     on = techniques.active(profile)
     per_forward = min([profile.seq] + [t.forward_tokens(profile) for t in on if t.forward_tokens])

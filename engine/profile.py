@@ -64,6 +64,12 @@ def _check_model(value: str) -> None:
         raise BadInput("model must name a preset or a folder holding config.json")
 
 
+def _check_gpu(value: str) -> None:
+    from engine import gpus
+
+    gpus.check_name(value)
+
+
 #: The run itself (not a technique); each technique's fields come from its module
 #: (``engine.techniques``) and are placed in the record after the field they name.
 CORE_FIELDS: tuple[Field, ...] = (
@@ -82,6 +88,8 @@ CORE_FIELDS: tuple[Field, ...] = (
           maximum=1 << 24, metavar="N", label="sequence length"),
     Field("optimizer", str, "adamw", "adamw | sgd (torch defaults for the device)", choices=OPTIMIZERS),
     Field("target", str, "cuda", "device the run is for: cuda | cpu", choices=TARGETS, label="target device"),
+    Field("gpu", str, "", 'catalog GPU the estimate is for (engine.gpus; "" = H100 SXM, or the '
+          'deprecated HEADROOM_DEVICE)', check=_check_gpu, metavar="NAME", label="GPU"),
     Field("dataset", str, "builtin", '"builtin" sample corpus, or a .txt/.csv/.jsonl/.parquet path',
           metavar="builtin|PATH"),
     Field("text_column", str, "", 'column holding the text ("" = find it)', metavar="NAME",

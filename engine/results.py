@@ -60,6 +60,10 @@ class EstimateResult:
     notes: tuple[str, ...] = ()  # honest remarks (e.g. "unstructured pruning saves no dense memory")
     elapsed_s: float = 0.0  # wall time of the estimate itself
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific numbers
+    gpu: str = ""  # catalog key of the GPU the estimate is for (engine.gpus; "" on CPU)
+    step_s: float = 0.0  # estimated time of one step (optimizer step included) on that GPU
+    tokens_per_s: float = 0.0  # estimated padded tokens per second (B*T / step_s)
+    speed_error: float = 0.0  # expected relative error of step_s (the calibration's median)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -96,7 +96,7 @@ def _device_used(reserved: int, profile: Profile) -> int:
     from engine.estimate import device
 
     return reserved + device.context_bytes(profile.target, profile.mode == "train",
-                                           profile.precision != "fp32")
+                                           profile.precision != "fp32", device.kind_of(profile))
 
 
 def _layers(outcome_layers: dict[str, int], profile: Profile, weight_bytes: int,
@@ -144,7 +144,7 @@ def _analytic(profile: Profile, shapes, should_stop) -> tuple:
 def _traced_reserved(profile: Profile, events) -> int:
     from engine.estimate import allocator, device
 
-    c = device.constants(profile.target)
+    c = device.constants(profile.target, device.kind_of(profile))
     stats = allocator.simulate(events, expandable=profile.alloc == "expandable",
                                pool_bytes=profile.alloc_pool_bytes,
                                max_split=profile.alloc_max_split_bytes,
@@ -181,6 +181,58 @@ def estimate_shape(profile: Profile, shape: tuple[int, int], padded: bool = True
                         None)
 
 
+def _speed(profile: Profile, shape: tuple[int, int], costs=None, plan_order: bool = False):
+    """(fields for EstimateResult, the speed estimate's dict, a note); empty on a CPU target.
+
+    Fixed padding: the step at ``shape``. A plan of several shapes: its padded tokens over the sum
+    of its steps' times (each shape timed in closed form, scaled by the traced/closed-form ratio at
+    the traced shape), and the first-pass cost of its distinct shapes beside it."""
+    from engine.estimate import speed
+    from engine.estimate.analytic import arch_of
+
+    if profile.target != "cuda":
+        return {}, {}, None
+    if costs is not None:
+        costs = speed.traced_step_costs(costs, profile.mode == "train", profile.micro_batches)
+    arch = arch_of(profile)
+    est = speed.estimate_speed(profile, shape, costs=costs, arch=arch)
+    step_s, tps = est.step_s, est.tokens_per_s
+    extra = est.to_dict()
+    if plan_order:
+        from engine import gpus
+        from engine.estimate import fragmentation
+
+        seq = [s for s, _ in fragmentation.plan_sequence(profile)]
+        gpu = gpus.for_profile(profile)
+        scale = est.step_s / speed.step_time(speed.analytic_costs(profile, arch, shape), gpu)["step_s"] \
+            if costs is not None else 1.0
+        times = {s: speed.step_time(speed.analytic_costs(profile, arch, s), gpu)["step_s"] * scale
+                 for s in set(seq)}
+        total = sum(times[s] for s in seq)
+        if total:
+            tps = sum(b * t for b, t in seq) / total
+            step_s = total / len(seq)
+        extra.update(step_s=step_s, tokens_per_s=tps, plan_steps=len(seq),
+                     distinct_shapes=len(times),
+                     first_pass_s=speed.calibration().first_shape_s * len(times))
+    fields = {"gpu": est.gpu, "step_s": step_s, "tokens_per_s": tps,
+              "speed_error": est.median_error}
+    note = speed.SpeedEstimate(**{**est.to_dict(), "step_s": step_s, "tokens_per_s": tps}).note()
+    if plan_order and extra.get("distinct_shapes", 1) > 1:
+        note += f"; the first pass adds ~{extra['first_pass_s']:.1f} s for {extra['distinct_shapes']} shapes"
+    return fields, extra, note
+
+
+def _gpu_notes(profile: Profile) -> list[str]:
+    import os
+
+    if profile.target != "cuda" or profile.gpu or not os.environ.get("HEADROOM_DEVICE", "").strip():
+        return []
+    from engine import gpus
+
+    return [f"HEADROOM_DEVICE is deprecated: use --gpu {gpus.key_for('')} (the profile's gpu field)"]
+
+
 def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
                  plan_order: bool = False) -> EstimateResult:
     """``plan_order``: the shapes come from a plan of several shapes; reserved accounts for its
@@ -194,9 +246,11 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
     from engine.estimate.notes import no_effect_notes
 
     notes = list(notes) + list(a_out.notes) + no_effect_notes(profile, [s for s, _ in shapes])
+    notes += _gpu_notes(profile)
     from engine.estimate import device
 
-    workspace = device.workspace_bytes(profile.target, profile.mode == "train")
+    workspace = device.workspace_bytes(profile.target, profile.mode == "train",
+                                       device.kind_of(profile))
     if method == "analytic":
         if plan_order and profile.target == "cuda":
             from engine.estimate import fragmentation
@@ -205,6 +259,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             if n_distinct > 1:
                 notes.append(fragmentation.analytic_note(profile, n_distinct))
         peak = a_out.peak_allocated
+        speed_fields, speed_extra, speed_note = _speed(profile, tuple(shape), None, plan_order)
+        if speed_note:
+            notes.append(speed_note)
         result = EstimateResult(
             method="analytic", peak_allocated_bytes=peak,
             peak_reserved_bytes=a_out.peak_reserved,
@@ -215,7 +272,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             peak_batch_shape=tuple(shape),
             peak_phase=a_out.peak_phase, notes=tuple(notes),
             elapsed_s=time.perf_counter() - started,
-            extra={"padded": padded, "candidates": [list(s) for s, _ in shapes]})
+            extra={"padded": padded, "candidates": [list(s) for s, _ in shapes],
+                   **({"speed": speed_extra} if speed_extra else {})},
+            **speed_fields)
         _progress(progress, 1.0, "done")
         return result
 
@@ -223,7 +282,8 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
     from engine.estimate.analytic import LOGITS_ROW
 
     _progress(progress, 0.3, f"tracing one step at {shape[0]}x{shape[1]}")
-    outcome = traced.trace_step(profile, shape, has_padding=padded, should_stop=should_stop)
+    outcome = traced.trace_step(profile, shape, has_padding=padded, should_stop=should_stop,
+                                count_speed=profile.target == "cuda")
     _check_stop(should_stop)
     _progress(progress, 0.9, "allocator model")
     events = list(outcome.events)
@@ -253,6 +313,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
     if outcome.backends:
         where = "CUDA" if profile.target == "cuda" else "CPU"  # the emulation logs the target's choice
         notes.append(f"SDPA kernel on {where}: " + ", ".join(outcome.backends))
+    speed_fields, speed_extra, speed_note = _speed(profile, tuple(shape), outcome.costs, plan_order)
+    if speed_note:
+        notes.append(speed_note)
     result = EstimateResult(
         method="traced", peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
         device_used_bytes=_device_used(int(reserved), profile), breakdown=breakdown,
@@ -264,7 +327,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
         extra={"padded": padded, "peak_step": outcome.peak_step,
                "analytic_peak_allocated_bytes": a_out.peak_allocated,
                "sdpa_backends": list(outcome.backends),
-               "candidates": [list(s) for s, _ in shapes], **frag})
+               "candidates": [list(s) for s, _ in shapes], **frag,
+               **({"speed": speed_extra} if speed_extra else {})},
+        **speed_fields)
     _progress(progress, 1.0, "done")
     return result
 

@@ -427,7 +427,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         states = 2 * sum(weights_list)
         opt_temp = sum(weights_list) if cuda else 2 * _r(arch.largest_param * 4, cuda)
     inputs = 3 * _r(B * T * 8, cuda) if training else 2 * _r(B * t * 8, cuda)
-    workspace = dev.workspace_bytes(profile.target, training)
+    workspace = dev.workspace_bytes(profile.target, training, dev.kind_of(profile))
     autocast_copies = 0
     if amp:
         # bf16/fp16 weight copies cached for the forward (all matmul weights).
@@ -513,7 +513,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     peak, phase, breakdown = max(candidates, key=lambda c: c[0])
 
     # ----- reserved ----------------------------------------------------------------------
-    c = dev.constants(profile.target)
+    c = dev.constants(profile.target, dev.kind_of(profile))
     if cuda:
         persistent = list(weights_list)
         if training:

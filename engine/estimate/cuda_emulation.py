@@ -104,8 +104,10 @@ class CudaEmulation(TorchFunctionMode):
     ``backend_log`` collects the SDPA backend chosen per call.
     """
 
-    def __init__(self, autocast_dtype: torch.dtype | None = None, target: str = "cuda"):
+    def __init__(self, autocast_dtype: torch.dtype | None = None, target: str = "cuda",
+                 flash: bool = True):
         super().__init__()
+        self.flash = flash  # the GPU runs PyTorch's flash kernel (sm80+; engine.gpus)
         global _POLICY, _CPU_POLICY
         if _POLICY is None:
             _POLICY = _policies()
@@ -194,7 +196,7 @@ class CudaEmulation(TorchFunctionMode):
         if self.target != "cuda":
             return self._sdpa_cpu(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
-        backend = choose_backend(query, key, value, attn_mask, enable_gqa)
+        backend = choose_backend(query, key, value, attn_mask, enable_gqa, self.flash)
         self.backend_log.append(backend)
         if backend == "flash":
             return FlashAttentionEmu.apply(query, key, value, float(dropout_p))
@@ -268,11 +270,12 @@ def _dropout(input, p=0.5, training=True, inplace=False):
     return out
 
 
-def choose_backend(query, key, value, attn_mask, enable_gqa) -> str:
-    """CUDA SDPA backend for these inputs on sm80+ (flash > efficient > math)."""
+def choose_backend(query, key, value, attn_mask, enable_gqa, flash: bool = True) -> str:
+    """CUDA SDPA backend for these inputs (flash > efficient > math); ``flash``: the GPU has the
+    flash kernel (sm80+; below it, T4/V100, the memory-efficient kernel or math runs)."""
     d_q, d_v = query.shape[-1], value.shape[-1]
     half = query.dtype in _LOW
-    if half and attn_mask is None and d_q == key.shape[-1] == d_v and d_q <= 256:
+    if flash and half and attn_mask is None and d_q == key.shape[-1] == d_v and d_q <= 256:
         return "flash"
     align = 8 if half else 4
     # The efficient kernel rejects grouped-query inputs (``check_batch_size_and_num_heads_dense

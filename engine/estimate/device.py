@@ -6,7 +6,7 @@ Some library buffers are allocated *through* the caching allocator and so count 
 ``max_memory_allocated``: cuBLAS keeps one workspace per (handle, stream), and autograd runs the
 backward pass on its own device thread (its own handle), so training holds two.
 
-The numbers are a table keyed by device kind, to be calibrated from measured runs (the lead's GPU
+The numbers come from the GPU catalog (``engine.gpus``, its ``ContextModel``), calibrated from measured runs (the lead's GPU
 JSON): ``context_bytes`` = measured ``device_used - peak_reserved``; ``cublas_workspace_bytes`` from
 ``max_memory_allocated`` of a tiny model minus its tensors. Defaults: PyTorch >= 2.3 on Hopper
 uses ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (32 MiB per handle; ``getChosenWorkspaceSize`` in
@@ -32,7 +32,6 @@ many distinct batch shapes (dynamic padding, token budgets) loaded up to ~110 Mi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -40,7 +39,7 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class DeviceConstants:
-    name: str  # device kind key
+    name: str  # catalog key (engine.gpus) or "cpu"
     context_bytes: int  # CUDA context + kernels + handles outside the caching allocator
     cublas_workspace_bytes: int  # per cuBLAS handle, allocated through the caching allocator
     workspace_handles_train: int  # handles that allocate a workspace in a training step
@@ -52,37 +51,67 @@ class DeviceConstants:
     context_half_bytes: int = 0  # per handle, once half-precision (fp16/bf16) matmuls ran
 
 
-#: Calibrated per device kind; "default" is used when the kind is unknown.
-DEVICES: dict[str, DeviceConstants] = {
-    "h100": DeviceConstants("h100", context_bytes=687 * MiB, cublas_workspace_bytes=32 * MiB,
-                            workspace_handles_train=2, workspace_handles_infer=1,
-                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
-                            capacity_bytes=80 * 1024 * MiB,
-                            context_train_extra_bytes=64 * MiB, context_half_bytes=8 * MiB),
-    # H200 (bench/results/verify_h200_2026-12-01: 8 solo runs, torch 2.11+cu130, driver
-    # 580.159.04): device_used - peak_reserved = 750.8 MiB fp32 training, 766.8 MiB bf16-amp
-    # training, 694.8 MiB bf16-amp inference: the H100's constants to the MiB.
-    "h200": DeviceConstants("h200", context_bytes=687 * MiB, cublas_workspace_bytes=32 * MiB,
-                            workspace_handles_train=2, workspace_handles_infer=1,
-                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
-                            capacity_bytes=143771 * MiB,
-                            context_train_extra_bytes=64 * MiB, context_half_bytes=8 * MiB),
-    "a100": DeviceConstants("a100", context_bytes=450 * MiB, cublas_workspace_bytes=8 * MiB,
-                            workspace_handles_train=2, workspace_handles_infer=1,
-                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
-                            capacity_bytes=80 * 1024 * MiB),
-    "cpu": DeviceConstants("cpu", context_bytes=0, cublas_workspace_bytes=0,
-                           workspace_handles_train=0, workspace_handles_infer=0,
+def _from_catalog(key: str) -> DeviceConstants:
+    from engine import gpus
+
+    g = gpus.get(key)
+    c = g.context
+    return DeviceConstants(g.key, context_bytes=int(c.base_mib * MiB),
+                           cublas_workspace_bytes=int(c.cublas_workspace_mib * MiB),
+                           workspace_handles_train=2, workspace_handles_infer=1,
                            expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
-                           capacity_bytes=0),
-}
-DEVICES["default"] = DEVICES["h100"]
+                           capacity_bytes=g.memory_bytes,
+                           context_train_extra_bytes=int(c.train_extra_mib * MiB),
+                           context_half_bytes=int(c.half_per_handle_mib * MiB))
+
+
+_CPU = DeviceConstants("cpu", context_bytes=0, cublas_workspace_bytes=0,
+                       workspace_handles_train=0, workspace_handles_infer=0,
+                       expandable_small_page=2 * MiB, expandable_large_page=20 * MiB,
+                       capacity_bytes=0)
+
+
+class _Devices(dict):
+    """``DEVICES[kind]``: the old table's keys (h100, h200, a100, cpu, default) and every catalog
+    name, built from the catalog on first use."""
+
+    def __missing__(self, key: str) -> DeviceConstants:
+        from engine import gpus
+
+        if key == "cpu":
+            value = _CPU
+        elif key == "default":
+            value = self[gpus.DEFAULT]
+        else:
+            value = _from_catalog(key)  # BadInput for an unknown name
+        self[key] = value
+        return value
+
+    def get(self, key, default=None):  # type: ignore[override]
+        from engine.errors import BadInput
+
+        try:
+            return self[key]
+        except BadInput:
+            return default
+
+
+DEVICES: dict[str, DeviceConstants] = _Devices()
 
 
 def device_kind() -> str:
-    """The device kind estimates are for: ``HEADROOM_DEVICE`` (h100, h200, a100), else h100."""
-    kind = os.environ.get("HEADROOM_DEVICE", "").strip().lower()
-    return kind if kind in DEVICES else "default"
+    """The GPU estimates are for when a profile names none: ``HEADROOM_DEVICE`` (deprecated, with a
+    DeprecationWarning; use ``--gpu``), else the catalog's default (H100 SXM)."""
+    from engine import gpus
+
+    return gpus.key_for("")
+
+
+def kind_of(profile) -> str:
+    """The catalog key of the profile's GPU (its ``gpu`` field, else ``device_kind()``)."""
+    from engine import gpus
+
+    return gpus.key_for(getattr(profile, "gpu", ""))
 
 
 def constants(target: str, kind: str | None = None) -> DeviceConstants:

@@ -60,6 +60,7 @@ class TraceOutcome:
     backends: tuple[str, ...] = ()  # SDPA backends chosen (CUDA emulation)
     timeline: tuple[tuple[str, int], ...] = ()  # (phase starting, live bytes at that point)
     notes: list[str] = field(default_factory=list)
+    costs: object = None  # speed.StepCosts of every op, by "step:phase" (count_speed=True)
 
 
 C = MemoryCategory
@@ -108,7 +109,8 @@ class _Scalars:
 def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: bool = True,
                model: torch.nn.Module | None = None,
                fake: bool = True, steps: int = 2,
-               should_stop: Callable[[], bool] | None = None) -> TraceOutcome:
+               should_stop: Callable[[], bool] | None = None,
+               count_speed: bool = False) -> TraceOutcome:
     """Run the measured protocol for one batch shape on meta tensors (or on real CPU tensors when
     ``fake`` is False and a real ``model`` is given, for validation) and account every byte."""
     from engine.errors import BadInput, Cancelled
@@ -132,7 +134,10 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     if fake:
         from engine.estimate.cuda_emulation import CudaEmulation
 
-        emu = CudaEmulation(autocast_dtype=amp, target=target)
+        from engine import gpus
+
+        emu = CudaEmulation(autocast_dtype=amp, target=target,
+                            flash=gpus.for_profile(profile).flash_attention)
     # Storages rounded to the CUDA caching allocator's 512-byte blocks (kMinBlockSize) on CUDA.
     tracker = LiveBytesTracker(block_bytes=512 if cuda else 0, labels=_LABELS,
                                layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
@@ -202,6 +207,17 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         window = (step_data.input_ids[:, :tw], step_data.attention_mask[:, :tw])
     peak_step = 1
     modes = [m for m in (emu, tracker) if m is not None]
+    costs = None
+    if count_speed and fake:
+        from engine.estimate.speed import make_counter
+
+        def phase_of() -> str:  # "step:phase" from the tracker's marks
+            marks = tracker.phase_marks
+            return f"{sum(1 for _, p in marks if p == 'end')}:{marks[-1][1] if marks else 'start'}"
+
+        costs, op_counter, sdpa_counter = make_counter(phase_of, emu)
+        # below the tracker (it sees the ops the tracker lets through), above the emulation
+        modes = [m for m in (emu, sdpa_counter, op_counter, tracker) if m is not None]
     with contextlib.ExitStack() as stack:
         for m in modes:
             stack.enter_context(m)
@@ -281,6 +297,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         params=params,
         backends=tuple(sorted(set(emu.backend_log))) if emu is not None else (),
         timeline=tuple(tracker.timeline),
+        costs=costs,
     )
     tracker.detach()
     return outcome
