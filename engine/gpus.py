@@ -43,7 +43,8 @@ _CONTEXT_HOPPER = ("calibrated here: device_used - peak_reserved of 22 runs on a
                    "aten/src/ATen/cuda/CublasHandlePool.cpp getChosenWorkspaceSize)")
 _CONTEXT_OTHER = ("uncalibrated: a CUDA 12 context with lazy module loading (about 450 MiB, the "
                   "earlier A100 table); cuBLAS workspace 8 MiB per handle below sm90 (PyTorch "
-                  "aten/src/ATen/cuda/CublasHandlePool.cpp, :4096:2:16:8)")
+                  "aten/src/ATen/cuda/CublasHandlePool.cpp, :4096:2:16:8: https://github.com/"
+                  "pytorch/pytorch/blob/main/aten/src/ATen/cuda/CublasHandlePool.cpp)")
 _SMI = ("memory.total as nvidia-smi commonly reports it for this board (the datasheet's GB less the "
         "driver's reserve); not measured here")
 
@@ -126,6 +127,8 @@ def _entry(key, name, memory_mib, cc, fp32, tf32, half, fp8, bw, nvlink, pcie, *
            context, aliases=(), detect=(), rates_note="", link_src=None) -> GPU:
     sm = cc[0] * 10 + cc[1]
     rates = sheet + (f" ({rates_note})" if rates_note else "")
+    if memory_src.startswith(_SMI):
+        memory_src = f"{memory_src}; the board's size: {sheet}"
     sources = {
         "memory_mib": memory_src, "compute_capability": _CC,
         "bf16": _BF16 if sm >= 80 else _BF16 + " (none below sm80)",

@@ -15,7 +15,8 @@ Time of one step on a GPU (``step_time``): each op class against its roofline,
 ``max(FLOPs / (peak x e_compute), bytes / (bandwidth x e_memory), kernel floor)``, summed over the
 ops (the GPU's time), against the host's time to issue them (``ops x host_op_s``: PyTorch eager,
 autograd and Python per op; the bert-base 8x512 steps on the H200 were host-bound, 17 ms of CUDA
-time against ~66 ms of host time), whichever is longer, plus a fixed per-step cost. The
+time against ~66 ms of host time), whichever is longer, plus the part of the shorter one that
+does not overlap (the step's synchronisations) and a fixed per-step cost. The
 efficiencies and host costs are fitted to measured runs by ``bench/fit_speed.py`` and read from
 ``engine/resources/speed_calibration.json``, with the calibration's median and worst error, which
 every estimate reports as its expected error. Variable batch shapes add a first-pass cost per new
@@ -46,6 +47,8 @@ class Calibration:
     host_op_s: float = 22e-6  # host time to issue one op (eager PyTorch + autograd + Python)
     step_fixed_s: float = 1.5e-3  # per-step host work outside ops (zero_grad, loss.item, loop)
     first_shape_s: float = 0.45  # one-time cost of a new batch shape (first step minus steady)
+    serial_share: float = 0.2  # share of the shorter of GPU/host time not hidden under the longer
+    #                            (syncs at the loss, the optimizer and step boundaries)
     # calibration scores (bench/fit_speed.py): relative error of tokens/s
     median_error: float = 0.0
     worst_error: float = 0.0
@@ -134,7 +137,7 @@ def step_time(costs: StepCosts, gpu, cal: Calibration | None = None) -> dict[str
             gpu_s += t * n
             by_class[cls] += t * n
     host_s = sum(costs.host_ops.values()) * cal.host_op_s
-    step = max(gpu_s, host_s) + cal.step_fixed_s
+    step = max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + cal.step_fixed_s
     return {"step_s": step, "gpu_s": gpu_s, "host_s": host_s, **{f"{k}_s": v for k, v in by_class.items()}}
 
 
@@ -266,20 +269,23 @@ def traced_step_costs(costs: StepCosts, training: bool, micro_batches: int) -> S
 # ----- the analytic closed form -----------------------------------------------------------------
 def analytic_costs(profile, arch, shape: tuple[int, int]) -> StepCosts:
     """The step's FLOPs, bytes and op counts from the architecture (``analytic.Arch``)."""
+    from engine import techniques
+
     cal = calibration()
     b, t = shape
     training = profile.mode == "train"
-    if not training and profile.chunk_input:
-        t = min(t, profile.chunk_input)
-    micro = max(1, min(profile.micro_batches, b)) if training else 1
-    tokens = b * t / micro  # per micro-batch
+    setup = techniques.analytic_setup(profile, b, t)  # micro-batches, windows, checkpointing
+    micro = max(1, setup.passes) if training else 1
+    rows, t = setup.rows, setup.tokens
+    tokens = rows * t  # per pass
     half = profile.precision != "fp32"
     elt = 2 if half else 4
     h, layers = arch.hidden, arch.layers
     n_mm = 6 * layers + 1  # q, k, v, o, up, down per block (+ the head)
     mm_fwd = 2.0 * (sum(arch.layer_params) + arch.vocab * h) * tokens
     causal = 0.5 if arch.family != "bert" else 1.0
-    attn_fwd = 4.0 * (b / micro) * arch.heads * t * t * arch.head_dim * causal  # per layer
+    span = min(t, 2 * setup.window) if setup.window else t  # local attention: the window's keys
+    attn_fwd = 4.0 * rows * arch.heads * t * span * arch.head_dim * causal  # per layer
     attn_io = 4.0 * tokens * h * elt
     act_bytes = cal.act_bytes_per_token_hidden * tokens * h * layers * elt / 2
     weight_bytes = arch.params * elt
@@ -301,8 +307,8 @@ def analytic_costs(profile, arch, shape: tuple[int, int]) -> StepCosts:
 
     one_pass("forward", 1.0, 1.0, 1.0, n_fwd)
     if training:
-        every = int(getattr(profile, "checkpoint_every", 1) or 1)
-        share = 1.0 / max(1, every) if getattr(profile, "checkpointing", False) else 0.0
+        # checkpointed blocks run their forward again in backward
+        share = 1.0 / setup.checkpoint_every if setup.checkpoint_every else 0.0
         one_pass("backward", 2.0 + share, 2.5 + share, 2.0 + share,
                  n_fwd * (cal.bwd_ops_ratio + share))
         # optimizer: foreach over the parameters, memory-bound
@@ -385,7 +391,8 @@ def decode_step_s(gpu, weight_bytes: int, kv_cache_bytes: int, layers: int, batc
     gpu_s = (weight_bytes + kv_cache_bytes) / (gpu.bandwidth * cal.e_memory)
     ops = ops_per_layer * layers + cal.ops_fixed_fwd
     gpu_s = max(gpu_s, ops * cal.kernel_floor_s)
-    return max(gpu_s, ops * cal.host_op_s) + cal.step_fixed_s
+    host_s = ops * cal.host_op_s
+    return max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + cal.step_fixed_s
 
 
 __all__ = ["Calibration", "SpeedEstimate", "StepCosts", "analytic_costs", "calibration",
