@@ -26,7 +26,7 @@ from engine.techniques.base import Field
 
 SCHEMA_VERSION = 1
 
-MODES = ("train", "infer")
+MODES = ("train", "infer", "generate")
 TASKS = ("auto", "causal-lm", "masked-lm", "classification")
 OPTIMIZERS = ("adamw", "sgd")
 TARGETS = ("cuda", "cpu")
@@ -79,7 +79,7 @@ CORE_FIELDS: tuple[Field, ...] = (
           check=_check_model, metavar="NAME|DIR"),
     Field("trust_remote_code", bool, False, "allow a model folder's own Python code to run (off: safe)",
     label="trust remote code"),
-    Field("mode", str, "train", "train: fwd+loss+bwd+step; infer: forward under no_grad", choices=MODES),
+    Field("mode", str, "train", "train: fwd+loss+bwd+step; infer: forward under no_grad; generate: prefill + greedy decode with a KV cache", choices=MODES),
     Field("task", str, "auto", "head: auto picks causal-lm for decoders, masked-lm for encoders",
           choices=TASKS, label="task head"),
     Field("batch", int, 8, "sequences per optimizer step (fixed-count strategies)", minimum=1,

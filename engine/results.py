@@ -20,6 +20,8 @@ class MemoryCategory(str, enum.Enum):
     OPTIMIZER = "optimizer"  # optimizer states (Adam m and v, momentum)
     ACTIVATIONS = "activations"  # tensors saved for backward (or live forward tensors in inference)
     TEMPORARIES = "temporaries"  # transient buffers at the peak: logits, loss, autocast copies, workspaces
+    KV_CACHE = "kv_cache"  # generation: the KV cache's tensors (not in ALLOCATED_CATEGORIES: only
+    #                        generation breakdowns carry it, see GENERATE_CATEGORIES)
     ALLOCATOR = "allocator_overhead"  # reserved minus allocated (caching allocator rounding/cache)
     CONTEXT = "cuda_context"  # CUDA context and kernels (device used minus reserved)
 
@@ -32,6 +34,11 @@ ALLOCATED_CATEGORIES = (
     MemoryCategory.ACTIVATIONS,
     MemoryCategory.TEMPORARIES,
 )
+
+
+#: The allocated categories of a generation run (training and inference breakdowns keep theirs).
+GENERATE_CATEGORIES = (MemoryCategory.WEIGHTS, MemoryCategory.KV_CACHE, MemoryCategory.ACTIVATIONS,
+                       MemoryCategory.TEMPORARIES)
 
 
 def empty_breakdown() -> dict[str, int]:
@@ -59,6 +66,7 @@ class EstimateResult:
     peak_phase: str = ""  # where the peak happens: forward | backward | optimizer (| step)
     notes: tuple[str, ...] = ()  # honest remarks (e.g. "unstructured pruning saves no dense memory")
     elapsed_s: float = 0.0  # wall time of the estimate itself
+    kv_cache_bytes: int = 0  # generation: the cache tensors' bytes at the end (sum of nbytes)
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific numbers
     gpu: str = ""  # catalog key of the GPU the estimate is for (engine.gpus; "" on CPU)
     step_s: float = 0.0  # estimated time of one step (optimizer step included) on that GPU
@@ -113,6 +121,10 @@ class MeasureResult:
     losses: tuple[float, ...] = ()  # loss per step (training)
     notes: tuple[str, ...] = ()
     elapsed_s: float = 0.0  # wall time of the whole run, model build included
+    kv_cache_bytes: int = 0  # generation: the cache tensors' bytes at the end (sum of nbytes)
+    prefill_tokens_per_s: float = 0.0  # generation: prompt tokens (all sequences) per second
+    decode_tokens_per_s: float = 0.0  # generation: new tokens per second, all sequences together
+    time_to_first_token_s: float = 0.0  # generation: the prefill, to the first new token
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

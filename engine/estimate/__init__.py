@@ -161,6 +161,10 @@ def estimate(profile: Profile, method: str = "auto",
     if method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     prepare(profile)  # the one gate: the same refusals as measure, plan and export
+    if profile.mode == "generate":  # prefill + decode over a KV cache: its own phases
+        from engine.estimate.generate import estimate_generate
+
+        return estimate_generate(profile, method, progress, should_stop)
     _progress(progress, 0.05, "batch shapes")
     shapes, shape_note = batch_candidates(profile)
     _check_stop(should_stop)

@@ -102,6 +102,10 @@ def run_measure(profile, progress: Progress | None = None,
     Raises BadInput for what cannot be run here (no CUDA, snapshot on CPU, an op unsupported for the
     precision on this device) and Cancelled when ``should_stop()`` turns True.
     """
+    if profile.mode == "generate":  # prefill + decode over a KV cache: engine.measure.generate
+        from engine.measure.generate import run_generate
+
+        return run_generate(profile, progress, should_stop, snapshot)
     started = time.perf_counter()
     notes: list[str] = []
     configure_process(profile, notes)  # before anything touches CUDA
