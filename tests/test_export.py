@@ -312,16 +312,23 @@ def test_dataset_readers_match_the_engine(tmp_path, kind):
 def test_every_technique_exports_its_own_code(corpus):
     """Each technique writes its own functions and constants, and only its own."""
     profiles = _technique_profiles(corpus)
+    from engine.techniques import _geglu_torch, pruning
+
+    def embeds(text, *definitions):  # the engine's own source, not a copy
+        return all(inspect.getsource(d) in text for d in definitions)
+
     geglu = export_script(profiles["gpt2_geglu_ffn_pruned"])
-    assert "class GatedGELU" in geglu and "GEGLU_HIDDEN = " in geglu and "block.mlp.c_fc = gated" in geglu
-    assert "def prune_ffn" in geglu and "isinstance(layer, GatedGELU)" in geglu and "prune_heads" not in geglu
-    assert geglu.index("use_geglu(model)") < geglu.index("prune_ffn(model)")  # the engine's order
+    assert embeds(geglu, _geglu_torch.GatedProjection, _geglu_torch.use_geglu, pruning.prune_ffn,
+                  pruning.keep_outputs, pruning._is_gated)
+    assert "PRUNE_FRACTION = 0.25" in geglu
+    assert "def prune_heads" not in geglu and "def prune_unstructured" not in geglu  # what its call reaches
+    assert geglu.index("    use_geglu(model)") < geglu.index("    prune_ffn(model, PRUNE_FRACTION)")  # engine order
     gated = export_script(profiles["llama_geglu_ffn_pruned"])
-    assert "block.mlp.act_fn = torch.nn.GELU()" in gated and "class GatedGELU" not in gated
-    assert "model.config.intermediate_size = kept" in gated
+    assert embeds(gated, _geglu_torch.use_geglu, pruning.prune_ffn) and "PRUNE_FRACTION = 0.5" in gated
     heads = export_script(profiles["llama_heads_local_bf16amp"])
-    assert "attn = block.self_attn" in heads and "attn.q_proj" in heads and "per_group" in heads
-    assert "Conv1D" not in heads
+    assert embeds(heads, pruning.prune_heads, pruning._find_attention, pruning._AttnSpec)
+    assert "    prune_heads(model, PRUNE_FRACTION)" in heads and "def prune_ffn" not in heads
+    assert "class GatedProjection" not in heads and "use_geglu" not in heads
     from engine.techniques import local_attention
 
     assert inspect.getsource(local_attention.blocked_local_attention) in heads  # the engine's own code
@@ -330,14 +337,14 @@ def test_every_technique_exports_its_own_code(corpus):
     assert "flex_attention" in heads and "blocked_local_attention" in heads and "ATTENTION =" not in heads
     assert 'attn_implementation="sdpa"' in heads
     fused = export_script(profiles["gpt2_heads_ffnchunks_ckpt"])
-    assert "attn.c_attn" in fused and "FFN_CHUNKS = 2" in fused
+    assert embeds(fused, pruning.prune_heads) and "FFN_CHUNKS = 2" in fused
     from engine.techniques import ffn_chunking
 
     assert inspect.getsource(ffn_chunking.chunk_feed_forward) in fused  # the engine's own function
     assert fused.index("chunk_feed_forward(model, FFN_CHUNKS)") < fused.index("enable_checkpointing(model)")
     bert = export_script(profiles["bert_geglu_local_ffnchunks"])
     assert "chunk_feed_forward(model, FFN_CHUNKS)" in bert and "FFN_CHUNKS = 4" in bert
-    assert "block.intermediate.dense = gated" in bert
+    assert embeds(bert, _geglu_torch.replace_feed_forward) and "def prune_" not in bert
     distill = export_script(profiles["gpt2_distilled_from_llama_micro"])
     assert "def build_teacher" in distill and "TEACHER_CONFIG = {" in distill
     assert "TEMPERATURE = 2.0" in distill

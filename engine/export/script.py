@@ -10,6 +10,7 @@ only non-default settings (plus what every run needs) appear as constants.
 
 from __future__ import annotations
 
+import ast
 import base64
 import datetime
 import functools
@@ -25,7 +26,6 @@ from engine.errors import BadInput
 from engine.export import snippets
 from engine.export.facts import DataFacts, ModelFacts, data_facts, model_facts
 from engine.export.literals import dict_block, docstring_safe, literal, noqa_long_lines
-from engine.export.techniques import Port, model_techniques
 from engine.measure import probes
 from engine.profile import Profile
 from engine.techniques.memory_pool import alloc_conf
@@ -75,6 +75,19 @@ class _Script:
         self.blocks.append((title, textwrap.dedent(code).strip("\n")))
 
 
+@dataclass
+class Port:
+    """What the techniques add to a script: sections, constants, imports and build_model's calls."""
+
+    sections: list[tuple[str, str]] = field(default_factory=list)  # (title, code), in script order
+    constants: list[tuple[str, Any, str, str | None]] = field(default_factory=list)  # name, value, why, raw
+    imports: set[str] = field(default_factory=set)
+    calls: list[str] = field(default_factory=list)  # lines of build_model after the model exists
+
+    def const(self, name: str, value: Any, comment: str, raw: str | None = None) -> None:
+        self.constants.append((name, value, comment, raw))
+
+
 class ScriptTools:
     """What a technique's ``ScriptHooks`` may use: facts of another model it loads, constants, and
     the lines that build a model the way ``build_model`` does."""
@@ -110,7 +123,7 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     notes = list(prepare(profile).notes)  # the same one-line BadInput as estimate and measure
     model = model_facts(profile)
     data = data_facts(profile)
-    port = model_techniques(profile)
+    port = Port()
     hooks = techniques.script_hooks(profile)  # a distillation teacher and its loss
     tools = ScriptTools(profile)
     _embed_technique_sources(port, profile)
@@ -382,18 +395,40 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
 
 
 # ----- model -------------------------------------------------------------------------------------
+def _names(code: str) -> set[str]:
+    """The names a piece of code reads (calls, bases, annotations, default values)."""
+    return {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)}
+
+
+def _reached(sources: dict[str, str], calls: list[str]) -> list[str]:
+    """The definitions (name -> source, in order) that ``calls`` reach, directly or through
+    each other: a technique lists its portable functions, the script keeps what its call runs."""
+    wanted, todo = set(), set().union(*(_names(c) for c in calls)) if calls else set(sources)
+    while todo:
+        name = todo.pop()
+        if name in sources and name not in wanted:
+            wanted.add(name)
+            todo |= _names(sources[name])
+    return [name for name in sources if name in wanted]
+
+
 def _embed_technique_sources(port: Port, profile: Profile) -> None:
     """Techniques that declare their script code as functions (``Technique.export_source``): the
-    functions' own source goes into the script (the code measure runs, not a copy), and
-    ``export_calls`` are the lines build_model runs once the model exists."""
-    import inspect
-
+    functions' own source goes into the script (the code measure runs, not a copy), those its
+    ``export_calls`` reach; the calls are the lines build_model runs once the model exists."""
     active = techniques.active(profile)
+    embedded: dict[str, str] = {}  # name -> source, across techniques (one definition per name)
     for technique in active:
         if technique.export_source is None:
             continue
-        sources = [textwrap.dedent(inspect.getsource(fn)).strip("\n") for fn in technique.export_source()]
-        port.sections.append((technique.title, "\n\n\n".join(sources)))
+        calls = technique.export_calls(profile) if technique.export_calls is not None else []
+        sources = {fn.__name__: textwrap.dedent(inspect.getsource(fn)).strip("\n")
+                   for fn in technique.export_source()}
+        kept = _reached(sources, calls)
+        for name in kept:
+            if embedded.setdefault(name, sources[name]) != sources[name]:
+                raise RuntimeError(f"two techniques export different definitions of {name}")
+        port.sections.append((technique.title, "\n\n\n".join(sources[name] for name in kept)))
         if technique.export_constants is not None:
             for name, value, comment in technique.export_constants(profile):
                 port.const(name, value, comment)

@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.models import transformer_blocks
 from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
@@ -56,17 +57,25 @@ def applies(profile: "Profile") -> bool:
 
 
 def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
+    from engine.models import find_layers
+
     kind, fraction = profile.prune_kind, profile.prune_fraction
-    if kind == "unstructured":
-        return prune_unstructured(model, fraction)
-    if kind == "heads":
-        return prune_heads(model, fraction)
-    if kind == "ffn":
-        return prune_ffn(model, fraction)
-    raise BadInput(f"unknown pruning kind {kind!r}")
+    prune = {"unstructured": prune_unstructured, "heads": prune_heads, "ffn": prune_ffn}.get(kind)
+    if prune is None:
+        raise BadInput(f"unknown pruning kind {kind!r}")
+    find_layers(model)  # BadInput when the model has no block list
+    try:
+        return prune(model, fraction)
+    except ValueError as exc:  # a layout that is not recognised
+        raise BadInput(str(exc)) from None
 
 
-# ----- helpers --------------------------------------------------------------------------------
+# ----- helpers (torch only from here on: the exported script embeds what its call needs) ------
+def _is_gated(module) -> bool:
+    """GeGLU's GatedProjection (gate and up projections, no weight of its own)."""
+    return getattr(module, "weight", None) is None and hasattr(module, "gate") and hasattr(module, "up")
+
+
 def _is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D"
 
@@ -94,9 +103,7 @@ def keep_outputs(module, index) -> None:
     """Keep only output features ``index`` of a Linear / Conv1D (weights sliced, sizes updated)."""
     import torch
 
-    from engine.techniques.geglu import is_gated_projection
-
-    if is_gated_projection(module):
+    if _is_gated(module):
         keep_outputs(module.gate, index)
         keep_outputs(module.up, index)
         return
@@ -128,9 +135,7 @@ def keep_inputs(module, index) -> None:
 
 def _out_rows_l1(module):
     """(out,) L1 norm of each output feature's incoming weights (float32, on the weight's device)."""
-    from engine.techniques.geglu import is_gated_projection
-
-    if is_gated_projection(module):
+    if _is_gated(module):
         return _out_rows_l1(module.gate) + _out_rows_l1(module.up)
     w = module.weight.detach().float()
     return w.abs().sum(0) if _is_conv1d(module) else w.abs().sum(1)
@@ -142,9 +147,7 @@ def _in_cols_l1(module):
 
 
 def _n_out(module) -> int:
-    from engine.techniques.geglu import is_gated_projection
-
-    if is_gated_projection(module):
+    if _is_gated(module):
         return _n_out(module.gate)
     return int(module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0])
 
@@ -172,9 +175,7 @@ def prune_unstructured(model, fraction: float) -> str:
     import torch
     from torch.nn.utils import prune
 
-    from engine.models import find_layers
-
-    _, layers = find_layers(model)
+    layers = transformer_blocks(model)
     targets = [m for m in layers.modules() if _linear_like(m)]
     if _is_on_meta(model):
         return (f"unstructured pruning ({fraction:.0%} of weights zeroed in {len(targets)} layers) "
@@ -238,7 +239,7 @@ def _head_counts(spec: _AttnSpec, config) -> tuple[int, int, int]:
     kv_out = q_out if spec.fused is not None else _n_out(spec.k)
     kv_heads = kv_out // head_dim
     if heads % kv_heads:
-        raise BadInput(f"head pruning: {heads} query heads do not group over {kv_heads} key/value heads")
+        raise ValueError(f"head pruning: {heads} query heads do not group over {kv_heads} key/value heads")
     return heads, kv_heads, head_dim
 
 
@@ -265,9 +266,7 @@ def _set_if_int(obj, name: str, value: int) -> None:
 def prune_heads(model, fraction: float) -> str:
     import torch
 
-    from engine.models import find_layers
-
-    _, layers = find_layers(model)
+    layers = transformer_blocks(model)
     config = getattr(model, "config", None)
     on_meta = _is_on_meta(model)
     before = after = kv_before = kv_after = None
@@ -276,7 +275,7 @@ def prune_heads(model, fraction: float) -> str:
     for block in layers:
         specs = _find_attention(block)
         if not specs:
-            raise BadInput(f"head pruning: no self-attention recognised in {type(block).__name__} "
+            raise ValueError(f"head pruning: no self-attention recognised in {type(block).__name__} "
                            f"(supported: GPT-2, BERT, DistilBERT, Llama-style q/k/v/o projections)")
         for spec in specs:
             heads, kv_heads, head_dim = _head_counts(spec, config)
@@ -346,14 +345,12 @@ def _find_ffn(block):
     ffn = getattr(block, "ffn", None)
     if ffn is not None and hasattr(ffn, "lin1") and hasattr(ffn, "lin2"):
         return [ffn.lin1], ffn.lin2, ffn, "hidden_dim"
-    raise BadInput(f"FFN pruning: the feed-forward of {type(block).__name__} is not recognised "
+    raise ValueError(f"FFN pruning: the feed-forward of {type(block).__name__} is not recognised "
                    f"(supported: GPT-2, BERT, DistilBERT, Llama-style gated MLPs, GeGLU)")
 
 
 def prune_ffn(model, fraction: float) -> str:
-    from engine.models import find_layers
-
-    _, layers = find_layers(model)
+    layers = transformer_blocks(model)
     config = getattr(model, "config", None)
     on_meta = _is_on_meta(model)
     width = new_width = None
@@ -386,6 +383,16 @@ def prune_ffn(model, fraction: float) -> str:
     how = "first neurons kept (meta build)" if on_meta else "lowest-L1 neurons removed"
     return f"FFN pruning: feed-forward width {width}->{new_width} in {len(layers)} blocks; {how}"
 
+
+#: The functions the exported script may embed, in order (torch only); it keeps those its call
+#: ``prune_<kind>(model, PRUNE_FRACTION)`` reaches.
+PORTABLE = (_is_on_meta, _is_conv1d, _is_gated, _linear_like, _set_param, keep_outputs, keep_inputs,
+            _out_rows_l1, _in_cols_l1, _n_out, _choose, _unit_index, prune_unstructured, _AttnSpec,
+            _find_attention, _head_counts, _group_scores, _set_if_int, prune_heads, _find_ffn,
+            prune_ffn)
+_PRUNE_COMMENTS = {"unstructured": "unstructured pruning: fraction of weights zeroed",
+                   "heads": "structured pruning: fraction of attention heads removed",
+                   "ffn": "structured pruning: fraction of feed-forward neurons removed"}
 
 PRUNE_KINDS = ("unstructured", "heads", "ffn")
 _PRUNE_RE = re.compile(r"(unstructured|heads|ffn):(0(\.\d+)?|1(\.0+)?|\.\d+)")
@@ -455,4 +462,7 @@ TECHNIQUE = Technique(
     apply_model=apply,
     apply_rank=20,
     analytic_setup=analytic_setup,
+    export_source=lambda: list(PORTABLE),
+    export_calls=lambda p: [f"prune_{p.prune_kind}(model, PRUNE_FRACTION)"],
+    export_constants=lambda p: [("PRUNE_FRACTION", p.prune_fraction, _PRUNE_COMMENTS[p.prune_kind])],
 )
