@@ -186,10 +186,36 @@ def cmd_measure(args: argparse.Namespace, profile: Profile, started: float) -> i
         if args.progress:
             print(json.dumps({"progress": fraction, "message": message}), flush=True)
 
+    if profile.distributed:
+        return _measure_ranks(args, profile, started, progress)
     result = run_measure(profile, progress=progress, snapshot=args.snapshot)
     d = _with_version(result.to_dict(), started)
     _emit(d, args.json, _human_memory)
     return EXIT_OOM if result.oom else 0
+
+
+def _measure_ranks(args: argparse.Namespace, profile: Profile, started: float, progress) -> int:
+    """A data-parallel profile: outside torchrun, launch the ranks (``torch.distributed.run``, one
+    engine ``measure`` per rank) and print their combined result; inside, run this rank, gather
+    every rank's result and let rank 0 print the worst rank's numbers with all ranks'."""
+    from engine import distributed
+
+    if not distributed.in_rank_process():
+        from engine.measure.process import measure_in_child
+
+        result = measure_in_child(profile, progress=progress if args.progress else None,
+                                  snapshot=args.snapshot)
+        _emit(_with_version(result.to_dict(), started), args.json, _human_memory)
+        return EXIT_OOM if result.oom else 0
+    from engine.measure import run_measure
+
+    rank = int(os.environ["RANK"])
+    result = run_measure(profile, progress=progress if rank == 0 else None, snapshot=args.snapshot)
+    ranks = distributed.gather_objects(result.to_dict())
+    distributed.finish_rank()
+    if rank == 0:
+        _emit(_with_version(distributed.combine(ranks), started), args.json, _human_memory)
+    return 0  # torchrun reports any non-zero rank as a crash; an OOM is in the result
 
 
 def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:

@@ -458,8 +458,16 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
 
     # ----- phases ------------------------------------------------------------------------
     candidates: list[tuple[int, str, dict]] = []
+    rank = None
+    if training and profile.shard != "none":  # one data-parallel rank (engine.estimate.sharding)
+        from engine.estimate import sharding
 
-    def add(phase: str, w, g, o, a, tmp):
+        rank = sharding.rank_model(profile)
+
+    def add(phase: str, w, g, o, a, tmp, where=""):
+        if rank is not None:
+            w, g, o, a, tmp = sharding.adjust(rank, profile, phase, w, g, o, a, tmp, weights,
+                                              grads, states, where)
         total = w + g + o + a + tmp
         candidates.append((total, phase, {C.WEIGHTS.value: w, C.GRADIENTS.value: g,
                                           C.OPTIMIZER.value: o, C.ACTIVATIONS.value: a,
@@ -488,17 +496,17 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         head_g = grads - sum(layer_g)
         accum_tmp = _r(arch.largest_param * 4, cuda) if m > 1 else 0
         add("backward", w_all, g_prev, states, acts,
-            tmp_common + loss_bwd)
+            tmp_common + loss_bwd, where="loss")
         g_so_far = head_g if m == 1 else grads
         remaining = acts - head_saved_b
         for i in reversed(range(arch.layers)):
             recompute = full_layer if (ckpt and i % every == 0) else 0
             g_now = g_so_far + (layer_g[i] if m == 1 else 0)
             add("backward", w_all, min(g_now, grads), states, remaining + recompute + head_saved_b,
-                tmp_common + cost.bwd_transient + accum_tmp)
+                tmp_common + cost.bwd_transient + accum_tmp, where=str(arch.layers - 1 - i))
             remaining -= per_layer_saved[i]
             g_so_far = g_now
-        add("backward", w_all, grads, states, head_saved_b, tmp_common + accum_tmp)
+        add("backward", w_all, grads, states, head_saved_b, tmp_common + accum_tmp, where="end")
     else:
         # Inference: weights + one layer's live tensors, or the logits at the end.
         e = 2 if precision != "fp32" else 4

@@ -31,6 +31,7 @@ def storage_bytes(tensors) -> int:
     for t in tensors:
         if t is None:
             continue
+        t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2): the rank's local shard
         st = t.untyped_storage()
         seen[(str(t.device), st.data_ptr())] = st.nbytes()
     return sum(seen.values())
@@ -146,7 +147,7 @@ class PeakAttribution:
         key = id(param)
         if key not in self.grad_ids and param.grad is not None:
             self.grad_ids.add(key)
-            self.grads += param.grad.untyped_storage().nbytes()
+            self.grads += getattr(param.grad, "_local_tensor", param.grad).untyped_storage().nbytes()
         # Reading the allocator's counters builds its whole stats dict (~0.1 ms): sampling after
         # every parameter cost up to 40 ms a step (bert-base, H100), enough to hide an AMP
         # speed-up. A sample per 1/16 of the weights' bytes keeps the breakdown's resolution.

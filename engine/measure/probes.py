@@ -106,6 +106,8 @@ class LiveBytesTracker(TorchDispatchMode):
             self.events.append((entry[0], -entry[1]))
 
     def _storage(self, tensor):
+        # A DTensor (FSDP2's parameters, gradients, optimizer state) holds its rank's local shard.
+        tensor = getattr(tensor, "_local_tensor", tensor)
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_nested:
             return None
         if self.device_type is not None and tensor.device.type != self.device_type:

@@ -115,6 +115,11 @@ class MeasureProcess:
     def command(self, profile_path: str) -> list[str]:
         # -P: the cwd is not put on the child's sys.path, so a folder named engine there is not imported.
         cmd = [self.python, "-P", "-m", "engine", "measure", profile_path, "--json", "--progress"]
+        if self.profile.shard != "none":  # one engine measure per rank, under torchrun
+            from engine.distributed import launch_command
+
+            cmd = launch_command(self.python, profile_path, self.profile.gpus,
+                                 ["--json", "--progress"])
         if self.snapshot:
             cmd += ["--snapshot", str(self.snapshot)]
         from engine import remote_code
@@ -295,7 +300,11 @@ class MeasureProcess:
                                     result=self.result)
             except (TypeError, ValueError, KeyError) as exc:
                 self.error = MeasureFailed(f"unreadable result from the measure process: {exc}")
-        elif code == 2:
+        elif code == 2 or (code == 1 and self.profile.shard != "none" and any(
+                line.startswith(_ERROR_PREFIX) for line in self._stderr)):
+            # under torchrun a rank's exit 2 comes back as torchrun's 1: the rank's line tells
+            last = next((line for line in reversed(self._stderr) if line.startswith(_ERROR_PREFIX)),
+                        last)
             msg = last[len(_ERROR_PREFIX):] if last.startswith(_ERROR_PREFIX) else last
             self.error = BadInput(msg or "the measure process rejected the profile")
         elif code == 130:

@@ -120,6 +120,16 @@ def run_measure(profile, progress: Progress | None = None,
 
     device = profile.target
     config, task = _checked(profile, snapshot, notes)
+    if profile.distributed:  # one rank of a torchrun launch (engine.distributed)
+        from engine import distributed
+
+        if not distributed.in_rank_process():
+            raise BadInput(f"--shard {profile.shard} runs one process per rank under torchrun: "
+                           f"use `headroom measure` (it launches them) or measure_in_child")
+        rank, world, _ = distributed.init_rank(profile)
+        notes.append(f"rank {rank} of {world} ({profile.shard}, "
+                     f"{'nccl' if profile.target == 'cuda' else 'gloo'}); every rank runs the "
+                     f"profile's batches")
     report(0.0, "loading data")
     steps, n_plan = inputs.prepare_steps(profile, config, task, should_stop,
                                          lambda f, m: report(_DATA_END * f, m), notes)
@@ -148,7 +158,8 @@ def run_measure(profile, progress: Progress | None = None,
             # objects are not scanned; what the steps allocate is collected as usual.
             gc.freeze()
             try:
-                with tracker if tracker is not None else contextlib.nullcontext():
+                with tracker if tracker is not None else contextlib.nullcontext(), \
+                        _fsdp_tracking(profile, tracker):
                     loop.run_steps(built.step_loop, steps, probe, times,
                                    lambda f, m: report(_BUILD_END + (1 - _BUILD_END) * f, m), rss,
                                    quiet_repeats=quiet_repeats(profile))
@@ -192,9 +203,13 @@ def run_measure(profile, progress: Progress | None = None,
                      "timings include the tracker's per-op overhead")
         if profile.memory_cap_bytes:
             notes.append(f"simulated capacity {format_bytes(profile.memory_cap_bytes)} of live tensors")
-    return _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, task=task,
+    sharding = _sharding_extra(profile, built) if profile.distributed else None
+    result = _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, task=task,
                    precision=built.precision, device=device, device_name=device_name,
                    device_used=device_used, params=built.params, started=started)
+    if sharding is not None:
+        result.extra["sharding"] = sharding
+    return result
 
 
 def quiet_repeats(profile) -> bool:
@@ -255,12 +270,15 @@ class _Built:
     precision: str  # the precision that runs (CPU autocast may fall back)
     params: int = 0
     hooks: list = field(default_factory=list)
+    wrapped: Any = None  # the DDP / FSDP2 model (data-parallel profiles)
+    optimizer: Any = None
+    ddp_buckets: int = 0  # DDP gradient bucket bytes (counted by hand on CPU)
     step_loop: loop.StepLoop | None = None
 
     def drop(self) -> None:
         """Release the model, the techniques' extra models and the optimizer (after an OOM, before
         reading the device)."""
-        self.hooks, self.step_loop = [], None
+        self.hooks, self.step_loop, self.wrapped, self.optimizer = [], None, None, None
 
 
 def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[str], check_stop):
@@ -277,6 +295,11 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
     built.params = count_parameters(model)
+    if profile.distributed:
+        from engine import distributed
+
+        model = distributed.wrap(model, profile, dev)
+        built.wrapped = model
     hooks_on = techniques.loop_hooks(profile)
     extras = [m for h in hooks_on if h.extra_models
               for m in h.extra_models(profile, str(dev), dev.type)]
@@ -288,15 +311,25 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
     if tracker is not None:
         for t in weight_tensors:
             tracker.track(t)
+        if profile.shard == "ddp":
+            # DDP's reducer allocates its gradient buckets in C++ (no dispatcher sees them): their
+            # bytes, from DDP's own logging data, are live from here on.
+            built.ddp_buckets = _ddp_bucket_bytes(model)
+            tracker.live_bytes += built.ddp_buckets
         tracker.reset_peak()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if profile.is_training:
         model.train()
-        if profile.optimizer == "sgd":
+        if profile.offload == "optimizer":
+            from engine.distributed import CpuOffloadedOptimizer
+
+            optimizer = CpuOffloadedOptimizer(trainable, profile.optimizer)
+        elif profile.optimizer == "sgd":
             optimizer = torch.optim.SGD(trainable, lr=1e-3)
         else:
             optimizer = torch.optim.AdamW(trainable)
+        built.optimizer = optimizer
         if hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
             built.hooks = [p.register_post_accumulate_grad_hook(run.grad_hook) for p in trainable]
     else:
@@ -313,6 +346,33 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
         loss_hook=loss_hook, scaler=scaler, amp_dtype=amp_dtype,
         micro_batches=profile.micro_batches if profile.is_training else 1,
         window=profile.chunk_input if not profile.is_training else 0)
+
+
+def _fsdp_tracking(profile, tracker):
+    if profile.shard != "fsdp2" or tracker is None:
+        return contextlib.nullcontext()
+    from engine.distributed import fsdp_storage_tracking
+
+    return fsdp_storage_tracking(tracker)
+
+
+def _ddp_bucket_bytes(model) -> int:
+    data = model._get_ddp_logging_data()
+    return sum(int(x) for x in str(data.get("bucket_sizes", "")).split(",") if x.strip())
+
+
+def _sharding_extra(profile, built: _Built) -> dict[str, Any]:
+    """This rank's part of a data-parallel run: rank, world, the shards it held."""
+    import torch.distributed as dist
+
+    from engine import distributed
+
+    out: dict[str, Any] = {"rank": dist.get_rank(), "world": dist.get_world_size(),
+                           "shard": profile.shard, "ddp_bucket_bytes": built.ddp_buckets}
+    if built.wrapped is not None:
+        held = distributed.shard_bytes(built.wrapped, built.optimizer)
+        out["param_shard_bytes"], out["optimizer_shard_bytes"] = held["params"], held["states"]
+    return out
 
 
 def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, task, precision,
