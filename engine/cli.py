@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="model facts and dataset length statistics")
     _add_profile_flags(p)
+
+    p = sub.add_parser("calibrate", help="measure this machine's GPU (CUDA context, cuBLAS workspaces) "
+                                         "and write a device entry the estimators use for it")
+    p.add_argument("--name", default="", help="the entry's name (default: the GPU's catalog key, e.g. "
+                                              "h200); --gpu NAME selects it")
+    p.add_argument("-o", "--output", metavar="PATH", help="write the entry here (default: the devices folder)")
+    p.add_argument("--json", action="store_true", help="print the entry as one JSON object")
+    p.add_argument("--verbose", action="store_true", help="let libraries' warnings through to stderr")
     return parser
 
 
@@ -259,6 +267,21 @@ def cmd_export(args: argparse.Namespace, profile: Profile, started: float) -> in
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace, started: float) -> int:
+    from engine.calibrate import calibrate, write_entry
+
+    entry = calibrate(args.name, progress=_stderr_progress(not args.json))
+    path = write_entry(entry, args.output)
+    d = _with_version({**entry, "output": str(path)}, started)
+    _emit(d, args.json, lambda x: (f"\n{x['device_name']}: context {x['context_bytes'] / 2**20:.0f} MiB "
+                                   f"(+{x['context_train_extra_bytes'] / 2**20:.0f} MiB training, "
+                                   f"+{x['context_half_bytes'] / 2**20:.0f} MiB per handle in half "
+                                   f"precision), cuBLAS workspace {x['cublas_workspace_bytes'] / 2**20:.0f} "
+                                   f"MiB x {x['workspace_handles_train']} in training\nwrote {x['output']}; "
+                                   f"--gpu {x['name']} uses it"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, profile: Profile, started: float) -> int:
     from engine import data, models
 
@@ -396,6 +419,8 @@ def _run(argv: list[str]) -> int:
         check_outputs(args)
         if args.command == "compare":
             return cmd_compare(args, started)
+        if args.command == "calibrate":
+            return cmd_calibrate(args, started)
         profile = profile_from_args(args)
         if getattr(args, "trust_remote_code", None):
             grant_remote_code(profile)

@@ -115,9 +115,17 @@ def kind_of(profile) -> str:
 
 
 def constants(target: str, kind: str | None = None) -> DeviceConstants:
+    """The GPU's constants: its ``headroom calibrate`` entry (``engine.calibrate``: measured on that
+    GPU) where there is one, else the catalog's."""
     if target != "cuda":
         return DEVICES["cpu"]
-    return DEVICES.get(kind or device_kind(), DEVICES["default"])
+    kind = kind or device_kind()
+    from engine.calibrate import constants_of, load_entry
+
+    entry = load_entry(kind)
+    if entry is not None:
+        return constants_of(entry, kind)
+    return DEVICES.get(kind, DEVICES["default"])
 
 
 def context_bytes(target: str, training: bool, half: bool, kind: str | None = None) -> int:
