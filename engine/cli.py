@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="largest batch or sequence that fits a budget")
     _add_profile_flags(p)
     p.add_argument("--budget", required=True, type=size_arg, metavar="SIZE")
-    p.add_argument("--vary", choices=("batch", "seq"), default="batch")
+    p.add_argument("--vary", choices=("batch", "seq", "context"), default="batch",
+                   help="batch | seq; generate mode: batch | context (prompt + new tokens)")
+    p.add_argument("--method", choices=("analytic", "traced", "auto"), default="analytic",
+                   help="estimator of the search (traced/auto re-check the boundary)")
 
     p = sub.add_parser("export", help="write a runnable training script for a profile")
     _add_profile_flags(p)
@@ -228,7 +231,7 @@ def _measure_ranks(args: argparse.Namespace, profile: Profile, started: float, p
 
 def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
     from engine.plan import plan
-    result = plan(profile, budget_bytes=args.budget, vary=args.vary)
+    result = plan(profile, budget_bytes=args.budget, vary=args.vary, method=args.method)
     d = _with_version(result.to_dict(), started)
     _emit(d, args.json, lambda x: json.dumps(x, indent=2, default=str))
     return 0

@@ -23,7 +23,10 @@ from engine.errors import BadInput, Cancelled
 from engine.profile import Profile
 from engine.results import EstimateResult
 
-VARIES = ("batch", "seq")
+VARIES = ("batch", "seq", "context")
+#: What ``vary`` may be per mode: generation varies the concurrent sequences or the context
+#: (prompt + new tokens, the new tokens fixed; the search runs over the prompt).
+MODE_VARIES = {"generate": ("batch", "context")}
 #: Upper bound of a batch search (a guard against a budget no estimate reaches).
 MAX_BATCH = 1 << 16
 #: Upper bound of a sequence search for models without a position limit (or windowed inference).
@@ -64,6 +67,10 @@ class PlanResult:
 def _limit(profile: Profile, vary: str) -> int:
     if vary == "batch":
         return MAX_BATCH
+    if vary == "context":  # the prompt's tokens: the positions less the new tokens
+        from engine.prepare import prepare
+
+        return int(prepare(profile).max_positions or MAX_SEQ) - profile.new_tokens
     from engine import techniques
     from engine.prepare import prepare
 
@@ -78,6 +85,8 @@ def _with_value(profile: Profile, vary: str, value: int) -> Profile:
     technique's ``resize``: micro-batches within the batch, a token budget of at least seq)."""
     from engine import techniques
 
+    if vary == "context":
+        return profile.replace(prompt_len=value)
     return profile.replace(**techniques.resized(profile, {vary: value}))
 
 
@@ -88,8 +97,9 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
     from engine.estimate import estimate
 
     started = time.perf_counter()
-    if vary not in VARIES:
-        raise BadInput(f"vary must be batch or seq; got {vary!r}")
+    allowed = MODE_VARIES.get(profile.mode, ("batch", "seq"))
+    if vary not in allowed:
+        raise BadInput(f"vary must be {' or '.join(allowed)} in {profile.mode} mode; got {vary!r}")
     if budget_bytes <= 0:
         raise BadInput("the budget must be a positive size (e.g. 24GiB)")
     limit = _limit(profile, vary)
@@ -151,22 +161,48 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
                 else:
                     hi = mid
             lo = low
+        elif hi and fits_exact(hi) and profile.mode == "generate":
+            lo, hi = _search_up(hi, limit, fits_exact)  # the boundary is the exact estimator's
         elif hi and fits_exact(hi):
             notes.append(f"{method} estimate fits at {hi} too; the analytic search stopped there")
     if not lo:
         notes.append(f"even {vary}=1 needs more than the budget")
     if not hi:
         notes.append(f"{vary} reached its limit ({limit}) within the budget")
-    curve = tuple(sorted((v, r.device_used_bytes) for v, r in cache.items()))
+    # context: the values are prompt + new tokens (the search ran over the prompt)
+    shift = profile.new_tokens if vary == "context" else 0
+    curve = tuple(sorted((v + shift, r.device_used_bytes) for v, r in cache.items()))
+    extra: dict[str, Any] = {"estimates": len(cache)}
+    if vary == "context":
+        extra.update(prompt_len=lo, new_tokens=profile.new_tokens)
     result = PlanResult(
-        vary=vary, budget_bytes=int(budget_bytes), value=lo, fits=lo >= 1, limit=limit,
-        estimate=cache.get(lo), next_value=hi, next_estimate=cache.get(hi) if hi else None,
+        vary=vary, budget_bytes=int(budget_bytes), value=lo + shift if lo else 0, fits=lo >= 1,
+        limit=limit + shift, estimate=cache.get(lo), next_value=hi + shift if hi else 0,
+        next_estimate=cache.get(hi) if hi else None,
         curve=curve, method=used_method, notes=tuple(notes),
-        elapsed_s=time.perf_counter() - started,
-        extra={"estimates": len(cache)})
+        elapsed_s=time.perf_counter() - started, extra=extra)
     if progress is not None:
         progress(1.0, f"largest {vary}: {lo}")
     return result
+
+
+def _search_up(lo: int, limit: int, fits: Callable[[int], bool]) -> tuple[int, int]:
+    """(largest fit, smallest miss or 0) above a known fit ``lo``: doubling, then bisection."""
+    hi = 0
+    while lo < limit:
+        value = min(lo * 2, limit)
+        if fits(value):
+            lo = value
+        else:
+            hi = value
+            break
+    while hi and hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
 
 
 def pareto_front(points: Iterable[Any], memory: Callable[[Any], float] | None = None,

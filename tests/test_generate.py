@@ -139,3 +139,27 @@ def test_oom_under_a_simulated_capacity_is_a_result():
     profile = gen("tiny-llama", memory_cap_bytes=4_600_000)
     r = run_measure(profile)
     assert r.oom and r.oom_phase in ("prefill", "decode")
+
+
+@pytest.mark.parametrize("vary", ["batch", "context"])
+def test_plan_answer_fits_under_a_simulated_cap_and_the_next_size_does_not(vary):
+    from engine.plan import plan
+
+    budget = 6_000_000
+    profile = gen("tiny-llama", prompt_len=16, new_tokens=4)
+    result = plan(profile, budget_bytes=budget, vary=vary, method="traced")
+    assert result.fits and result.next_value == result.value + 1
+
+    def at(value):
+        if vary == "batch":
+            return profile.replace(batch=value, memory_cap_bytes=budget)
+        return profile.replace(prompt_len=value - profile.new_tokens, memory_cap_bytes=budget)
+
+    assert not run_measure(at(result.value)).oom
+    assert run_measure(at(result.next_value)).oom
+
+
+def test_plan_vary_context_needs_generate_mode():
+    code, _, err = run_cli(["plan", "--model", "tiny-gpt2", "--target", "cpu", "--budget", "1GiB",
+                            "--vary", "context"])
+    assert code == 2 and "batch or seq" in err
