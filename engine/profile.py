@@ -61,7 +61,7 @@ def parse_bytes(text: str) -> int:
 
 def _check_model(value: str) -> None:
     if not value.strip():
-        raise BadInput("model must name a preset or a folder holding config.json")
+        raise BadInput("model must name a preset, a folder holding config.json or a Hub id org/name")
 
 
 def _check_gpu(value: str) -> None:
@@ -75,10 +75,13 @@ def _check_gpu(value: str) -> None:
 CORE_FIELDS: tuple[Field, ...] = (
     Field("schema_version", int, SCHEMA_VERSION, "format version of this record", cli=False),
     Field("name", str, "default", "the user's label for this profile"),
-    Field("model", str, "gpt2", 'preset name, "minilm", or a folder holding config.json',
-          check=_check_model, metavar="NAME|DIR"),
+    Field("model", str, "gpt2", 'preset name, "minilm", a folder holding config.json, or a Hub id '
+          'org/name[@revision] (an existing folder wins; ./org/name is always the folder)',
+          check=_check_model, metavar="NAME|DIR|ORG/NAME"),
     Field("trust_remote_code", bool, False, "allow a model folder's own Python code to run (off: safe)",
     label="trust remote code"),
+    Field("download_weights", bool, False, "a Hub model's measured run downloads and loads its safetensors "
+          "weights (off: random init; estimates never download weights)", label="download weights"),
     Field("mode", str, "train", "train: fwd+loss+bwd+step; infer: forward under no_grad; generate: prefill + greedy decode with a KV cache", choices=MODES),
     Field("task", str, "auto", "head: auto picks causal-lm for decoders, masked-lm for encoders",
           choices=TASKS, label="task head"),

@@ -51,17 +51,18 @@ def allowed(folder: str | os.PathLike, requested: bool) -> bool:
 def model_folders(profile) -> list[Path]:
     """The local folders of the profile's models (student and teacher) whose code it could run.
 
-    Presets and the packaged MiniLM are Headroom's own files; names that resolve to nothing are
-    left to the loaders' own errors.
+    Presets and the packaged MiniLM are Headroom's own files; a Hub id's code never runs (nor is
+    anything fetched here: the app asks on its GUI thread); names that resolve to nothing are left
+    to the loaders' own errors.
     """
     from engine import techniques
     from engine.errors import BadInput
-    from engine.models import resolve
+    from engine.models import resolve, source_kind
 
     out: list[Path] = []
     others = [n for t in techniques.active(profile) if t.model_names for n in t.model_names(profile)]
     for name in (profile.model, *others):
-        if not name:
+        if not name or source_kind(name) != "folder":
             continue
         try:
             source = resolve(name)

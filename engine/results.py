@@ -72,6 +72,7 @@ class EstimateResult:
     step_s: float = 0.0  # estimated time of one step (optimizer step included) on that GPU
     tokens_per_s: float = 0.0  # estimated padded tokens per second (B*T / step_s)
     speed_error: float = 0.0  # expected relative error of step_s (the calibration's median)
+    tokenizer: dict[str, str] = field(default_factory=dict)  # engine.data.tokens.tokenizer_info
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,6 +127,7 @@ class MeasureResult:
     decode_tokens_per_s: float = 0.0  # generation: new tokens per second, all sequences together
     time_to_first_token_s: float = 0.0  # generation: the prefill, to the first new token
     extra: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, str] = field(default_factory=dict)  # engine.data.tokens.tokenizer_info
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -150,6 +150,11 @@ CASES = {
     "model-unknown-preset": lambda t: ["estimate", "--model", "gpt-17"],
     "model-folder-without-config": lambda t: ["estimate", "--model", str(t)],
     "model-is-a-file": lambda t: ["estimate", "--model", str(write(t / "weights.bin", b"x"))],
+    # Hub ids (HF_HUB_OFFLINE=1 in tests: nothing is fetched; tests/test_hub.py has the cached cases)
+    "hub-id-not-cached-offline": lambda t: ["estimate", "--model", "headroom-tests/never-cached"],
+    "hub-id-empty-revision": lambda t: ["estimate", "--model", "org/name@"],
+    "hub-id-revision-dotdot": lambda t: ["estimate", "--model", "org/name@../../etc"],
+    "hub-id-revision-newline": lambda t: ["estimate", "--model", "org/name@main\nx"],
     # ----- config.json
     "config-n_embd-10**9": lambda t: ["estimate", "--model", str(model_dir(t, n_embd=10**9, n_head=1))],
     "config-n_head-zero": lambda t: ["estimate", "--model", str(model_dir(t, n_head=0))],

@@ -20,6 +20,7 @@ from engine.data.tokens import (
     fallback_tokenizer,
     tokenize,
     tokenizer_for,
+    tokenizer_info,
 )
 from engine.errors import BadInput, Cancelled
 
@@ -39,6 +40,7 @@ __all__ = [
     "load_texts",
     "tokenize",
     "tokenizer_for",
+    "tokenizer_info",
 ]
 
 #: Texts read from a dataset unless asked otherwise: plenty for length statistics and a few

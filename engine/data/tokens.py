@@ -1,9 +1,13 @@
 """Tokenizers and tokenization: the model's own tokenizer when it has one, else Headroom's fallback.
 
+A local folder, a Hub snapshot and the packaged MiniLM carry their own tokenizer
+(``load_model_tokenizer``: transformers' fast tokenizer, never the folder's code, never a pickle).
 The fallback (``engine/resources/tokenizer/fallback.json``, built by
 ``scripts/build_fallback_tokenizer.py``) is a byte-level BPE with 8192 tokens trained on the
-built-in corpus: presets are architecture-only, and token counts, not token identities, are what
-memory depends on.
+built-in corpus, used only for models without one (the presets are architecture-only): token
+counts, not token identities, are what memory depends on. ``tokenizer_info`` says which one a
+profile gets (the ``tokenizer`` field of estimate and measure results). ``load_model_tokenizer``,
+``tokenizer_from_json`` and ``with_pad_token`` are what the exported script embeds.
 """
 
 from __future__ import annotations
@@ -50,14 +54,60 @@ def fallback_tokenizer():
     Each call returns a fresh object (built from the cached JSON in a few milliseconds), so callers
     may set attributes on it without affecting anyone else.
     """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    return tokenizer_from_json(fallback_json(), FALLBACK_SPECIAL_TOKENS)
 
-    backend = Tokenizer.from_str(fallback_json())
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **FALLBACK_SPECIAL_TOKENS)
+
+def tokenizer_from_json(text, special_tokens):
+    """A fast tokenizer from a serialized ``tokenizers`` JSON (Headroom's fallback BPE) and its special
+    tokens. Tokenizers and transformers only: the exported script embeds it."""
+    import tokenizers
+    import transformers
+
+    backend = tokenizers.Tokenizer.from_str(text)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
     # No model limit of its own: the profile's seq decides truncation (and silences length warnings).
-    tok.model_max_length = 1 << 30
-    return tok
+    tokenizer.model_max_length = 1 << 30
+    return tokenizer
+
+
+def load_model_tokenizer(source, revision=None, local_files_only=True):
+    """A model's own tokenizer: ``source`` is its folder, or a Hub id fetched at ``revision``.
+
+    trust_remote_code=False always: a tokenizer_config.json's auto_map never runs the repository's
+    code (transformers builds its own fast tokenizer from tokenizer.json, vocab or sentencepiece
+    files; nothing is unpickled). Transformers only: the exported script embeds it."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(source, revision=revision,
+                                                      local_files_only=local_files_only,
+                                                      trust_remote_code=False)
+
+
+def with_pad_token(tokenizer):
+    """``tokenizer`` with a pad token (GPT-2-style tokenizers have none): pad = eos, or a new
+    ``<pad>`` when there is no eos either. Changes and returns it. The exported script embeds it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+#: What the fallback is called in results and the app.
+FALLBACK_NAME = "Headroom's fallback byte-level BPE (8192 tokens)"
+
+
+def tokenizer_info(profile) -> dict[str, str]:
+    """Which tokenizer ``tokenizer_for(profile)`` uses, without loading it: ``{"source": "model" |
+    "fallback", "model_kind": preset|folder|minilm|hub, "name": ...}`` (results' ``tokenizer``)."""
+    from engine import models
+
+    source = models.resolve(profile.model)
+    if source.has_tokenizer:
+        return {"source": "model", "model_kind": source.kind,
+                "name": f"{profile.model}'s own tokenizer"}
+    return {"source": "fallback", "model_kind": source.kind, "name": FALLBACK_NAME}
 
 
 def _model_tokenizer(profile):
@@ -81,11 +131,7 @@ def tokenizer_for(profile):
     if tok is None:
         return fallback_tokenizer()
     if tok.pad_token is None:
-        tok = copy.deepcopy(tok)
-        if tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-        else:
-            tok.add_special_tokens({"pad_token": "<pad>"})
+        tok = with_pad_token(copy.deepcopy(tok))
     return tok
 
 

@@ -21,6 +21,7 @@ import functools
 import time
 from collections.abc import Callable
 
+from engine.data.tokens import tokenizer_info
 from engine.errors import BadInput, Cancelled
 from engine.prepare import prepare
 from engine.profile import Profile
@@ -278,7 +279,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             elapsed_s=time.perf_counter() - started,
             extra={"padded": padded, "candidates": [list(s) for s, _ in shapes],
                    **({"speed": speed_extra} if speed_extra else {})},
-            **speed_fields)
+            tokenizer=tokenizer_info(profile), **speed_fields)
         _progress(progress, 1.0, "done")
         return result
 
@@ -333,7 +334,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
                "sdpa_backends": list(outcome.backends),
                "candidates": [list(s) for s, _ in shapes], **frag,
                **({"speed": speed_extra} if speed_extra else {})},
-        **speed_fields)
+        tokenizer=tokenizer_info(profile), **speed_fields)
     _progress(progress, 1.0, "done")
     return result
 

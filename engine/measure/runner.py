@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine import techniques
+from engine.data.tokens import tokenizer_info
 from engine.errors import BadInput, Cancelled
 from engine.measure import attribution, inputs, loop, probes
 from engine.units import format_bytes
@@ -439,4 +440,5 @@ def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, 
         notes=tuple(notes),
         elapsed_s=time.perf_counter() - started,
         extra=extra,
+        tokenizer=tokenizer_info(profile),
     )
