@@ -18,6 +18,10 @@ CSV_COLUMNS = (
     + [f"estimate_{c.value}_bytes" for c in ALLOCATED_CATEGORIES]
     + ["measured_peak_allocated_bytes", "measured_peak_reserved_bytes", "measured_device_used_bytes",
        "tokens_per_s", "useful_tokens_per_s", "oom", "error_percent"]
+    # generation profiles (empty for the other modes)
+    + ["prompt_len", "new_tokens", "cache", "estimate_kv_cache_bytes", "estimate_kv_cache_total_bytes",
+       "measured_kv_cache_bytes", "time_to_first_token_s", "prefill_tokens_per_s",
+       "decode_tokens_per_s"]
 )
 
 
@@ -34,6 +38,15 @@ def compare_row(profile: Profile, estimate: Any, measured: Any | None = None) ->
     }
     for c in ALLOCATED_CATEGORIES:
         row[f"estimate_{c.value}_bytes"] = estimate.breakdown.get(c.value, 0)
+    generating = profile.mode == "generate"
+    row.update({"prompt_len": profile.prompt_len if generating else None,
+                "new_tokens": profile.new_tokens if generating else None,
+                "cache": profile.cache if generating else None,
+                # the bars' category (bytes at the peak) and the cache's size at the end
+                "estimate_kv_cache_bytes": estimate.breakdown.get("kv_cache", 0) if generating else None,
+                "estimate_kv_cache_total_bytes": estimate.kv_cache_bytes if generating else None,
+                "measured_kv_cache_bytes": None, "time_to_first_token_s": None,
+                "prefill_tokens_per_s": None, "decode_tokens_per_s": None})
     row.update({"measured_peak_allocated_bytes": None, "measured_peak_reserved_bytes": None,
                 "measured_device_used_bytes": None, "measured_breakdown": None,
                 "tokens_per_s": None, "useful_tokens_per_s": None, "oom": None, "error_percent": None})
@@ -47,6 +60,11 @@ def compare_row(profile: Profile, estimate: Any, measured: Any | None = None) ->
             "useful_tokens_per_s": measured.useful_tokens_per_s,
             "oom": measured.oom,
         })
+        if generating:
+            row.update({"measured_kv_cache_bytes": measured.kv_cache_bytes,
+                        "time_to_first_token_s": measured.time_to_first_token_s,
+                        "prefill_tokens_per_s": measured.prefill_tokens_per_s,
+                        "decode_tokens_per_s": measured.decode_tokens_per_s})
         if measured.peak_allocated_bytes and not measured.oom:
             row["error_percent"] = 100.0 * (estimate.peak_allocated_bytes - measured.peak_allocated_bytes) \
                 / measured.peak_allocated_bytes

@@ -18,12 +18,12 @@ from engine.results import MemoryCategory
 CATEGORIES: tuple[str, ...] = tuple(c.value for c in MemoryCategory)
 CATEGORY_LABELS = {
     "weights": "Weights", "gradients": "Gradients", "optimizer": "Optimizer states",
-    "activations": "Activations", "temporaries": "Temporaries",
+    "activations": "Activations", "temporaries": "Temporaries", "kv_cache": "KV cache",
     "allocator_overhead": "Allocator overhead", "cuda_context": "CUDA context",
 }
 CATEGORY_COLORS = {
     "weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52",
-    "temporaries": "#8172B3", "allocator_overhead": "#B8A27A", "cuda_context": "#8C8C8C",
+    "temporaries": "#8172B3", "kv_cache": "#64B5CD", "allocator_overhead": "#B8A27A", "cuda_context": "#8C8C8C",
 }
 STATUS_COLORS = {"fits": "#2E9E44", "tight": "#D99A00", "over": "#D0342C", "": "#888888"}
 
@@ -55,7 +55,7 @@ def stacked_parts(result: Any, cpu: bool | None = None) -> dict[str, int]:
     reserved = int(getattr(result, "peak_reserved_bytes", 0) or 0)
     used = int(getattr(result, "device_used_bytes", 0) or 0)
     known = sum(parts[c.value] for c in MemoryCategory if c.value in (
-        "weights", "gradients", "optimizer", "activations", "temporaries"))
+        "weights", "gradients", "optimizer", "activations", "temporaries", "kv_cache"))
     if known == 0 and allocated:  # no breakdown (e.g. an OOM run): one undivided bar
         parts["activations"] = allocated
     if cpu is None:

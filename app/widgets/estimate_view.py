@@ -329,7 +329,12 @@ class EstimateView(QWidget):
         if est is None:
             return ""
         p = self._state.profile
-        parts = [f"<b>{p.model}</b> · {p.mode} · batch {p.batch} × seq {p.seq} · {p.precision} · "
+        shape = f"batch {p.batch} × seq {p.seq}"
+        if p.mode == "generate":
+            prompt = p.prompt_len or "dataset"
+            shape = (f"{p.batch} sequences × ({prompt} prompt + {p.new_tokens} new) · {p.cache} "
+                     f"cache {format_bytes(est.kv_cache_bytes)}")
+        parts = [f"<b>{p.model}</b> · {p.mode} · {shape} · {p.precision} · "
                  f"target {p.target}",
                  f"Estimate ({est.method}): peak allocated <b>{format_bytes(est.peak_allocated_bytes)}</b>, "
                  f"reserved {format_bytes(est.peak_reserved_bytes)}, device used "

@@ -71,6 +71,10 @@ class RunPanel(QWidget):
         self._reserved_curve = item.plot([], [], pen=pg.mkPen("#DD8452", width=2, style=Qt.PenStyle.DashLine),
                                          symbol="s", symbolSize=4, symbolBrush="#DD8452", symbolPen=None,
                                          name="reserved / RSS")
+        # generation: the KV cache's bytes after each new token (its growth over the decode)
+        self._cache_curve = item.plot([], [], pen=pg.mkPen("#64B5CD", width=2), symbol="d",
+                                      symbolSize=4, symbolBrush="#64B5CD", symbolPen=None,
+                                      name="KV cache")
         self._oom_line = pg.InfiniteLine(angle=90, pen=pg.mkPen("#D0342C", width=2),
                                          label="out of memory", labelOpts={"position": 0.85, "color": "#D0342C",
                                                                            "anchors": [(1, 0.5), (1, 0.5)]})
@@ -280,6 +284,7 @@ class RunPanel(QWidget):
             self._phase_peak_curve.setData([], [])
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
+            self._cache_curve.setData([], [])
             self._show_timeline_hint(True)
             if self._runner.is_running:
                 if self._profile != self._state.profile:  # the run is another profile's
@@ -305,7 +310,15 @@ class RunPanel(QWidget):
         lines = [f"Peak allocated <b>{format_bytes(result.peak_allocated_bytes)}</b> · reserved "
                  f"{format_bytes(result.peak_reserved_bytes)}"
                  + (f" · device used {format_bytes(result.device_used_bytes)}" if result.device_used_bytes else "")]
-        if not result.oom:
+        growth = result.extra.get("cache_growth_bytes")  # a generation run
+        if growth is not None and not result.oom:
+            per_seq = result.extra.get("decode_tokens_per_s_per_sequence", 0.0)
+            lines.append(f"KV cache <b>{format_bytes(result.kv_cache_bytes)}</b> · first token "
+                         f"<b>{result.time_to_first_token_s * 1000:,.0f} ms</b> · prefill "
+                         f"{result.prefill_tokens_per_s:,.0f} tokens/s · decode "
+                         f"<b>{result.decode_tokens_per_s:,.0f}</b> tokens/s ({per_seq:,.1f} per "
+                         f"sequence)")
+        elif not result.oom:
             lines.append(f"<b>{result.tokens_per_s:,.0f}</b> tokens/s ({result.useful_tokens_per_s:,.0f} "
                          f"without padding) · step {result.step_time_s * 1000:,.0f} ms")
         self.result_label.setText("<br>".join(lines))
@@ -332,6 +345,8 @@ class RunPanel(QWidget):
             phase_peaks = [(x_of[(st, ph)], b) for st, ph, b in result.extra.get("phase_peaks", ())
                            if (st, ph) in x_of]
             self._phase_peak_curve.setData([x for x, _ in phase_peaks], [b / scale for _, b in phase_peaks])
+            growth = list(result.extra.get("cache_growth_bytes") or ())[:len(points)]
+            self._cache_curve.setData(xs[:len(growth)], [b / scale for b in growth])
             self._peak_line.setVisible(peak > 0)  # first: a hidden line's label ignores changes
             self._peak_line.label.setFormat(f"peak allocated {format_bytes(peak)}")
             self._peak_line.setValue(peak / scale)
@@ -340,6 +355,9 @@ class RunPanel(QWidget):
             item.setLabel("left", f"memory ({unit})")
             # major ticks: the steps; minor ticks: each point's phase (F forward, B backward, ...)
             major = [(float(step), f"step {step}") for step in sorted(per_step)]
+            if growth:  # generation: one point per new token; label every k-th token
+                every = max(1, len(per_step) // 8)
+                major = [(float(s), f"token {s + 1}") for s in sorted(per_step) if s % every == 0]
             minor = [(x, p.phase[:1].upper()) for x, p in zip(xs, points)
                      if x != int(x) and len(points) <= 48]
             item.getAxis("bottom").setTicks([major, minor])
@@ -361,4 +379,5 @@ class RunPanel(QWidget):
             self._allocated_curve.setData([], [])
             self._reserved_curve.setData([], [])
             self._phase_peak_curve.setData([], [])
+            self._cache_curve.setData([], [])
             self._show_timeline_hint(True)

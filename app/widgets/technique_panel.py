@@ -123,7 +123,8 @@ class TechniquePanel(QScrollArea):
         self.setMinimumWidth(300)
 
         # --- the run itself -----------------------------------------------------------------
-        self.mode = _combo({"train": "Training step", "infer": "Inference (forward only)"})
+        self.mode = _combo({"train": "Training step", "infer": "Inference (forward only)",
+                            "generate": "Generation (prefill + decode, KV cache)"})
         self.task = _combo({t: _TASK_LABELS.get(t, t) for t in TASKS})
         self.task.setToolTip("The model head: auto picks causal-lm for decoders, masked-lm for encoders")
         self.batch = _spin(1, 65536)
@@ -228,6 +229,8 @@ class TechniquePanel(QScrollArea):
                 if value is not None:
                     _set_widget_value(widget, control.kind, value)
                 widget.setEnabled(bool(control.enabled_when(p)))
+            for key, members in self._techniques.items():
+                self.groups[key].setVisible(_group_shown(members, p.mode))
             for key, box in self.groups.items():
                 note = box.findChild(ExplainNote, f"explain_{key}")
                 text = self._group_text(key, p) if note is not None else ""
@@ -236,6 +239,15 @@ class TechniquePanel(QScrollArea):
                     box.setToolTip(f"<p>{html.escape(text)}</p>")
         finally:
             self._updating = False
+
+
+def _group_shown(members: list[Technique], mode: str) -> bool:
+    """Generation's group only in generate mode; in generate mode, no group whose every field
+    belongs to other modes (distillation). Training and inference keep every other group."""
+    fields = [f for t in members for f in t.fields]
+    if not fields or not all(f.modes is not None and mode not in f.modes for f in fields):
+        return True
+    return not (mode == "generate" or any("generate" in f.modes for f in fields))
 
 
 # ----- controls -> widgets --------------------------------------------------------------------
