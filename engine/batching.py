@@ -141,6 +141,16 @@ def batch_shapes(token_lists: Sequence[Sequence[int]], profile) -> list[tuple[in
     return shapes_from_lengths([len(t) for t in token_lists], profile)
 
 
+def pad_batch(rows, length, pad_token_id):
+    """(input_ids, attention_mask) of token lists ``rows``, right-padded to ``length``: (B, T)
+    int64 each, the mask 1 on real tokens. Torch only: the exported script embeds it."""
+    input_ids = torch.tensor([r + [pad_token_id] * (length - len(r)) for r in rows],
+                             dtype=torch.long)  # (B, T)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows],
+                                  dtype=torch.long)  # (B, T)
+    return input_ids, attention_mask
+
+
 def make_batches(token_lists: Sequence[Sequence[int]], profile, pad_token_id: int,
                  should_stop: Callable[[], bool] | None = None) -> list[Batch]:
     """The batches of ``profile.padding`` over ``token_lists`` (truncated to ``profile.seq``)."""
@@ -151,10 +161,7 @@ def make_batches(token_lists: Sequence[Sequence[int]], profile, pad_token_id: in
             raise Cancelled("batching cancelled")
         rows = [list(token_lists[i][:seq]) for i in idx]
         real = sum(len(r) for r in rows)
-        input_ids = torch.tensor([r + [pad_token_id] * (t - len(r)) for r in rows],
-                                 dtype=torch.long)  # (B, T)
-        attention_mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows],
-                                      dtype=torch.long)  # (B, T)
+        input_ids, attention_mask = pad_batch(rows, t, pad_token_id)
         batches.append(Batch(input_ids, attention_mask, real, len(rows) * t, idx))
     return batches
 

@@ -50,14 +50,103 @@ class _Ticker:
             self.progress(min(1.0, n / self.limit), f"read {n} texts")
 
 
-def _take(texts: Iterable[str], limit: int, tick: _Ticker) -> list[str]:
-    out: list[str] = []
+# ----- the readers' streams: stdlib (and pyarrow) only, no Headroom import; the exported script
+# embeds them (``PORTABLE``) around its own open() of the file -------------------------------------
+def text_value(value):
+    """``value`` when it is a string with something in it, else None."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def take_texts(texts, limit, tick=None):
+    """The first ``limit`` texts, each cut at MAX_TEXT_CHARS; ``tick(n)`` after each one."""
+    out = []
     for text in texts:
         if len(out) >= limit:
             break
         out.append(text[:MAX_TEXT_CHARS])
-        tick(len(out))
+        if tick is not None:
+            tick(len(out))
     return out
+
+
+def bounded_lines(fh, cap=MAX_TEXT_CHARS):
+    """The lines of a text file, each cut at ``cap`` characters; the rest of a longer line is read
+    in pieces of ``cap`` and dropped, so no line is ever held whole (a 50 MB one-line file)."""
+    while True:
+        line = fh.readline(cap)
+        if not line:
+            return
+        if len(line) >= cap and not line.endswith("\n"):
+            while True:
+                rest = fh.readline(cap)
+                if not rest or rest.endswith("\n"):
+                    break
+            line += "\n"
+        yield line
+
+
+def paragraphs(lines):
+    """Blank-line-separated blocks of ``lines``, each joined with newlines (trailing space cut)."""
+    block = []
+    size = 0
+    for line in lines:
+        if line.strip():
+            if size > MAX_TEXT_CHARS:
+                continue  # the paragraph is already longer than any text is kept
+            block.append(line.rstrip("\n").rstrip())
+            size += len(block[-1]) + 1
+        elif block:
+            yield "\n".join(block)
+            block, size = [], 0
+    if block:
+        yield "\n".join(block)
+
+
+def txt_texts(lines, mode):
+    """The texts of a .txt file's lines: one per non-empty line (``mode`` "lines", stripped) or
+    one per paragraph ("paragraphs")."""
+    if mode == "lines":
+        return (text for text in (line.strip() for line in lines) if text)
+    return paragraphs(lines)
+
+
+def csv_texts(rows, column):
+    """The non-empty cells at index ``column`` of CSV ``rows`` (short rows skipped)."""
+    for row in rows:
+        cell = row[column] if column < len(row) else None
+        if text_value(cell):
+            yield cell
+
+
+def jsonl_texts(records, column, strings=True):
+    """Texts of JSON records: an object's ``column`` value; a plain string itself when
+    ``strings`` (no column was named); empty values skipped."""
+    for record in records:
+        if isinstance(record, str):
+            value = record if strings else None
+        elif isinstance(record, dict) and column is not None:
+            value = record.get(column)
+        else:
+            value = None
+        if text_value(value):
+            yield value
+
+
+def parquet_texts(parquet_file, column):
+    """The non-empty string values of ``column`` of a ``pyarrow.parquet.ParquetFile``, streamed."""
+    for batch in parquet_file.iter_batches(batch_size=1024, columns=[column]):
+        for value in batch.column(0).to_pylist():
+            if text_value(value):
+                yield value
+
+
+#: What the exported script embeds of this module, in order (it keeps what its reader reaches).
+PORTABLE = (text_value, take_texts, bounded_lines, paragraphs, txt_texts, csv_texts, jsonl_texts,
+            parquet_texts)
+
+
+def _take(texts: Iterable[str], limit: int, tick: _Ticker) -> list[str]:
+    return take_texts(texts, limit, tick)
 
 
 def read_file(path: Path, text_column: str, limit: int, txt_mode: str = "auto",
@@ -136,22 +225,6 @@ def _looks_like_paragraphs(lines: list[str]) -> bool:
     return multi_line and blocks >= 2 and text_lines <= 50 * blocks
 
 
-def bounded_lines(fh, cap: int = MAX_TEXT_CHARS) -> Iterator[str]:
-    """The lines of a text file, each cut at ``cap`` characters; the rest of a longer line is read
-    in pieces of ``cap`` and dropped, so no line is ever held whole (a 50 MB one-line file)."""
-    while True:
-        line = fh.readline(cap)
-        if not line:
-            return
-        if len(line) >= cap and not line.endswith("\n"):
-            while True:
-                rest = fh.readline(cap)
-                if not rest or rest.endswith("\n"):
-                    break
-            line += "\n"
-        yield line
-
-
 def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
     lineno = 0
     try:
@@ -171,29 +244,9 @@ def _read_txt(path: Path, limit: int, mode: str, tick: _Ticker) -> list[str]:
                 for lineno, line in enumerate(bounded_lines(fh), 1):
                     yield line
 
-            if mode == "lines":
-                texts = (s for s in (line.strip() for line in lines()) if s)
-            else:
-                texts = _paragraphs(lines())
-            return _take(texts, limit, tick)
+            return _take(txt_texts(lines(), mode), limit, tick)
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, lineno + 1, exc) from None
-
-
-def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
-    block: list[str] = []
-    size = 0
-    for line in lines:
-        if line.strip():
-            if size > MAX_TEXT_CHARS:
-                continue  # the paragraph is already longer than any text is kept
-            block.append(line.rstrip("\n").rstrip())
-            size += len(block[-1]) + 1
-        elif block:
-            yield "\n".join(block)
-            block, size = [], 0
-    if block:
-        yield "\n".join(block)
 
 
 # ----- column detection (shared by csv, jsonl, parquet) ------------------------------------------
@@ -237,10 +290,6 @@ def _is_text(values: list[Any]) -> bool:
     return texty * 2 > len(present)
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
-
-
 # ----- .csv / .tsv --------------------------------------------------------------------------------
 def _read_csv(path: Path, text_column: str, limit: int, delimiter: str,
               tick: _Ticker) -> tuple[list[str], str]:
@@ -265,8 +314,7 @@ def _read_csv(path: Path, text_column: str, limit: int, delimiter: str,
                 yield from head_rows
                 yield from reader
 
-            texts = (t for t in (row[col] if col < len(row) else None for row in rows()) if _text(t))
-            return _take(texts, limit, tick), header[col]  # type: ignore[arg-type]
+            return _take(csv_texts(rows(), col), limit, tick), header[col]
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, (reader.line_num if reader else 0) + 1, exc) from None
     except csv.Error as exc:
@@ -305,14 +353,9 @@ def _read_jsonl(path: Path, text_column: str, limit: int, tick: _Ticker) -> tupl
                 samples = {c: [r.get(c) for r in head if isinstance(r, dict)] for c in columns}
                 col = _pick_column(path, columns, samples, text_column)
 
-            def values() -> Iterator[str | None]:
-                for r in _chain(head, stream):
-                    if isinstance(r, str):
-                        yield None if text_column else _text(r)
-                    elif col is not None:
-                        yield _text(r.get(col))
-
-            return _take((t for t in values() if t), limit, tick), col  # type: ignore[misc]
+            # plain strings are texts unless a column was named
+            texts = jsonl_texts(_chain(head, stream), col, strings=not text_column)
+            return _take(texts, limit, tick), col
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, lineno + 1, exc) from None
 
@@ -373,10 +416,7 @@ def _read_parquet(path: Path, text_column: str, limit: int, tick: _Ticker) -> tu
 
     def values() -> Iterator[str]:
         try:
-            for batch in pf.iter_batches(batch_size=1024, columns=[col]):
-                for v in batch.column(0).to_pylist():
-                    if _text(v):
-                        yield v
+            yield from parquet_texts(pf, col)
         except (pa.ArrowException, ValueError) as exc:
             raise BadInput(f"{path.name} could not be read: {str(exc).splitlines()[0][:120]}") from None
 

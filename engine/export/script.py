@@ -129,7 +129,7 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     _embed_technique_sources(port, profile)
     s = _Script()
     s.imports |= {"import argparse", "import gc", "import json", "import os", "import statistics",
-                  "import sys", "import time", "import torch", "import transformers",
+                  "import time", "import torch", "import transformers",
                   "import weakref", "from torch.utils._python_dispatch import TorchDispatchMode"}
     s.imports |= port.imports
     _constants(s, profile, model, data, port, hooks, tools)
@@ -141,7 +141,9 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
                 "            # keeps the segment reserved and carves later large blocks out of it.\n"
                 "            torch.empty(POOL_BYTES, dtype=torch.uint8, device=device)")
     peak = snippets.PEAK_MEMORY.replace("            #POOL#\n", pool + "\n" if pool else "")
-    s.add("memory", probes.portable_source() + "\n\n\n" + peak)
+    s.imports |= {"import threading", "from typing import NamedTuple"}  # the engine's probes
+    probe_code = "\n\n\n".join(_source(obj) for obj in probes.PROBES)
+    s.add("memory", probes.portable_source() + "\n\n\n" + probe_code + "\n\n" + peak)
     _step_section(s, profile, model, hooks, tools)
     _main_section(s, profile, model, hooks)
     if not model.has_tokenizer:  # last: a long blob would bury the code above
@@ -291,7 +293,13 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
                     else "the file holds plain JSON strings")
         if data.kind in ("csv", "tsv"):
             s.const("DELIMITER", "\t" if data.kind == "tsv" else ",", "")
+        if data.kind == "txt":
+            s.const("TXT_MODE", data.txt_mode, "one text per line, or per blank-line-separated paragraph")
         s.const("TEXT_LIMIT", data.limit, raw=f"{data.limit:_}")
+        from engine.data.files import MAX_TEXT_CHARS
+
+        s.const("MAX_TEXT_CHARS", MAX_TEXT_CHARS, "longer texts are cut here (memory needs at most SEQ "
+                "tokens of each)", raw=f"{MAX_TEXT_CHARS:_}")
     if profile.padding != "fixed" and profile.pad_multiple > 1:
         s.const("PAD_MULTIPLE", profile.pad_multiple)
     if profile.padding == "bucketed":
@@ -364,15 +372,20 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
         code = "\n\n\n".join(textwrap.dedent(inspect.getsource(fn)).strip("\n")
                               for fn in (corpus.stdlib_files, corpus.docstrings, corpus.build_corpus))
         s.add("data: the built-in sample corpus", code + "\n\n" + snippets.BUILTIN_TEXTS)
-    elif data.kind == "txt":
-        s.add("data", snippets.TXT_PARAGRAPHS if data.txt_mode == "paragraphs" else snippets.TXT_LINES)
-    elif data.kind in ("csv", "tsv"):
-        s.imports.add("import csv")
-        s.add("data", snippets.CSV)
-    elif data.kind == "jsonl":
-        s.add("data", snippets.JSONL)
-    else:
-        s.add("data", snippets.PARQUET)
+    else:  # a file: the engine's own streams (engine.data.files), around the script's open()
+        from engine.data import files
+
+        if data.kind == "txt":
+            reader = snippets.TXT
+        elif data.kind in ("csv", "tsv"):
+            s.imports.add("import csv")
+            reader = snippets.CSV
+        elif data.kind == "jsonl":
+            named = bool(profile.text_column.strip())  # plain JSON strings are texts unless named
+            reader = snippets.JSONL.replace("#STRINGS#", str(not named))
+        else:
+            reader = snippets.PARQUET
+        s.add("data", _reached_source(files.PORTABLE, reader) + "\n\n" + reader)
     if model.has_tokenizer:
         trust = ", trust_remote_code=True" if remote_code.profile_granted(profile) else ""
         s.add("tokenizer", snippets.FOLDER_TOKENIZER.format(trust=trust))
@@ -389,12 +402,24 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
     if profile.padding == "bucketed":
         args.append("megabatches=BUCKET_MEGABATCHES")
     plan = "plan_padded_batches(" + ", ".join(args) + ")"
-    code = (textwrap.dedent(inspect.getsource(plan_padded_batches)).strip("\n") + "\n\n"
+    from engine.batching import pad_batch
+
+    code = (_source(plan_padded_batches) + "\n\n\n" + _source(pad_batch) + "\n\n"
             + snippets.MAKE_BATCHES.replace("#PLAN#", plan))
     s.add(f"batching: {profile.padding} padding", code)
 
 
 # ----- model -------------------------------------------------------------------------------------
+def _source(obj: Any) -> str:
+    return textwrap.dedent(inspect.getsource(obj)).strip("\n")
+
+
+def _reached_source(definitions, code: str) -> str:
+    """The source of the ``definitions`` that ``code`` reaches (in their order)."""
+    sources = {d.__name__: _source(d) for d in definitions}
+    return "\n\n\n".join(sources[name] for name in _reached(sources, [code]))
+
+
 def _names(code: str) -> set[str]:
     """The names a piece of code reads (calls, bases, annotations, default values)."""
     return {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)}

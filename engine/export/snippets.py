@@ -8,84 +8,37 @@ def load_texts():
     return list(build_corpus())[:TEXT_LIMIT]
 '''
 
-TXT_LINES = '''
+TXT = '''
 def load_texts():
-    """One text per non-empty line of DATASET."""
-    texts = []
+    """The first TEXT_LIMIT texts of DATASET: one per non-empty line, or per paragraph (TXT_MODE)."""
     with open(DATASET, encoding="utf-8-sig") as fh:
-        for line in fh:
-            if line.strip():
-                texts.append(line.strip())
-                if len(texts) == TEXT_LIMIT:
-                    break
-    return texts
-'''
-
-TXT_PARAGRAPHS = '''
-def load_texts():
-    """One text per blank-line-separated paragraph of DATASET (lines joined with newlines)."""
-    texts, block = [], []
-    with open(DATASET, encoding="utf-8-sig") as fh:
-        for line in list(fh) + [""]:
-            if line.strip():
-                block.append(line.rstrip())
-            elif block:
-                texts.append("\\n".join(block))
-                block = []
-                if len(texts) == TEXT_LIMIT:
-                    break
-    return texts
+        return take_texts(txt_texts(bounded_lines(fh), TXT_MODE), TEXT_LIMIT)
 '''
 
 CSV = '''
 def load_texts():
-    """The TEXT_COLUMN cells of DATASET (a header row names the columns); empty cells skipped."""
+    """The first TEXT_LIMIT non-empty TEXT_COLUMN cells of DATASET (a header row names the columns)."""
     csv.field_size_limit(2**31 - 1)  # long documents in one cell are normal
-    texts = []
     with open(DATASET, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=DELIMITER)
-        column = [name.strip() for name in next(reader)].index(TEXT_COLUMN)
-        for row in reader:
-            if column < len(row) and row[column].strip():
-                texts.append(row[column])
-                if len(texts) == TEXT_LIMIT:
-                    break
-    return texts
+        rows = csv.reader(fh, delimiter=DELIMITER)
+        column = [name.strip() for name in next(rows)].index(TEXT_COLUMN)
+        return take_texts(csv_texts(rows, column), TEXT_LIMIT)
 '''
 
 JSONL = '''
 def load_texts():
-    """The TEXT_COLUMN field of each JSON object in DATASET (one per line); empty values skipped."""
-    texts = []
+    """The first TEXT_LIMIT non-empty texts of DATASET, one JSON record per line."""
     with open(DATASET, encoding="utf-8-sig") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            value = json.loads(line)
-            if isinstance(value, dict):
-                value = value.get(TEXT_COLUMN)
-            elif TEXT_COLUMN is not None:
-                continue
-            if isinstance(value, str) and value.strip():
-                texts.append(value)
-                if len(texts) == TEXT_LIMIT:
-                    break
-    return texts
+        records = (json.loads(line) for line in fh if line.strip())
+        return take_texts(jsonl_texts(records, TEXT_COLUMN, strings=#STRINGS#), TEXT_LIMIT)
 '''
 
 PARQUET = '''
 def load_texts():
-    """The TEXT_COLUMN values of the Parquet file DATASET (needs pyarrow); empty values skipped."""
+    """The first TEXT_LIMIT non-empty TEXT_COLUMN values of the Parquet file DATASET (needs pyarrow)."""
     import pyarrow.parquet as pq
 
-    texts = []
-    for batch in pq.ParquetFile(DATASET).iter_batches(batch_size=1024, columns=[TEXT_COLUMN]):
-        for value in batch.column(0).to_pylist():
-            if isinstance(value, str) and value.strip():
-                texts.append(value)
-                if len(texts) == TEXT_LIMIT:
-                    return texts
-    return texts
+    return take_texts(parquet_texts(pq.ParquetFile(DATASET), TEXT_COLUMN), TEXT_LIMIT)
 '''
 
 FALLBACK_TOKENIZER = '''
@@ -112,35 +65,28 @@ def load_tokenizer():
     return tokenizer
 '''
 
-# ----- batching: the plan is the engine's (engine.batching.plan_padded_batches) ---------------
+# ----- batching: the plan and the padding are the engine's (engine.batching) -----------------
 MAKE_BATCHES = '''
 def make_batches(token_lists, pad_token_id):
     """(input_ids, attention_mask) pairs, right-padded, in the order they are trained on."""
     lengths = [len(ids) for ids in token_lists]
     plan = #PLAN#  # [(rows, T)]
-    batches = []
-    for group, length in plan:
-        input_ids = torch.full((len(group), length), pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(group), length), dtype=torch.long)  # (B, T)
-        for row, i in enumerate(group):
-            input_ids[row, :len(token_lists[i])] = torch.tensor(token_lists[i], dtype=torch.long)
-            attention_mask[row, :len(token_lists[i])] = 1
-        batches.append((input_ids, attention_mask))
-    return batches
+    return [pad_batch([list(token_lists[i]) for i in group], length, pad_token_id) for group, length in plan]
 '''
 
-# ----- memory (the live-bytes tracker itself is the engine's: engine.measure.probes) ----------
+# ----- memory: the tracker, the RSS sampler and the probes are the engine's (engine.measure.probes)
 PEAK_MEMORY = '''
 class PeakMemory:
     """Peak memory of everything the run creates after the baseline (the model, gradients,
-    optimizer state, activations).
+    optimizer state, activations), read with Headroom's probes.
 
-    CUDA: max_memory_allocated/reserved, what was allocated before the model subtracted, and the
-    device's used memory (mem_get_info: the CUDA context included). CPU: live tensor bytes, the
-    growth of the process's resident set and its peak."""
+    CUDA (CudaProbe): peak allocated minus what was allocated before the model, peak reserved, and
+    the device's used memory (mem_get_info: the CUDA context included). CPU (CpuProbe): live tensor
+    bytes (LiveBytesTracker), the growth of the process's resident set and its peak (RssSampler)."""
 
     def __init__(self, device):
         self.device = device
+        self.tracker = self.rss = None
         gc.collect()
         if device.type == "cuda":
             torch.empty(0, device=device)  # create the CUDA context outside the measured region
@@ -148,48 +94,35 @@ class PeakMemory:
             #POOL#
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
+            self.probe = CudaProbe(torch, device)
+            self.probe.baseline = torch.cuda.memory_allocated(device)
         else:
             self.tracker = LiveBytesTracker("cpu")  # the tracker of Headroom's CPU measure
-            self.base = self.resident_peak = resident_bytes()
+            self.rss = RssSampler()
+            self.probe = CpuProbe(self.tracker, self.rss)
 
     def start(self, *models):
         """Begin the measured steps (CPU: count the weights, then every tensor the steps make)."""
         self.sync()
-        if self.device.type == "cpu":
+        if self.tracker is not None:
             for model in models:
                 for tensor in list(model.parameters()) + list(model.buffers()):
                     self.tracker.track(tensor)
+            self.rss.__enter__()
             self.tracker.__enter__()
 
     def stop(self):
-        if self.device.type == "cpu":
+        if self.tracker is not None:
             self.tracker.__exit__(None, None, None)
+            self.rss.__exit__(None, None, None)
 
     def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        else:
-            self.resident_peak = max(self.resident_peak, resident_bytes())
+        self.probe.sync()
+        if self.rss is not None:
+            self.rss.sample()
 
     def result(self):
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device) - self.base,
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
-                    "device_used_bytes": total - free}
-        return {"peak_allocated_bytes": self.tracker.peak_bytes,
-                "peak_reserved_bytes": self.resident_peak - self.base,
-                "device_used_bytes": self.resident_peak}
-
-
-def resident_bytes():
-    """This process's resident set size (Linux /proc; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        end = self.probe.phase_end()  # the peaks since the baseline
+        return {"peak_allocated_bytes": end.peak, "peak_reserved_bytes": end.peak_reserved,
+                "device_used_bytes": self.probe.used()}
 '''

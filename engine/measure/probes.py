@@ -25,7 +25,8 @@ A simulated capacity (``cap_bytes``) makes the op that would push live bytes bey
 ``SimulatedOutOfMemory`` (a ``torch.OutOfMemoryError``), as the CUDA allocator would.
 
 The tracker uses only torch, ``weakref`` and ``format_bytes``: ``portable_source()`` is the source
-of the objects a standalone script needs for it (the exported script embeds it).
+of the objects a standalone script needs for it (the exported script embeds it, and ``PROBES``:
+the RSS sampler and the two probes, stdlib and torch only).
 
 ``RssSampler`` samples the resident set size in a thread (every ``interval_s``) and at the points
 the runner asks (``sample()``), keeping the maximum: a coarse upper view including the
@@ -39,7 +40,7 @@ import inspect
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -247,31 +248,24 @@ def portable_source() -> str:
     return "\n\n".join(inspect.getsource(obj) for obj in PORTABLE)
 
 
-# ----- process RSS -------------------------------------------------------------------------------
-def _rss_reader():
-    """A fast function returning this process's RSS in bytes (``/proc`` on Linux, else psutil)."""
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# ----- process RSS (portable: stdlib only) -------------------------------------------------------
+def resident_bytes():
+    """This process's resident set size in bytes: /proc on Linux, else psutil, else (without it)
+    the peak so far from getrusage."""
     try:
         with open("/proc/self/statm", "rb") as fh:
-            fh.read()
-
-        def read() -> int:
-            with open("/proc/self/statm", "rb") as fh:
-                return int(fh.read().split()[1]) * page
-        return read
-    except OSError:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, ValueError):
         pass
     try:
         import psutil
 
-        proc = psutil.Process()
-        return lambda: proc.memory_info().rss
-    except ImportError:  # pragma: no cover
+        return psutil.Process().memory_info().rss
+    except ImportError:
         import resource
         import sys
 
-        scale = 1 if sys.platform == "darwin" else 1024
-        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 class RssSampler:
@@ -279,7 +273,7 @@ class RssSampler:
 
     def __init__(self, interval_s: float = 0.005):
         self.interval_s = interval_s
-        self._read = _rss_reader()
+        self._read = resident_bytes
         self.start_bytes = self._read()
         self.peak_bytes = self.start_bytes
         self._stop = threading.Event()
@@ -307,9 +301,9 @@ class RssSampler:
         self.sample()
 
 
-# ----- the measure loop's reads, on both devices ---------------------------------------------------
-@dataclass(frozen=True)
-class PhaseEnd:
+# ----- the measure loop's reads, on both devices (portable: the exported script's PeakMemory reads
+# them, so it embeds ``PROBES`` below) ---------------------------------------------------
+class PhaseEnd(NamedTuple):
     """What a probe reads at the end of a phase, in one go."""
 
     allocated: int  # current allocated - baseline
@@ -388,3 +382,7 @@ class CpuProbe:
 
     def used(self) -> int:
         return self.rss.peak_bytes
+
+
+#: What the exported script's PeakMemory reads the devices with (torch and stdlib only).
+PROBES = (resident_bytes, RssSampler, PhaseEnd, CudaProbe, CpuProbe)
