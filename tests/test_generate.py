@@ -163,3 +163,26 @@ def test_plan_vary_context_needs_generate_mode():
     code, _, err = run_cli(["plan", "--model", "tiny-gpt2", "--target", "cpu", "--budget", "1GiB",
                             "--vary", "context"])
     assert code == 2 and "batch or seq" in err
+
+
+def test_exported_generation_script_runs_on_cpu_and_prints_the_measure_json(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from engine.export import export_script
+
+    profile = gen(GEMMA, cache="dynamic")
+    script = tmp_path / "generate.py"
+    script.write_text(export_script(profile))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # Headroom is not imported
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kv_cache_bytes"] == estimate(profile, method="analytic").kv_cache_bytes
+    for key in ("peak_allocated_bytes", "decode_tokens_per_s", "prefill_tokens_per_s",
+                "time_to_first_token_s"):
+        assert result[key] > 0, key
+    assert "import engine" not in script.read_text() and "greedy_generate" in script.read_text()

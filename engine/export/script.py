@@ -144,8 +144,13 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     s.imports |= {"import threading", "from typing import NamedTuple"}  # the engine's probes
     probe_code = "\n\n\n".join(_source(obj) for obj in probes.PROBES)
     s.add("memory", probes.portable_source() + "\n\n\n" + probe_code + "\n\n" + peak)
-    _step_section(s, profile, model, hooks, tools)
-    _main_section(s, profile, model, hooks)
+    if profile.mode == "generate":
+        from engine.export import generation
+
+        generation.sections(s, profile)
+    else:
+        _step_section(s, profile, model, hooks, tools)
+        _main_section(s, profile, model, hooks)
     if not model.has_tokenizer:  # last: a long blob would bury the code above
         s.add("the fallback tokenizer: its JSON, xz-compressed, base64", _embedded_fallback_tokenizer())
     text = _header(profile, model, estimate, measured, notes) + _imports(s, profile) + "\n"
@@ -189,6 +194,8 @@ def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any, n
     from engine.units import format_bytes
 
     what = "Train" if profile.is_training else "Run inference with"
+    if profile.mode == "generate":
+        what = "Generate with"
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [f"{what} {docstring_safe(model.name if model.kind == 'preset' else _short(model.name))} "
              f"as planned by Headroom (profile {docstring_safe(profile.name, 40)}).",
@@ -222,6 +229,9 @@ def _short(path: str) -> str:
 
 def _summary_line(profile: Profile) -> str:
     parts = [f"batch {profile.batch}", f"seq {profile.seq}", profile.precision, f"{profile.padding} padding"]
+    if profile.mode == "generate":
+        parts = [f"{profile.batch} sequences", f"prompt {profile.prompt_len or 'from the texts'}",
+                 f"{profile.new_tokens} new tokens", f"{profile.cache} KV cache", profile.precision]
     if profile.checkpointing and profile.is_training:
         parts.append("checkpointing" + (f" every {profile.checkpoint_every}" if profile.checkpoint_every > 1
                                         else ""))
@@ -284,6 +294,10 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
     s.const("SEQ", profile.seq)
     s.const("STEPS", profile.steps)
     s.const("SEED", profile.seed)
+    if profile.mode == "generate":
+        from engine.export import generation
+
+        generation.constants(s, profile)
     if data.kind == "builtin":
         s.const("TEXT_LIMIT", data.limit, raw=f"{data.limit:_}")
     else:
@@ -392,6 +406,11 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
     else:
         s.imports |= {"import base64", "import lzma", "import tokenizers"}
         s.add("tokenizer", snippets.FALLBACK_TOKENIZER)
+    if profile.mode == "generate":  # one batch of B prompts, no batching strategy
+        from engine.export import generation
+
+        s.add("prompts", generation.prompts_section())
+        return
     from engine.batching import plan_padded_batches
 
     args = ["lengths", f'"{profile.padding}"', "BATCH", "SEQ", "SEED"]
@@ -474,7 +493,10 @@ def _model_section(s: _Script, profile: Profile, model: ModelFacts, port: Port, 
              + (', then the profile\'s techniques."""' if port.calls else '."""')]
     lines += _build_lines(profile, model, "MODEL", "model")
     lines += [f"    {call}" for call in port.calls]
-    lines.append("    model.config.use_cache = False  # a scoring forward: no key/value cache is kept")
+    if profile.mode == "generate":
+        lines.append("    model.config.use_cache = True  # generation keeps every layer's keys and values")
+    else:
+        lines.append("    model.config.use_cache = False  # a scoring forward: no key/value cache is kept")
     lines.append("    model.train()" if profile.is_training else "    model.eval()")
     lines.append("    return model")
     code = "\n".join(lines)

@@ -23,6 +23,8 @@ import statistics
 import time
 from typing import Any
 
+import torch
+
 from engine.errors import BadInput, Cancelled
 from engine.measure import decode, probes, runner
 from engine.results import GENERATE_CATEGORIES, MemoryCategory, MeasureResult, TimelinePoint
@@ -32,38 +34,42 @@ C = MemoryCategory
 
 
 def prompt_tensors(profile, config, should_stop, notes: list[str]):
-    """(input_ids, attention_mask, real tokens): the B prompts on CPU. ``prompt_len`` > 0: rows of
-    exactly P tokens cut from the dataset's token stream (cycled); 0: the first B texts (cycled,
-    empty ones skipped) cut at ``seq``, left-padded to the longest (as generate expects)."""
-    import torch
-
+    """(input_ids, attention_mask, real tokens): the B prompts on CPU (``make_prompts``); token ids
+    at or above the model's vocabulary are taken modulo its size."""
     from engine.measure.inputs import token_lists
 
     tokens, pad_id, _ = token_lists(profile, should_stop, lambda f, m: None)
     tokens = [t for t in tokens if t]
     if not tokens:
         raise BadInput(f"dataset {profile.dataset!r} has no texts to prompt with")
-    b = profile.batch
-    if profile.prompt_len:
-        p = profile.prompt_len
-        stream: list[int] = []
-        i = 0
-        while len(stream) < b * p:
-            stream.extend(tokens[i % len(tokens)])
-            i += 1
-        ids = torch.tensor(stream[:b * p], dtype=torch.long).view(b, p)  # (B, P)
-        mask = torch.ones_like(ids)
-    else:
-        rows = [list(tokens[i % len(tokens)][:profile.seq]) for i in range(b)]
-        p = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (p - len(r)) + r for r in rows], dtype=torch.long)  # (B, P)
-        mask = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    ids, mask = make_prompts(tokens, pad_id, profile.batch, profile.prompt_len, profile.seq)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     if vocab and int(ids.max()) >= vocab:
         ids = ids % vocab
         notes.append(f"the tokenizer's ids exceed the model's vocabulary of {vocab}; "
                      f"ids were taken modulo {vocab}")
     return ids, mask, int(mask.sum())
+
+
+def make_prompts(token_lists, pad_token_id, batch, prompt_len, seq):
+    """(input_ids, attention_mask), (B, P): ``prompt_len`` > 0: rows of exactly that many tokens
+    cut from the texts' token stream (cycled); 0: the first ``batch`` texts (cycled) cut at ``seq``,
+    left-padded to the longest (decoders generate after the last real token). Torch only: the
+    exported script embeds it."""
+    token_lists = [ids for ids in token_lists if len(ids)]
+    if prompt_len:
+        stream = []
+        i = 0
+        while len(stream) < batch * prompt_len:
+            stream.extend(token_lists[i % len(token_lists)])
+            i += 1
+        input_ids = torch.tensor(stream[:batch * prompt_len], dtype=torch.long).view(batch, prompt_len)
+        return input_ids, torch.ones_like(input_ids)
+    rows = [list(token_lists[i % len(token_lists)][:seq]) for i in range(batch)]
+    longest = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_token_id] * (longest - len(r)) + r for r in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return input_ids, attention_mask
 
 
 class _Generation:
@@ -103,8 +109,6 @@ class _Generation:
 
 def run_generate(profile, progress=None, should_stop=None, snapshot=None) -> MeasureResult:
     """Measure the profile's generation (see the module docstring); an OOM is a result."""
-    import torch
-
     from engine.models import build_model, count_parameters
 
     started = time.perf_counter()
@@ -290,4 +294,4 @@ def _result(profile, gens, oom, notes, *, dev, device_name, device_used, params,
         decode_tokens_per_s=float(decode_tps), time_to_first_token_s=float(ttft), extra=extra)
 
 
-__all__ = ["prompt_tensors", "run_generate"]
+__all__ = ["make_prompts", "prompt_tensors", "run_generate"]
