@@ -189,6 +189,8 @@ def validate(profile: Profile) -> Profile:
     for technique in techniques.registry():
         if technique.validate is not None:
             technique.validate(profile)
+        for f in technique.fields:  # after its own rules: theirs come first, as they always did
+            f.check_mode(profile)
     return profile
 
 

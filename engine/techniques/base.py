@@ -72,6 +72,10 @@ def cli_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+#: How a refusal names a mode ("applies to training only").
+_MODE_WORDS = {"train": "training", "infer": "inference", "generate": "generation"}
+
+
 def _always(profile: "Profile") -> bool:
     return True
 
@@ -92,7 +96,10 @@ class Field:
     metavar: str | None = None  # CLI metavar
     parse: Callable[[str], Any] | None = None  # CLI text -> value (default: the type)
     after: str | None = None  # field it follows in the record (None: after the previous one)
-    modes: tuple[str, ...] | None = None  # modes where a non-default value means something
+    modes: tuple[str, ...] | None = None  # modes where a non-default value means something;
+    #   elsewhere engine.profile.validate refuses it (check_mode), the panel's mode switch resets it
+    mode_hint: str = ""  # what the field is, in the refusal: "micro_batches (gradient accumulation)"
+    mode_advice: str = ""  # what to use instead, after the refusal ("for training use micro_batches")
     cli: bool = True  # has a command-line flag
     label: str = ""  # name in summaries ("" = the field name)
 
@@ -138,6 +145,17 @@ class Field:
             raise BadInput(f"{self.name} must be at most {maximum:,}; got {short_repr(value)}")
         if self.check is not None:
             self.check(value)
+
+    def check_mode(self, profile: "Profile") -> None:
+        """BadInput (one line) when the field is set in a mode outside ``modes``."""
+        if self.modes is None or profile.mode in self.modes:
+            return
+        if getattr(profile, self.name) == self.default:
+            return
+        what = f"{self.name} ({self.mode_hint})" if self.mode_hint else self.name
+        where = " or ".join(_MODE_WORDS.get(m, m) for m in self.modes)
+        advice = f"; {self.mode_advice}" if self.mode_advice else ""
+        raise BadInput(f"{what} applies to {where} only{advice}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from engine.errors import BadInput
 from engine.techniques.base import AnalyticSetup, Control, Field, Technique
 
 if TYPE_CHECKING:
@@ -22,12 +21,6 @@ EXPLANATION = (
     "than the model's position limit can be processed. Tokens do not see context beyond their "
     "window, so outputs differ from a full-length forward."
 )
-
-
-def validate(p: "Profile") -> None:
-    if p.chunk_input and p.mode != "infer":
-        raise BadInput("chunk_input (windowed long inputs) applies to inference only; "
-                       "for training use micro_batches")
 
 
 def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
@@ -44,6 +37,7 @@ TECHNIQUE = Technique(
     order=51,
     fields=(Field("chunk_input", int, 0, "inference: process long inputs in windows of W tokens "
                   "(0 = off)", minimum=0, metavar="W", after="micro_batches", modes=("infer",),
+                  mode_hint="windowed long inputs", mode_advice="for training use micro_batches",
                   label="input windows (tokens)"),),
     controls=(Control("chunk_input", "spin", "Input windows (inference)", field="chunk_input", low=0,
                       high=1 << 20, step=128, special="off", enabled_when=lambda p: p.mode == "infer"),),
@@ -51,6 +45,5 @@ TECHNIQUE = Technique(
     summary_title=lambda p: "Chunked input",
     active=lambda p: p.chunk_input > 0,
     forward_tokens=lambda p: p.chunk_input,
-    validate=validate,
     analytic_setup=analytic_setup,
 )

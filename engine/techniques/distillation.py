@@ -367,8 +367,6 @@ SCRIPT = ScriptHooks(
 
 
 def validate(p: "Profile") -> None:
-    if p.distill_from and p.mode != "train":
-        raise BadInput("distill_from (knowledge distillation) applies to training only")
     if p.teacher_precision != "auto" and not p.distill_from:
         raise BadInput(f"teacher_precision {p.teacher_precision!r} needs a distillation teacher: "
                        f"set distill_from, or leave teacher_precision at auto")
@@ -415,7 +413,8 @@ TECHNIQUE = Technique(
     order=80,
     fields=(
         Field("distill_from", str, "", "teacher model (preset or folder) for knowledge distillation",
-              metavar="NAME|DIR", after="ffn_chunks", modes=("train",), label="distillation teacher"),
+              metavar="NAME|DIR", after="ffn_chunks", modes=("train",), mode_hint="knowledge distillation",
+              label="distillation teacher"),
         Field("teacher_precision", str, "auto", "teacher weights: auto (student's half dtype on "
               "CUDA) | fp32|bf16|fp16", choices=TEACHER_PRECISIONS, modes=("train",),
               label="teacher precision"),

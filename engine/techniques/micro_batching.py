@@ -27,8 +27,6 @@ EXPLANATION = (
 def validate(p: "Profile") -> None:
     if p.micro_batches > p.batch:
         raise BadInput(f"micro_batches ({p.micro_batches}) cannot exceed batch ({p.batch})")
-    if p.micro_batches > 1 and p.mode != "train":
-        raise BadInput("micro_batches (gradient accumulation) applies to training only")
 
 
 def analytic_setup(p: "Profile", setup: AnalyticSetup) -> AnalyticSetup:
@@ -51,7 +49,7 @@ TECHNIQUE = Technique(
     order=50,
     fields=(Field("micro_batches", int, 1, "training: split each batch in N micro-batches, "
                   "accumulate gradients", minimum=1, metavar="N", after="max_tokens",
-                  modes=("train",), label="micro-batches"),),
+                  modes=("train",), mode_hint="gradient accumulation", label="micro-batches"),),
     controls=(Control("micro_batches", "spin", "Micro-batches (training)", field="micro_batches",
                       low=1, high=4096, enabled_when=lambda p: p.mode == "train"),),
     explanations={"micro_batching": EXPLANATION},

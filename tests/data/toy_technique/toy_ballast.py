@@ -8,7 +8,6 @@ numbers can be checked exactly.
 
 from __future__ import annotations
 
-from engine.errors import BadInput
 from engine.techniques.base import Control, Field, Technique
 
 
@@ -26,22 +25,16 @@ def _apply(model, profile):
     return f"toy ballast: {profile.toy_ballast_kib} KiB"
 
 
-def _validate(profile):
-    if profile.toy_ballast_kib and profile.mode != "train":
-        raise BadInput("toy_ballast_kib (toy ballast) applies to training only")
-
-
 TECHNIQUE = Technique(
     name="toy_ballast",
     title="Toy ballast",
     order=95,
     fields=(Field("toy_ballast_kib", int, 0, "toy: KiB of ballast buffer in the model (0 = off)",
-                  minimum=0, metavar="KIB"),),
+                  minimum=0, metavar="KIB", modes=("train",), mode_hint="toy ballast"),),
     controls=(Control("toy_ballast_kib", "spin", "Ballast (KiB)", field="toy_ballast_kib", low=0,
                       high=1 << 20),),
     explanations={"toy_ballast": "A toy ballast buffer: it saves nothing and costs exactly its size."},
     active=lambda p: p.toy_ballast_kib > 0,
-    validate=_validate,
     apply_model=_apply,
     apply_rank=60,
     export_source=lambda: [add_ballast],
