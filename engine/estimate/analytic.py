@@ -478,10 +478,12 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         for x in terms:
             if x.loss is not None:
                 saved_logits, loss_fwd, loss_bwd = x.loss
-        tmp_common = inputs + workspace + autocast_copies
+        # kept model outputs: alive from the loss through backward, the optimizer and the next forward
+        held = sum(x.held for x in terms)
+        tmp_common = inputs + workspace + autocast_copies + held
         w_all = weights + extra_weights
         # Step 1 optimizer step: weights + grads + new states + foreach temporary.
-        add("optimizer", w_all, grads, states, 0, inputs + workspace + opt_temp)
+        add("optimizer", w_all, grads, states, 0, inputs + workspace + opt_temp + held)
         # Gradients already present during the forward/backward of micro-batches >= 2.
         g_prev = grads if m > 1 else 0
         # Step 2 forward at the loss.

@@ -127,6 +127,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     hooks_on = techniques.loop_hooks(profile)  # the techniques' training-step changes
     extras = [m for h in hooks_on if h.extra_models for m in h.extra_models(profile, device, target)]
     loss_hook = next((h.loss for h in hooks_on if h.loss is not None), None)
+    keep_outputs = any(h.keep_outputs for h in hooks_on)  # outputs = model(...) kept to the next forward
+    kept = None
     params = count_parameters(model)
 
     amp = {"bf16-amp": torch.bfloat16, "fp16-amp": torch.float16}.get(profile.precision)
@@ -246,6 +248,10 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                         with autocast_ctx():
                             if loss_hook is not None:
                                 loss = loss_hook(model, extras, ids, mask, labels, profile)
+                            elif keep_outputs:
+                                # rebound after the forward: the previous outputs are freed only now
+                                kept = model(input_ids=ids, attention_mask=mask, labels=labels)
+                                loss = kept.loss
                             else:
                                 loss = model(input_ids=ids, attention_mask=mask,
                                              labels=labels).loss

@@ -1,7 +1,8 @@
 """The measured step loop: train and infer steps, their timing, and the per-pass throughput report.
 
 A training step is, per micro-batch, the copy of its tensors to the device, forward + loss under
-autocast (only the loss is kept: the outputs are dropped before backward, as in a plain loop),
+autocast (only the loss is kept: the outputs are dropped before backward, as in a plain loop;
+``keep_outputs`` keeps them until the next forward has returned, as ``outputs = model(**batch)`` does),
 backward (scaled under fp16 AMP), then the optimizer step and ``zero_grad(set_to_none=True)``. An
 inference step is the forward under ``no_grad``, window by window when ``chunk_input`` is set.
 Every phase is bracketed by the attribution's ``begin``/``end`` (engine.measure.attribution).
@@ -75,6 +76,8 @@ class StepLoop:
     amp_dtype: Any = None  # autocast dtype, None: no autocast
     micro_batches: int = 1
     window: int = 0  # inference: tokens per window (0: whole inputs)
+    keep_outputs: bool = False  # keep the forward's output object until the next forward returned
+    kept: Any = None  # the kept outputs (keep_outputs)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -101,6 +104,13 @@ class StepLoop:
                 # backward, so what stays alive is what autograd saved.
                 if self.loss_hook is not None:
                     loss = self.loss_hook(model, self.extras, ids, mask, labels, self.profile)
+                elif self.keep_outputs:
+                    # ``outputs = model(**batch)`` of a hand-written loop: the name holds the outputs
+                    # until it is bound again, after the next forward has returned
+                    outputs = model(input_ids=ids, attention_mask=mask, labels=labels)
+                    self.kept = outputs
+                    loss = outputs.loss
+                    del outputs
                 else:
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss = loss / len(parts)

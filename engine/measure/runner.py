@@ -345,6 +345,7 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
     built.step_loop = loop.StepLoop(
         run, model, dev, profile, check_stop, optimizer=optimizer, extras=extras,
         loss_hook=loss_hook, scaler=scaler, amp_dtype=amp_dtype,
+        keep_outputs=any(h.keep_outputs for h in hooks_on),
         micro_batches=profile.micro_batches if profile.is_training else 1,
         window=profile.chunk_input if not profile.is_training else 0)
 

@@ -201,6 +201,8 @@ class AnalyticTerms:
     forward_phases: tuple[int, ...] = ()  # extra forward-phase temporaries (a teacher forward)
     layers: int = 0  # transformer blocks its extra models run (the traced estimate's cost)
     rows: tuple[tuple[str, int, int], ...] = ()  # per-layer table rows: (name, params, weight bytes)
+    held: int = 0  # bytes kept from the loss through backward, the optimizer step and the next
+    #                forward (a loop that keeps the model outputs)
 
 
 @dataclass(frozen=True)
@@ -229,10 +231,13 @@ class LoopHooks:
     ``device`` ("meta" for the traced estimate) for a run on ``target``; their weights count as
     weights. ``loss(model, extras, ids, mask, labels, profile)``: the loss, replacing
     ``model(..., labels=labels).loss``; it runs under the step's autocast and keeps only the loss.
+    ``keep_outputs``: the loop keeps the forward's output object (``outputs = model(...)``) until
+    the next forward has returned, as a hand-written loop that names it does.
     """
 
     extra_models: Callable[..., list] | None = None
     loss: Callable[..., Any] | None = None
+    keep_outputs: bool = False
 
 
 @dataclass(frozen=True)
