@@ -186,3 +186,17 @@ def test_exported_generation_script_runs_on_cpu_and_prints_the_measure_json(tmp_
                 "time_to_first_token_s"):
         assert result[key] > 0, key
     assert "import engine" not in script.read_text() and "greedy_generate" in script.read_text()
+
+
+@pytest.mark.parametrize("model,cache", [("tiny-llama", "dynamic"), (GEMMA, "dynamic"), (GEMMA, "static")])
+def test_long_generations_trace_the_first_and_last_decode_steps(model, cache):
+    from engine.estimate.generate import TRACED_FULL_STEPS
+
+    profile = gen(model, cache=cache, new_tokens=TRACED_FULL_STEPS + 14)
+    measured = run_measure(profile)
+    traced = estimate(profile, method="traced")
+    assert traced.kv_cache_bytes == measured.kv_cache_bytes
+    for phase in ("prefill", "decode"):
+        key = f"{phase}_peak_allocated_bytes"
+        assert abs(traced.extra[key] - measured.extra[key]) <= 0.03 * measured.extra[key], phase
+    assert traced.extra["cache_growth_bytes"] == measured.extra["cache_growth_bytes"]

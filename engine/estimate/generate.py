@@ -292,7 +292,6 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
     if padded:
         mask_cpu[0, 0] = 0
     phases: dict[str, tuple[int, int]] = {}
-    growth: list[int] = []
     state = {"cache": None}
 
     def classify_cache():
@@ -304,7 +303,6 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
         if should_stop is not None and should_stop():
             raise Cancelled("estimate cancelled")
         classify_cache()
-        growth.append(decode.cache_storage_bytes(state["cache"]))
         if i == 0:
             phases["prefill"] = (tracker.peak_bytes, tracker.peak_event)
             tracker.reset_peak()
@@ -317,6 +315,7 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
             return _EmuAutocast(emu)
         return torch.autocast("cpu", dtype=amp)
 
+    jump = n > TRACED_FULL_STEPS
     with contextlib.ExitStack() as stack:
         for m in (emu, tracker):
             if m is not None:
@@ -329,7 +328,12 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
         ids, mask = to_device(ids_cpu, device), to_device(mask_cpu, device)
         state["cache"] = decode.make_cache(model, profile.cache, p + n)
         with autocast_ctx():
-            out = decode.greedy_generate(model, ids, mask, state["cache"], n, on_token)
+            out = decode.greedy_generate(model, ids, mask, state["cache"], 2 if jump else n,
+                                         on_token)
+            if jump:  # the state before the last step, then the last step as the loop runs it
+                del out
+                out = _last_step(profile, model, state["cache"], b, p, n, device)
+                on_token(n - 1)
         classify_cache()
         held = decode.cache_bytes(state["cache"])
         storage = decode.cache_storage_bytes(state["cache"])
@@ -344,10 +348,55 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
     out = {"peak": max(prefill_peak, decode_peak), "phase": phase,
            "breakdown": tracker.breakdown_at(event), "prefill": prefill_peak,
            "decode": decode_peak, "kv_cache_bytes": held, "kv_cache_storage_bytes": storage,
-           "events": list(tracker.events), "growth": growth, "shape": (b, p), "padded": padded,
+           "events": list(tracker.events), "shape": (b, p), "padded": padded,
            "backends": tuple(sorted(set(emu.backend_log))) if emu is not None else ()}
     tracker.detach()
     return out
+
+
+#: Decode steps the traced estimate runs one by one; longer runs trace the prefill, the first
+#: decode step and the last (the cache at its largest, set to its size there), and model the
+#: steps between (the cache's growth) in the allocator replay.
+TRACED_FULL_STEPS = 16
+
+
+def _last_step(profile: Profile, model, cache, b: int, p: int, n: int, device: str):
+    """The cache, sequences and mask as they are before the last decode step (P + N - 2 tokens
+    fed), then that step (``decode.next_tokens``, as ``greedy_generate`` runs it); returns the
+    sequences."""
+    import torch
+
+    from engine.measure import decode
+
+    fed = p + n - 2
+    for layer, kind in zip(getattr(cache, "layers", ()), cache_kinds(profile)):
+        keys = getattr(layer, "keys", None)
+        if kind.kind == "none" or not isinstance(keys, torch.Tensor):
+            continue
+        if profile.cache == "static":  # preallocated: only the positions move
+            if isinstance(getattr(layer, "cumulative_length_int", None), int):
+                layer.cumulative_length_int = fed
+            continue
+        held, stored = layer_tokens(kind, "dynamic", p, n, fed)
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            shape, dtype = list(old.shape), old.dtype
+            setattr(layer, name, None)  # freed first: the run never holds both
+            del old
+            shape[-2] = stored
+            new = torch.empty(shape, dtype=dtype, device=device)
+            setattr(layer, name, new[..., -held:, :] if held < stored else new)
+            del new
+        if isinstance(getattr(layer, "cumulative_length", None), int):
+            layer.cumulative_length = fed
+    sequences = torch.empty((b, fed + 1), dtype=torch.long, device=device)  # (B, P + N - 1)
+    mask = torch.empty((b, fed + 1), dtype=torch.long, device=device)
+    chosen = torch.empty((b,), dtype=torch.long, device=device)
+    position_ids = torch.empty((b, 1), dtype=torch.long, device=device)
+    with torch.no_grad():
+        chosen = decode.next_tokens(model, chosen[:, None], mask, position_ids,
+                                    decode.forward_kwargs(model, cache))
+        return torch.cat([sequences, chosen[:, None]], dim=-1)
 
 
 # ----- the estimate -------------------------------------------------------------------------------
@@ -393,9 +442,27 @@ def estimate_generate(profile: Profile, method: str = "auto", progress=None,
         out["breakdown"][C.TEMPORARIES.value] += workspace
         reserved = _traced_reserved(profile, events) if profile.target == "cuda" else 0
         reserved = max(reserved, out["peak"])
-        extra["cache_growth_bytes"] = out["growth"]
+        if profile.target == "cuda" and profile.cache == "dynamic" \
+                and profile.new_tokens > TRACED_FULL_STEPS:
+            # the steps between the first and the last were not traced: their reallocations
+            # replayed with the traced prefill's and last step's temporaries
+            from engine.estimate.allocator import simulate
+
+            w = out["breakdown"].get(C.WEIGHTS.value, 0)
+            prefill_cache = cache_totals(profile, b, p, p)[1]
+            final_cache = cache_totals(profile, b, p, p + profile.new_tokens - 1)[1]
+            arch = arch_of(profile)
+            weights_list = [_r(k * s_, True) for k, s_ in arch.param_tensors]
+            grown = simulate(_growth_events(profile, b, p, weights_list,
+                                            max(0, out["prefill"] - w - prefill_cache),
+                                            max(0, out["decode"] - w - final_cache)))
+            reserved = max(reserved, grown.peak_reserved)
+            notes.append(f"traced: prefill, the first and the last of {profile.new_tokens - 1} "
+                         f"decode steps; the cache's growth between them replayed in the allocator")
         if out["backends"]:
             notes.append("SDPA kernel: " + ", ".join(out["backends"]))
+    extra["cache_growth_bytes"] = [cache_totals(profile, b, p, p + i)[1]
+                                   for i in range(profile.new_tokens)]
     extra.update({"prefill_peak_allocated_bytes": int(out["prefill"]),
                   "decode_peak_allocated_bytes": int(out["decode"])})
     weights = out["breakdown"].get(C.WEIGHTS.value, 0)

@@ -63,38 +63,49 @@ def _cache_kwarg(model):
     return "cache" if "cache" in params else "past_key_values"
 
 
+def forward_kwargs(model, cache):
+    """The forward's cache arguments: the cache, use_cache, and the last position's logits only
+    where the model takes ``logits_to_keep`` (as generate asks)."""
+    kwargs = {_cache_kwarg(model): cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+def next_tokens(model, step_ids, mask, position_ids, kwargs):
+    """One forward over the cache and the greedy choice: (B,) token ids."""
+    out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+    logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (B, V), as generate copies it
+    del out
+    return torch.argmax(logits, dim=-1)  # (B,)
+
+
 def greedy_generate(model, input_ids, attention_mask, cache, new_tokens, on_token=None):
     """Greedy decoding of ``new_tokens`` tokens per sequence over ``cache``; returns the
     (B, P + new_tokens) sequences. ``on_token(i)`` runs after new token ``i`` (0: the prefill's)
     is chosen; it may raise to stop."""
-    params = inspect.signature(model.forward).parameters
-    kwargs = {_cache_kwarg(model): cache, "use_cache": True}
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
+    kwargs = forward_kwargs(model, cache)
     sequences = input_ids
     mask = attention_mask
     position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, P)
     step_ids = input_ids
     with torch.no_grad():
         for i in range(new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
-            logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (B, V)
-            del out
-            next_tokens = torch.argmax(logits, dim=-1)  # (B,)
-            del logits
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            chosen = next_tokens(model, step_ids, mask, position_ids, kwargs)
+            sequences = torch.cat([sequences, chosen[:, None]], dim=-1)
             if on_token is not None:
                 on_token(i)
             if i + 1 == new_tokens:
                 break
-            step_ids = next_tokens[:, None]  # (B, 1)
+            step_ids = chosen[:, None]  # (B, 1)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             position_ids = position_ids[:, -1:] + 1
     return sequences
 
 
 #: What a standalone script needs, in order (besides ``import inspect`` and ``import torch``).
-PORTABLE = (make_cache, cache_layers, cache_bytes, cache_storage_bytes, _cache_kwarg, greedy_generate)
+PORTABLE = (make_cache, cache_layers, cache_bytes, cache_storage_bytes, _cache_kwarg, forward_kwargs,
+            next_tokens, greedy_generate)
 
 
 def portable_source():
