@@ -1,7 +1,7 @@
 """A technique is one module: a toy one (tests/data/toy_technique/toy_ballast.py), put on
 ``engine.techniques``' package path in a fresh interpreter, appears in the CLI flags, the Profile,
-validation, the GUI panel, both estimates, measure and the exported script, with no other file
-edited. Its ballast buffer adds exactly 64 KiB of weights, which every estimate and the measured
+validation, the GUI panel, both estimates, measure (in-process and in the measure child) and the
+exported script, with no other file edited. Its ballast buffer adds exactly 64 KiB of weights, which every estimate and the measured
 run must see."""
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ _CHILD = textwrap.dedent('''
     for method in ("analytic", "traced"):
         out[method] = [estimate(p, method=method).breakdown["weights"] for p in (base, toy)]
     out["measure"] = [run_measure(p).breakdown["weights"] for p in (base, toy)]
+    # the measure child (sys.executable -P -m engine measure) finds the toy too: the parent passes
+    # the folders on the package path in HEADROOM_TECHNIQUE_PATH
+    from engine.measure.process import measure_in_child
+    out["child"] = [measure_in_child(p).breakdown["weights"] for p in (base, toy)]
     script = export_script(toy)
     out["script"] = ["def add_ballast(model, kib):" in script, f"add_ballast(model, {kib})" in script,
                      "engine" not in script.split("def add_ballast", 1)[1].split("\\n\\n\\n", 1)[0]]
@@ -83,7 +87,7 @@ def test_a_toy_technique_module_reaches_every_consumer(tmp_path):
     assert out["errors"]["infer"] == "toy_ballast_kib (toy ballast) applies to training only"
     assert out["cli_rc"] == 2 and out["cli_err"].endswith(out["errors"]["infer"])
     extra = KIB * 1024
-    for part in ("analytic", "traced", "measure"):
+    for part in ("analytic", "traced", "measure", "child"):
         plain, with_toy = out[part]
         assert with_toy - plain == extra, part
     assert out["cli_weights"] == out["analytic"][1]

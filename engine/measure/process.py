@@ -67,6 +67,8 @@ def _child_env(profile) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine import techniques
 
+    if techniques.plugin_path():  # techniques found beyond the package (a plugin, a test's toy)
+        env[techniques.PATH_ENV] = techniques.plugin_path()
     for hooks in techniques.process_hooks():  # the allocator's configuration, read when CUDA starts
         if hooks.environment is not None:
             try:
