@@ -466,6 +466,7 @@ def estimate_generate(profile: Profile, method: str = "auto", progress=None,
     extra.update({"prefill_peak_allocated_bytes": int(out["prefill"]),
                   "decode_peak_allocated_bytes": int(out["decode"])})
     weights = out["breakdown"].get(C.WEIGHTS.value, 0)
+    speed_fields = _speed(profile, b, p, weights, extra, notes)
     if progress is not None:
         progress(1.0, "done")
     return EstimateResult(
@@ -474,7 +475,40 @@ def estimate_generate(profile: Profile, method: str = "auto", progress=None,
         breakdown={k: int(v) for k, v in out["breakdown"].items()}, params=a["params"],
         layers=_layers({}, profile, weights), peak_batch_shape=(b, p + profile.new_tokens),
         peak_phase=out["phase"], notes=tuple(notes), elapsed_s=time.perf_counter() - started,
-        kv_cache_bytes=int(out["kv_cache_bytes"]), extra=extra)
+        kv_cache_bytes=int(out["kv_cache_bytes"]), extra=extra, **speed_fields)
+
+
+def _speed(profile: Profile, b: int, p: int, weights: int, extra: dict, notes: list) -> dict:
+    """The speed estimator's view (``engine.estimate.speed``, CUDA targets): the prefill as one
+    forward of B x P tokens, each decode step bytes-bound over the weights and the cache at its
+    size then (``decode_step_s``), averaged over the steps. Fields for EstimateResult."""
+    if profile.target != "cuda":
+        return {}
+    from engine import gpus
+    from engine.estimate import speed
+    from engine.estimate.analytic import arch_of
+
+    arch = arch_of(profile)
+    gpu = gpus.for_profile(profile)
+    n = profile.new_tokens
+    prefill = speed.estimate_speed(profile, (b, p), arch=arch)
+    fed = sorted({p + (n - 1) * i // 63 for i in range(64)}) if n > 64 else range(p, p + n)
+    steps = [speed.decode_step_s(gpu, weights, cache_totals(profile, b, p, f)[1], arch.layers, b)
+             for f in fed]
+    step_s = sum(steps) / len(steps)
+    decode_tps = b / step_s if step_s else 0.0
+    extra.update({"estimated_time_to_first_token_s": prefill.step_s if prefill else 0.0,
+                  "estimated_prefill_tokens_per_s": prefill.tokens_per_s if prefill else 0.0,
+                  "estimated_decode_tokens_per_s": decode_tps,
+                  "estimated_decode_step_s": step_s})
+    cal = speed.calibration()
+    notes.append(f"speed on {gpu.key}: decode {decode_tps:,.0f} tokens/s ({step_s * 1e3:.2f} ms a "
+                 f"step: weights + cache read once, or the host issuing its kernels), first token "
+                 f"{(prefill.step_s if prefill else 0) * 1e3:.0f} ms; "
+                 + (f"expected error ±{cal.median_error:.0%} median" if cal.median_error
+                    else "uncalibrated for generation"))
+    return {"gpu": gpu.key, "step_s": step_s, "tokens_per_s": decode_tps,
+            "speed_error": cal.median_error}
 
 
 __all__ = ["cache_kinds", "estimate_generate", "kv_cache_bytes", "prompt_shape", "trace_generate"]
