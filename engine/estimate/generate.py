@@ -264,7 +264,7 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
 
     import torch
 
-    from engine.estimate.traced import _EmuAutocast, _meta_model, _Scalars
+    from engine.estimate.traced import _meta_model, _Scalars, autocast_context
     from engine.measure import decode
     from engine.measure.inputs import to_device
     from engine.measure.probes import LiveBytesTracker
@@ -309,11 +309,7 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
             tracker.mark("decode")
 
     def autocast_ctx():
-        if amp is None:
-            return contextlib.nullcontext()
-        if emu is not None:
-            return _EmuAutocast(emu)
-        return torch.autocast("cpu", dtype=amp)
+        return autocast_context(amp, emu)
 
     jump = n > TRACED_FULL_STEPS
     with contextlib.ExitStack() as stack:

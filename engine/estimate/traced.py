@@ -183,11 +183,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
             hooks.append(output.register_forward_hook(after_head))
 
     def autocast_ctx():
-        if amp is None:
-            return contextlib.nullcontext()
-        if emu is not None:
-            return _EmuAutocast(emu)
-        return torch.autocast("cpu", dtype=amp)
+        return autocast_context(amp, emu)
 
     def pack(t):
         tracker.classify(t, C.ACTIVATIONS.value)
@@ -307,6 +303,18 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     )
     tracker.detach()
     return outcome
+
+
+def autocast_context(amp, emu):
+    """The step's autocast on meta tensors: none (fp32), the CUDA emulation's (a CUDA target), or
+    CPU autocast to ``amp``. Shared by the traced training step and the traced generation."""
+    import torch
+
+    if amp is None:
+        return contextlib.nullcontext()
+    if emu is not None:
+        return _EmuAutocast(emu)
+    return torch.autocast("cpu", dtype=amp)
 
 
 class _EmuAutocast:
