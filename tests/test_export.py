@@ -455,7 +455,10 @@ def test_folder_model_with_weights_tokenizer_output_dir_and_dry_run(tmp_path, co
     path = _write(profile, tmp_path, "minilm")
     text = path.read_text()
     assert "from_pretrained(" in text and "use_safetensors=True" in text
-    assert "AutoTokenizer.from_pretrained(MODEL_DIR" in text and "TOKENIZER_FILE" not in text
+    assert "with_pad_token(load_model_tokenizer(MODEL_DIR))" in text and "FALLBACK_TOKENIZER_XZ" not in text
+    from engine.data import tokens  # the loader is the engine's own function, not a copy
+
+    assert textwrap.dedent(inspect.getsource(tokens.load_model_tokenizer)).strip() in text
     out = tmp_path / "saved"
     proc = subprocess.run([sys.executable, str(path), "--dry-run", "--device", "cpu",
                            "--output-dir", str(out)],

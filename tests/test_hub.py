@@ -306,3 +306,62 @@ def test_no_network_is_one_line(hf_home, monkeypatch):
     code, out, err = run_cli(["estimate", "--model", "org/anything"])
     _one_line_exit_2(code, out, err)
     assert "cannot reach the Hugging Face Hub" in err
+
+
+# ----- export ------------------------------------------------------------------------------------
+def test_the_exported_script_fetches_config_and_tokenizer_by_hub_id(hf_home, tmp_path):
+    """A Hub id's script names the repository and the planned commit, loads config and tokenizer
+    from there (no embedded fallback, no path into the cache), runs offline from the same cache,
+    and tokenizes as the engine does."""
+    import runpy
+    import subprocess
+    import sys
+
+    from engine import data
+    from engine.export import export_script
+
+    minilm = models.resolve("minilm").folder
+    preset_repo(hf_home, "org/bert", "tiny-bert", tokenizer=minilm / "tokenizer.json", vocab_size=30522)
+    corpus = tmp_path / "d.txt"  # a few lines: the script's built-in corpus takes seconds to build
+    corpus.write_text("\n".join(f"line {i} of a small corpus for the exported script" for i in range(40)))
+    profile = Profile(model="org/bert", seq=32, batch=2, target="cpu", steps=2, dataset=str(corpus))
+    text = export_script(profile)
+    assert 'MODEL_ID = "org/bert"' in text and f'MODEL_REVISION = "{QWEN_COMMIT}"' in text
+    assert "AutoConfig.from_pretrained(MODEL_ID, revision=MODEL_REVISION)" in text
+    assert "load_model_tokenizer(MODEL_ID, MODEL_REVISION, local_files_only=False)" in text
+    assert "FALLBACK_TOKENIZER_XZ" not in text and str(hf_home) not in text
+    assert "trust_remote_code=True" not in text
+    path = tmp_path / "train.py"
+    path.write_text(text)
+    script = runpy.run_path(str(path), run_name="exported")
+    sample = ["Hub ids fetch only config and tokenizer.", "ünïcode and digits 12345"]
+    assert script["load_tokenizer"]()(sample)["input_ids"] == data.tokenizer_for(profile)(sample)["input_ids"]
+    import os
+
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(path), "--device", "cpu"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params"] == models.model_facts(profile).params and result["steps"] == 2
+
+
+def test_a_preset_script_embeds_the_fallback_through_the_engines_loader(tmp_path):
+    import inspect
+    import textwrap
+
+    from engine.data import tokens
+    from engine.export import export_script
+
+    text = export_script(Profile(model="tiny-gpt2", seq=32, batch=2, target="cpu"))
+    assert textwrap.dedent(inspect.getsource(tokens.tokenizer_from_json)).strip() in text
+    assert "FALLBACK_TOKENIZER_XZ" in text and "load_model_tokenizer" not in text
+
+
+def test_a_hub_script_with_weights_asks_the_hub_for_them(hf_home):
+    from engine.export import export_script
+
+    preset_repo(hf_home, "org/tiny", "tiny-llama")
+    text = export_script(Profile(model="org/tiny", seq=32, batch=2, target="cpu", download_weights=True))
+    assert "MODEL_ID, revision=MODEL_REVISION, config=config, use_safetensors=True" in text
+    assert "from_config(" not in text.split("def build_model", 1)[1].split("\ndef ", 1)[0]

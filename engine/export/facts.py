@@ -1,7 +1,7 @@
 """What an exported script needs to know that a profile only names: resolved at export time.
 
-The model's config (presets are inlined as a dict literal), the folder of a local model and
-whether it holds safetensors weights and a tokenizer, the task head, the fallback tokenizer's path,
+The model's config (presets are inlined as a dict literal), the folder of a local model or the
+repository and commit of a Hub id, whether it has safetensors weights to load and a tokenizer, the task head, the fallback tokenizer's path,
 the dataset's kind, its text column and the .txt layout. Reading these here keeps the script free of
 Headroom: it carries the answers, not the code that found them.
 """
@@ -22,15 +22,17 @@ TEXT_LIMIT = 20_000
 
 @dataclass(frozen=True)
 class ModelFacts:
-    name: str  # what the profile says (preset, "minilm", folder)
-    kind: str  # preset | folder | minilm
-    folder: str  # absolute folder (for folders and minilm)
+    name: str  # what the profile says (preset, "minilm", folder, Hub id)
+    kind: str  # preset | folder | minilm | hub
+    folder: str  # absolute folder (for folders and minilm; a Hub id's cached snapshot)
     model_type: str  # transformers model_type
     config: dict[str, Any]  # config.json without model_type (presets: inlined in the script)
     task: str  # causal-lm | masked-lm | classification
-    has_weights: bool  # safetensors present: from_pretrained, else random init
-    has_tokenizer: bool  # the folder's own tokenizer, else Headroom's fallback
+    has_weights: bool  # safetensors to load (a Hub id: when the profile asks): from_pretrained, else random init
+    has_tokenizer: bool  # the model's own tokenizer, else Headroom's fallback
     max_positions: int  # position limit (0 = none)
+    hub_id: str = ""  # a Hub id's repository ("org/name"): the script fetches config and tokenizer
+    hub_commit: str = ""  # the commit Headroom planned with (the script pins it)
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,11 @@ def model_facts(profile: Profile, name: str | None = None) -> ModelFacts:
     task = models.resolve_task(profile, config)
     return ModelFacts(name=name, kind=source.kind, folder=str(source.folder.resolve()),
                       model_type=model_type, config=data, task=task,
-                      has_weights=source.has_weights, has_tokenizer=source.has_tokenizer,
-                      max_positions=int(models.max_positions(config) or 0))
+                      has_weights=source.has_weights or (source.kind == "hub" and profile.download_weights),
+                      has_tokenizer=source.has_tokenizer,
+                      max_positions=int(models.max_positions(config) or 0),
+                      hub_id=source.hub.ref.repo_id if source.hub else "",
+                      hub_commit=source.hub.commit if source.hub else "")
 
 
 def data_facts(profile: Profile) -> DataFacts:

@@ -197,7 +197,7 @@ def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any, n
     if profile.mode == "generate":
         what = "Generate with"
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"{what} {docstring_safe(model.name if model.kind == 'preset' else _short(model.name))} "
+    lines = [f"{what} {docstring_safe(model.name if model.kind in ('preset', 'hub') else _short(model.name))} "
              f"as planned by Headroom (profile {docstring_safe(profile.name, 40)}).",
              "",
              f"Generated {today} (UTC) by Headroom {engine.__version__}."]
@@ -368,6 +368,10 @@ def _model_constants(s: _Script, model: ModelFacts, prefix: str, what: str = "")
         s.constants.append(dict_block(f"{prefix}_CONFIG", model.config,
                                       f"{what}{docstring_safe(model.name)}'s config.json: architecture "
                                       "only, the weights start random"))
+    elif model.kind == "hub":
+        s.const(f"{prefix}_ID", model.hub_id, what + "a Hugging Face Hub model (HF_TOKEN for a gated one)" + (
+            ", with its safetensors weights" if model.has_weights else ": config and tokenizer, random weights"))
+        s.const(f"{prefix}_REVISION", model.hub_commit, "the commit Headroom planned with")
     else:
         s.const(f"{prefix}_DIR", model.folder, what + "a local model folder" + (
             " with safetensors weights" if model.has_weights else " (config only: random weights)"))
@@ -400,12 +404,7 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
         else:
             reader = snippets.PARQUET
         s.add("data", _reached_source(files.PORTABLE, reader) + "\n\n" + reader)
-    if model.has_tokenizer:
-        trust = ", trust_remote_code=True" if remote_code.profile_granted(profile) else ""
-        s.add("tokenizer", snippets.FOLDER_TOKENIZER.format(trust=trust))
-    else:
-        s.imports |= {"import base64", "import lzma", "import tokenizers"}
-        s.add("tokenizer", snippets.FALLBACK_TOKENIZER)
+    s.add("tokenizer", _tokenizer_code(s, model))
     if profile.mode == "generate":  # one batch of B prompts, no batching strategy
         from engine.export import generation
 
@@ -426,6 +425,33 @@ def _data_section(s: _Script, profile: Profile, model: ModelFacts, data: DataFac
     code = (_source(plan_padded_batches) + "\n\n\n" + _source(pad_batch) + "\n\n"
             + snippets.MAKE_BATCHES.replace("#PLAN#", plan))
     s.add(f"batching: {profile.padding} padding", code)
+
+
+def _tokenizer_code(s: _Script, model: ModelFacts) -> str:
+    """``load_tokenizer()``: the engine's own loaders (engine.data.tokens), called on the model's
+    folder or Hub id when it has a tokenizer (its code never runs), else on the embedded fallback."""
+    from engine.data import tokens
+
+    def source(*fns) -> str:
+        return "\n\n\n".join(textwrap.dedent(inspect.getsource(fn)).strip("\n") for fn in fns)
+
+    if model.has_tokenizer:
+        if model.kind == "hub":
+            where, call = "Hub model's", "load_model_tokenizer(MODEL_ID, MODEL_REVISION, local_files_only=False)"
+        else:
+            where, call = "model folder's", "load_model_tokenizer(MODEL_DIR)"
+        glue = (f'def load_tokenizer():\n    """The {where} own tokenizer, with a pad token."""\n'
+                f"    return with_pad_token({call})")
+        return source(tokens.load_model_tokenizer, tokens.with_pad_token) + "\n\n\n" + glue
+    s.imports |= {"import base64", "import lzma"}
+    s.constants.append(dict_block("FALLBACK_SPECIAL_TOKENS", tokens.FALLBACK_SPECIAL_TOKENS,
+                                  "the fallback tokenizer's special tokens"))
+    glue = ('def load_tokenizer():\n    """Headroom\'s byte-level BPE, embedded at the end of this script (the '
+            'model has no tokenizer\n    of its own; memory depends on token counts, not on which tokens '
+            'they are)."""\n'
+            "    text = lzma.decompress(base64.b64decode(FALLBACK_TOKENIZER_XZ)).decode()\n"
+            "    return tokenizer_from_json(text, FALLBACK_SPECIAL_TOKENS)")
+    return source(tokens.tokenizer_from_json) + "\n\n\n" + glue
 
 
 # ----- model -------------------------------------------------------------------------------------
@@ -532,6 +558,9 @@ def _build_lines(profile: Profile, facts: ModelFacts, prefix: str, var: str) -> 
     lines = []
     if facts.kind == "preset":
         lines.append(f"    config = transformers.CONFIG_MAPPING[{prefix}_TYPE].from_dict({prefix}_CONFIG)")
+    elif facts.kind == "hub":  # a Hub repository's code never runs (no trust_remote_code)
+        lines.append(f"    config = transformers.AutoConfig.from_pretrained({prefix}_ID, revision={prefix}_REVISION)")
+        trust = ""
     else:
         lines.append(f"    config = transformers.AutoConfig.from_pretrained({prefix}_DIR, "
                      f"local_files_only=True{trust})")
@@ -539,7 +568,11 @@ def _build_lines(profile: Profile, facts: ModelFacts, prefix: str, var: str) -> 
         lines.append("    config.num_labels = 2")
         lines.append("    if config.pad_token_id is None:")
         lines.append("        config.pad_token_id = config.eos_token_id or 0")
-    if facts.has_weights:
+    if facts.has_weights and facts.kind == "hub":
+        lines += [f"    {var} = transformers.{cls}.from_pretrained(",
+                  f"        {prefix}_ID, revision={prefix}_REVISION, config=config, use_safetensors=True,",
+                  f"        attn_implementation={attn}).to(device)"]
+    elif facts.has_weights:
         lines += [f"    {var} = transformers.{cls}.from_pretrained(",
                   f"        {prefix}_DIR, config=config, local_files_only=True, use_safetensors=True,",
                   f"        attn_implementation={attn}{trust}).to(device)"]

@@ -41,30 +41,6 @@ def load_texts():
     return take_texts(parquet_texts(pq.ParquetFile(DATASET), TEXT_COLUMN), TEXT_LIMIT)
 '''
 
-FALLBACK_TOKENIZER = '''
-def load_tokenizer():
-    """Headroom's byte-level BPE, embedded at the end of this script (the preset has no tokenizer;
-    memory depends on token counts, not on which tokens they are)."""
-    backend = tokenizers.Tokenizer.from_str(lzma.decompress(base64.b64decode(FALLBACK_TOKENIZER_XZ)).decode())
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", mask_token="<mask>", cls_token="<cls>", sep_token="<sep>")
-    tokenizer.model_max_length = 1 << 30  # SEQ decides truncation
-    return tokenizer
-'''
-
-FOLDER_TOKENIZER = '''
-def load_tokenizer():
-    """The model folder's own tokenizer, with a pad token (GPT-2-style tokenizers have none)."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True{trust})
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            tokenizer.add_special_tokens({{"pad_token": "<pad>"}})
-    return tokenizer
-'''
-
 # ----- batching: the plan and the padding are the engine's (engine.batching) -----------------
 MAKE_BATCHES = '''
 def make_batches(token_lists, pad_token_id):
