@@ -238,6 +238,15 @@ def _gpu_notes(profile: Profile) -> list[str]:
     return [f"HEADROOM_DEVICE is deprecated: use --gpu {gpus.key_for('')} (the profile's gpu field)"]
 
 
+def _sharding_extra(profile: Profile) -> dict:
+    """``extra["sharding"]`` of a data-parallel profile: what one rank holds."""
+    if profile.shard == "none" or profile.mode != "train":
+        return {}
+    from engine.estimate import sharding
+
+    return {"sharding": sharding.summary(sharding.rank_model(profile), profile)}
+
+
 def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
                  plan_order: bool = False) -> EstimateResult:
     """``plan_order``: the shapes come from a plan of several shapes; reserved accounts for its
@@ -278,7 +287,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             peak_phase=a_out.peak_phase, notes=tuple(notes),
             elapsed_s=time.perf_counter() - started,
             extra={"padded": padded, "candidates": [list(s) for s, _ in shapes],
-                   **({"speed": speed_extra} if speed_extra else {})},
+                   **({"speed": speed_extra} if speed_extra else {}), **_sharding_extra(profile)},
             tokenizer=tokenizer_info(profile), **speed_fields)
         _progress(progress, 1.0, "done")
         return result
@@ -311,9 +320,15 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             reserved = max(reserved, _traced_reserved(profile, seq_events))
             notes.append(fragmentation.traced_note(frag, reserved, profile))
     breakdown = dict(outcome.breakdown)
+    peak_allocated, peak_phase = outcome.peak_allocated, outcome.peak_phase
+    if outcome.phase_points:  # one data-parallel rank (engine.estimate.sharding)
+        from engine.estimate import sharding
+
+        peak_allocated, breakdown, peak_phase = sharding.rank_peak(profile, outcome.phase_points)
+        reserved = max(reserved, peak_allocated) if profile.target == "cuda" else 0
     tmp = MemoryCategory.TEMPORARIES.value
     breakdown[tmp] = breakdown.get(tmp, 0) + workspace
-    peak = outcome.peak_allocated + workspace
+    peak = peak_allocated + workspace
     reserved = max(reserved, peak)
     if outcome.backends:
         where = "CUDA" if profile.target == "cuda" else "CPU"  # the emulation logs the target's choice
@@ -327,9 +342,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
         params=outcome.params,
         layers=_layers({**outcome.layer_activations, LOGITS_ROW: a_out.layer_activations.get(LOGITS_ROW, 0)},
                        profile, breakdown.get("weights", 0), a_out.extra_rows),
-        peak_batch_shape=tuple(shape), peak_phase=outcome.peak_phase, notes=tuple(notes),
+        peak_batch_shape=tuple(shape), peak_phase=peak_phase, notes=tuple(notes),
         elapsed_s=time.perf_counter() - started,
-        extra={"padded": padded, "peak_step": outcome.peak_step,
+        extra={"padded": padded, "peak_step": outcome.peak_step, **_sharding_extra(profile),
                "analytic_peak_allocated_bytes": a_out.peak_allocated,
                "sdpa_backends": list(outcome.backends),
                "candidates": [list(s) for s, _ in shapes], **frag,

@@ -52,6 +52,7 @@ class Layout:
     blocks: tuple[Group, ...]
     root: Group  # everything outside the blocks
     head_numels: tuple[int, ...]  # root parameters registered after the blocks (reduced first)
+    buffer_bytes: int = 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -79,7 +80,8 @@ def _layout(key: tuple) -> Layout:
         root.append((int(p.shape[0]) if p.dim() else 1, p.numel(), p.element_size()))
         if after:
             head.append(p.numel())
-    return Layout(tuple(groups), Group("root", tuple(root)), tuple(head))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Layout(tuple(groups), Group("root", tuple(root)), tuple(head), buffers)
 
 
 def layout_of(profile: Profile) -> Layout:
@@ -116,6 +118,9 @@ class RankModel:
     head_grads: int  # unsharded gradient bytes of the root's head parameters (reduced last)
     persistent_host: dict  # category -> offloaded bytes moved off the device
     single_opt_temp: int  # the one-GPU optimizer step's temporaries (what the estimators counted)
+    largest_grad: dict  # group name -> its largest unsharded gradient's bytes
+    buffers: int  # module buffers (rotary tables): every rank holds them whole
+    full_grads: int  # the one-GPU gradients
 
     @property
     def state_bytes(self) -> dict:
@@ -132,7 +137,7 @@ def rank_model(profile: Profile) -> RankModel:
     n = profile.shard_ranks
     n_states = 2 if profile.optimizer == "adamw" else 0
     groups = lay.blocks + (lay.root,)
-    unsharded, ugrads, rs_in, sgrads = {}, {}, {}, {}
+    unsharded, ugrads, rs_in, sgrads, largest_grad = {}, {}, {}, {}, {}
     weights = grads = states = 0
     largest = 0
     for g in groups:
@@ -152,6 +157,8 @@ def rank_model(profile: Profile) -> RankModel:
             rsi += shard * n * r_elt
             sg += shard * elt
         unsharded[g.name], ugrads[g.name] = u, ug
+        largest_grad[g.name] = max((_r(numel * _ELT.get(profile.mp_param_dtype, elt), cuda)
+                                    for _, numel, elt in g.params), default=0)
         rs_in[g.name], sgrads[g.name] = _r(rsi, cuda), _r(sg, cuda)
         grads += sgrads[g.name] if profile.shard == "fsdp2" else ug
     if profile.shard == "ddp":
@@ -178,7 +185,8 @@ def rank_model(profile: Profile) -> RankModel:
         single_tmp = 2 * max((numel for numel, _ in full), default=0) * 4
     return RankModel(profile.shard, n, cuda, weights, grads, states, unsharded, ugrads, rs_in,
                      sgrads, tuple(g.name for g in reversed(lay.blocks)), largest, buckets, host,
-                     head_grads, moved if cuda else {}, single_tmp)
+                     head_grads, moved if cuda else {}, single_tmp, largest_grad,
+                     _r(lay.buffer_bytes, cuda), sum(ugrads.values()))
 
 
 def _device(rm: RankModel, cat: str, value: int) -> int:
@@ -196,7 +204,7 @@ def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, 
     if rm.shard == "ddp":
         return (w, g + rm.buckets, o, a, tmp)
     opt = _device(rm, "optimizer", rm.states if o else 0)
-    sharded_w = _device(rm, "weights", rm.weights) + extra_w
+    sharded_w = _device(rm, "weights", rm.weights) + rm.buffers + extra_w  # buffers: not sharded
     root_u = rm.unsharded["root"]
     blocks_u = [rm.unsharded[name] for name in rm.order]  # last block first
     keep_all = profile.reshard_after_forward == "off"
@@ -217,15 +225,20 @@ def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, 
             where = "loss"
         elif g >= single_g:
             where = "end"
+        else:  # inside block k: the head's and the later blocks' gradients reach g
+            acc, where = rm.head_grads, str(len(rm.order) - 1)
+            for k, name in enumerate(rm.order):
+                acc += rm.unsharded_grads[name]
+                if acc >= g:
+                    where = str(k)
+                    break
     if where == "loss":
         gathered = root_u + (sum(blocks_u) if keep_all else 0)
         return (sharded_w + gathered, rm.head_grads if g else 0, opt, a, tmp)
     if where == "end":
-        # the root's post-backward: its unsharded gradients stay while its gathered weights are
-        # freed (reshard) and then while the reduce-scatter input is filled
+        # the root's post-backward, its reduce-scatter (the largest of the group's moments)
         done = _device(rm, "gradients", sum(rm.shard_grads[name] for name in rm.order))
-        grads = rm.unsharded_grads["root"] + done
-        return (sharded_w, grads, opt, a, tmp + max(root_u, rm.rs_input["root"]))
+        return (sharded_w, done, opt, a, tmp + _post_backward(rm, "root"))
     # block k (backward order: 0 = the last block) after its backward: its gradients, its weights
     # then the reduce-scatter input; the next block to run is prefetched; the root's head
     # gradients wait for the root's reduce-scatter at the end
@@ -236,9 +249,19 @@ def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, 
     if keep_all:
         gathered = root_u + sum(blocks_u[k + 1:])
     done = _device(rm, "gradients", sum(rm.shard_grads[x] for x in rm.order[:k]))
-    grads = rm.head_grads + rm.unsharded_grads[name] + done
-    return (sharded_w + gathered, grads, opt, a,
-            tmp + max(rm.unsharded[name], rm.rs_input[name]))
+    return (sharded_w + gathered, rm.head_grads + done, opt, a, tmp + _post_backward(rm, name))
+
+
+def _post_backward(rm: RankModel, name: str) -> int:
+    """The largest moment of a group's post-backward (``FSDPParamGroup.post_backward``,
+    ``foreach_reduce``): its unsharded gradients with its gathered weights (before the reshard),
+    then with the reduce-scatter input (the copy-in), then the reduce-scatter itself: the input, the
+    padded output shard, the group's largest unsharded gradient (the one autograd produced last,
+    still referenced until the hook returns) and, on gloo (CPU), the backend's copy of the input."""
+    ug, u, rsi = rm.unsharded_grads[name], rm.unsharded[name], rm.rs_input[name]
+    staging = 0 if rm.cuda else rsi
+    scatter = rsi + staging + rm.shard_grads[name] + rm.largest_grad[name]
+    return max(ug + u, ug + rsi, scatter)
 
 
 def optimizer_temp(rm: RankModel, cuda: bool) -> int:
@@ -260,3 +283,23 @@ def summary(rm: RankModel, profile: Profile) -> dict:
             "unsharded_root_bytes": rm.unsharded.get("root", 0),
             "unsharded_block_bytes": max((rm.unsharded[x] for x in rm.order), default=0),
             "host_bytes": rm.host, "offload": profile.offload}
+
+
+def rank_peak(profile: Profile, points) -> tuple[int, dict, str]:
+    """(peak, breakdown, phase) of one rank from the traced one-GPU step's phase points: each
+    point's weights / gradients / optimizer state become the rank's (``adjust``)."""
+    rm = rank_model(profile)
+    lay = layout_of(profile)
+    # the traced weights are the model's parameters and buffers (a teacher's too): what is beyond
+    # the student's passes through
+    single_w = sum(_r(numel * elt, rm.cuda) for g in lay.blocks + (lay.root,)
+                   for _, numel, elt in g.params) + rm.buffers
+    best = None
+    for phase, where, bd in points:
+        w, g, o, a, tmp = (bd.get(k, 0) for k in ("weights", "gradients", "optimizer",
+                                                    "activations", "temporaries"))
+        out = adjust(rm, profile, phase, w, g, o, a, tmp, single_w, rm.full_grads, o, where)
+        if best is None or sum(out) > best[0]:
+            best = (sum(out), dict(zip(("weights", "gradients", "optimizer", "activations",
+                                         "temporaries"), out)), phase)
+    return best

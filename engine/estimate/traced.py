@@ -61,6 +61,9 @@ class TraceOutcome:
     timeline: tuple[tuple[str, int], ...] = ()  # (phase starting, live bytes at that point)
     notes: list[str] = field(default_factory=list)
     costs: object = None  # speed.StepCosts of every op, by "step:phase" (count_speed=True)
+    #: (phase, moment, breakdown) of each phase's fullest moment and of each backward's end, for a
+    #: data-parallel rank (engine.estimate.sharding turns them into the rank's)
+    phase_points: tuple = ()
 
 
 C = MemoryCategory
@@ -289,6 +292,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     for h in hooks:
         h.remove()
     peak_event = tracker.peak_event
+    points = _phase_points(tracker) if profile.shard != "none" and training else ()
     outcome = TraceOutcome(
         peak_allocated=tracker.peak_bytes,
         breakdown=tracker.breakdown_at(peak_event),
@@ -300,6 +304,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         backends=tuple(sorted(set(emu.backend_log))) if emu is not None else (),
         timeline=tuple(tracker.timeline),
         costs=costs,
+        phase_points=points,
     )
     tracker.detach()
     return outcome
@@ -315,6 +320,25 @@ def autocast_context(amp, emu):
     if emu is not None:
         return _EmuAutocast(emu)
     return torch.autocast("cpu", dtype=amp)
+
+
+def _phase_points(tracker) -> tuple:
+    """The fullest moment of every phase of the trace and the last moment of every backward,
+    each with its breakdown by category."""
+    marks = list(tracker.phase_marks) + [(len(tracker.events), "end")]
+    live, cum = 0, []
+    for _uid, delta in tracker.events:
+        live += delta
+        cum.append(live)
+    out = []
+    for (start, phase), (stop, _next) in zip(marks, marks[1:]):
+        if phase not in ("forward", "backward", "optimizer") or stop <= start:
+            continue
+        best = max(range(start, stop), key=cum.__getitem__)
+        out.append((phase, "", tracker.breakdown_at(best)))
+        if phase == "backward":
+            out.append((phase, "end", tracker.breakdown_at(stop - 1)))
+    return tuple(out)
 
 
 class _EmuAutocast:

@@ -312,12 +312,12 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
     if tracker is not None:
         for t in weight_tensors:
             tracker.track(t)
-        if profile.shard == "ddp":
-            # DDP's reducer allocates its gradient buckets in C++ (no dispatcher sees them): their
-            # bytes, from DDP's own logging data, are live from here on.
-            built.ddp_buckets = _ddp_bucket_bytes(model)
-            tracker.live_bytes += built.ddp_buckets
         tracker.reset_peak()
+    if profile.shard == "ddp":
+        # DDP's reducer allocates its gradient buckets in the first backward (and again when it
+        # rebuilds them in the second step), through ATen: the tracker sees them. Their sizes, from
+        # DDP's own logging data, go into the result.
+        built.ddp_buckets = _ddp_bucket_bytes(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if profile.is_training:
