@@ -163,6 +163,10 @@ class MainWindow(QMainWindow):
                                            "Write a Markdown summary: settings, estimate, measurement, why")
         self.open_model_action = self._action("Open &model folder…", "Ctrl+Shift+M", self.model_panel._on_open_clicked,
                                               "A folder holding config.json (weights optional)")
+        self.import_measurement_action = self._action(
+            "&Import measurement…", "Ctrl+I", self.import_measurement_dialog,
+            "Attach a run made elsewhere (headroom measure --json, or an exported script's output) to "
+            "this profile")
         self.open_data_action = self._action("Open &dataset file…", "Ctrl+Shift+O", self.dataset_panel._on_open_clicked,
                                              ".txt, .csv/.tsv, .jsonl or .parquet")
         self.quit_action = self._action("&Quit", "Ctrl+Q", self.close)
@@ -191,7 +195,8 @@ class MainWindow(QMainWindow):
         file_menu.setToolTipsVisible(True)
         self.recent_menu = QMenu("Open &recent", self)
         for a in (self.new_action, self.open_action, self.recent_menu, self.save_action, None,
-                  self.open_model_action, self.open_data_action, None, self.export_action,
+                  self.open_model_action, self.open_data_action, self.import_measurement_action, None,
+                  self.export_action,
                   self.summary_action, None, self.quit_action):
             if a is None:
                 file_menu.addSeparator()
@@ -240,21 +245,26 @@ class MainWindow(QMainWindow):
         return self.dataset_panel.open_file(path)
 
     def open_path(self, path: str | Path) -> bool:
-        """Open what a dropped path is: a model folder (or its config.json), a profile .json, or a
-        dataset file."""
+        """Open what a dropped path is: a model folder (or its config.json), a measurement (imported
+        onto the selected profile), a profile .json, or a dataset file."""
         path = Path(path)
         folder = model_folder_of(path)
         if folder is not None:
             self.model_panel.open_folder(folder)
             return True
         suffix = path.suffix.lower()
+        from engine.measurement_file import looks_like_measurement
+
+        if suffix in (".json", ".jsonl", ".log", ".txt") and looks_like_measurement(path):
+            return self.import_measurement(path)  # a run made elsewhere, onto the selected profile
         if suffix == ".json":
             return self.profiles.load_path(str(path))
         if suffix in (".txt", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
             self.tabs.setCurrentWidget(self.dataset_panel)
             return self.dataset_panel.open_file(path)
         self.state.show_message("warning", f"Cannot open {path.name}: drop a model folder, a profile "
-                                           ".json or a dataset (.txt .csv .tsv .jsonl .parquet)")
+                                           ".json, a measurement .json or a dataset (.txt .csv .tsv "
+                                           ".jsonl .parquet)")
         return False
 
     def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
@@ -340,6 +350,19 @@ class MainWindow(QMainWindow):
         path, what = self._export_runner.context
         self.state.show_message("error", f"{what} failed: {message}")
         self.export_finished.emit(path, False)
+
+    def import_measurement(self, path: str | Path) -> bool:
+        """Import a measurement file onto the selected profile (a message says what happened)."""
+        if self.state.import_measurement(path):
+            self.tabs.setCurrentIndex(0)  # where it is drawn, beside the estimate
+            return True
+        return False
+
+    def import_measurement_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import measurement", "",
+                                              "Measurement (*.json *.jsonl *.log *.txt);;All files (*)")
+        if path:
+            self.import_measurement(path)
 
     def export_script_dialog(self) -> None:
         name = self.state.profile.name.replace("/", "_").replace(" ", "_") + ".py"

@@ -2,11 +2,13 @@
 
 Views take an ``AppState`` in their constructor, read from it, listen to its ``*_changed`` signals and
 change it only through its methods. Profiles are autosaved (debounced) as JSON files in the
-settings folder and come back on the next start.
+settings folder and come back on the next start, each with its measured run (a local run or one
+imported from another machine: ``import_measurement``), kept beside it in ``measurements/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from app.settings import make_settings, profiles_dir
+from app.settings import make_settings, profiles_dir, settings_dir
 from engine import profile as profile_mod
 from engine.errors import BadInput
 from engine.profile import Profile
@@ -63,6 +65,12 @@ class ProfileEntry:
     measure_error: str = ""  # why the last run of this profile failed
 
 
+def measurements_dir() -> Path:
+    path = settings_dir() / "measurements"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "profile"
 
@@ -92,6 +100,8 @@ class AppState(QObject):
         if not profiles:
             profiles = [default_profile()]
         self._entries = [ProfileEntry(p) for p in self._unique(profiles)]
+        if autosave:
+            self._load_measurements()
         self._current = 0
         last = self._settings.value("profiles/current", "")
         for i, e in enumerate(self._entries):
@@ -241,6 +251,35 @@ class AppState(QObject):
                 entry.measured, entry.measure_error = result, error
                 if entry is self.current:
                     self.measured_changed.emit(result)
+        self._schedule_save()  # measurements are kept with their profiles
+
+    def import_measurement(self, path: str | Path) -> bool:
+        """Attach a measurement made elsewhere (``headroom measure --json``, an exported script's
+        last JSON line) to the selected profile, drawn like a local run. Refused, with a one-line
+        message saying what differs, unless its settings are the profile's; nothing changes then."""
+        from engine.measurement_file import differences, read_measurement
+
+        path = Path(path)
+        try:
+            result, settings = read_measurement(path)
+        except BadInput as exc:
+            self.message_changed.emit("error", f"Cannot import {path.name}: {exc}")
+            return False
+        entry = self.current
+        diff = differences(entry.profile, settings, result)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            self.message_changed.emit("error", f"Not imported: {path.name} is not a run of profile "
+                                               f"{entry.profile.name!r} ({shown})")
+            return False
+        where = result.device_name or result.device or "another machine"
+        result = dataclasses.replace(
+            result, notes=tuple(result.notes) + (f"imported from {path.name} (run on {where})",),
+            extra={**result.extra, "imported_from": str(path)})
+        self.set_measured(entry.profile, result)
+        self.message_changed.emit("info", f"Imported the run on {where} from {path.name} onto profile "
+                                          f"{entry.profile.name!r}")
+        return True
 
     def capacity_for(self, profile: Profile | None = None) -> tuple[int, str]:
         """(bytes, label) the estimate of ``profile`` is drawn against.
@@ -308,9 +347,44 @@ class AppState(QObject):
         for old in folder.glob("*.json"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
+        self._save_measurements()
         self._settings.setValue("profiles/last", json.dumps(order))
         self._settings.setValue("profiles/current", self.profile.name)
         self._settings.sync()
+
+    def _save_measurements(self) -> None:
+        """Each profile's measured run beside it (atomic per file), as {"profile", "measured"}."""
+        from engine.profile import atomic_write_text
+
+        folder = measurements_dir()
+        keep = set()
+        for i, entry in enumerate(self._entries):
+            if entry.measured is None:
+                continue
+            fname = f"{i:03d}-{_slug(entry.profile.name)}.json"
+            record = {"profile": entry.profile.to_dict(), "measured": entry.measured.to_dict()}
+            atomic_write_text(folder / fname, json.dumps(record, default=str))
+            keep.add(fname)
+        for old in folder.glob("*.json"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+
+    def _load_measurements(self) -> None:
+        """Give each autosaved profile back the measured run saved with it (exactly its settings)."""
+        from engine import safe_json
+        from engine.results import MeasureResult
+
+        for path in sorted(measurements_dir().glob("*.json")):
+            try:
+                record = safe_json.load_file(path, "saved measurement", max_bytes=16 << 20)
+                profile = profile_mod.from_dict(record["profile"])
+                measured = MeasureResult.from_dict(record["measured"])
+            except (BadInput, KeyError, TypeError, ValueError):
+                continue  # a damaged file is skipped, not fatal
+            for entry in self._entries:
+                if entry.profile == profile and entry.measured is None:
+                    entry.measured = measured
+                    break
 
     def _load_autosaved(self) -> list[Profile]:
         out = []

@@ -201,6 +201,7 @@ def cmd_measure(args: argparse.Namespace, profile: Profile, started: float) -> i
         return _measure_ranks(args, profile, started, progress)
     result = run_measure(profile, progress=progress, snapshot=args.snapshot)
     d = _with_version(result.to_dict(), started)
+    d["profile"] = profile.to_dict()  # what the app checks when this file is imported elsewhere
     _emit(d, args.json, _human_memory)
     return EXIT_OOM if result.oom else 0
 

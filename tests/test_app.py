@@ -817,7 +817,8 @@ def test_window_state_last_profile_and_theme_persist(qtbot, tmp_path):
 def test_main_actions_have_distinct_shortcuts(qtbot, window):
     w = window
     actions = [w.new_action, w.open_action, w.save_action, w.duplicate_action, w.rename_action,
-               w.export_action, w.summary_action, w.open_model_action, w.open_data_action, w.run_action,
+               w.export_action, w.summary_action, w.open_model_action, w.open_data_action,
+               w.import_measurement_action, w.run_action,
                w.cancel_action, w.estimate_action, w.layers_action, w.search_action,
                w.dark_action, w.shortcuts_action, w.quit_action] + w.tab_actions
     keys = [a.shortcut().toString() for a in actions]

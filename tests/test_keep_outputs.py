@@ -86,5 +86,14 @@ def test_exported_script_keeps_the_outputs_and_matches_measure(tmp_path):
     measured = run_measure(p)
     assert result["losses"] == pytest.approx(list(measured.losses), rel=1e-5)
     assert result["peak_allocated_bytes"] == pytest.approx(measured.peak_allocated_bytes, rel=0.02)
+    # the script prints the settings it ran with: an import into Headroom checks them
+    from engine.measurement_file import differences, read_measurement
+
+    log = tmp_path / "run.log"
+    log.write_text(proc.stdout)
+    imported, settings = read_measurement(log)
+    assert settings["keep_outputs"] is True and differences(p, settings, imported) == []
+    assert differences(p.replace(keep_outputs=False), settings, imported) == \
+        ["loop keeps the model outputs True in the file, False here"]
     default = run_measure(p.replace(keep_outputs=False)).peak_allocated_bytes
     assert result["peak_allocated_bytes"] > default  # the script's loop holds the outputs too

@@ -294,6 +294,10 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
     s.const("SEQ", profile.seq)
     s.const("STEPS", profile.steps)
     s.const("SEED", profile.seed)
+    # the run's settings, printed with its result: an import into Headroom checks them (non-defaults)
+    settings = {k: v for k, v in profile.non_defaults().items() if k != "name"}
+    block = dict_block("HEADROOM_PROFILE", settings) if settings else "HEADROOM_PROFILE = {}"
+    s.const("HEADROOM_PROFILE", None, "", raw=block[len("HEADROOM_PROFILE = "):])
     if profile.mode == "generate":
         from engine.export import generation
 
@@ -787,6 +791,7 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         lines += ['        "losses": [],', '        "loss": None,']
     lines += [
         '        "elapsed_s": time.perf_counter() - started,',
+        '        "profile": HEADROOM_PROFILE,  # the settings (non-defaults): Headroom checks them on import',
         "    }",
         "    if args.output_dir:",
         "        model.save_pretrained(args.output_dir, safe_serialization=True)",
