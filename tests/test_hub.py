@@ -365,3 +365,35 @@ def test_a_hub_script_with_weights_asks_the_hub_for_them(hf_home):
     text = export_script(Profile(model="org/tiny", seq=32, batch=2, target="cpu", download_weights=True))
     assert "MODEL_ID, revision=MODEL_REVISION, config=config, use_safetensors=True" in text
     assert "from_config(" not in text.split("def build_model", 1)[1].split("\ndef ", 1)[0]
+
+
+# ----- the app's model search box ----------------------------------------------------------------
+def test_the_search_box_takes_a_hub_id_and_the_panel_says_what_it_is(qtbot, hf_home):
+    pytest.importorskip("PySide6")
+    from PySide6.QtCore import Qt
+
+    from app.state import AppState
+    from app.widgets import model_panel
+
+    preset_repo(hf_home, "org/tiny", "tiny-llama")
+    state = AppState([Profile(name="p", model="tiny-gpt2", target="cpu", seq=64)], autosave=False)
+    panel = model_panel.ModelPanel(state)
+    qtbot.addWidget(panel)
+    try:
+        qtbot.keyClicks(panel.search, "org/tiny")
+        assert panel.visible_presets() == [] and not panel.hub_hint.isHidden()
+        assert "Hub model org/tiny" in panel.hub_hint.text()
+        with qtbot.waitSignal(panel.facts_changed, timeout=30000,
+                              check_params_cb=lambda f: f is not None and f.kind == "hub"):
+            qtbot.keyClick(panel.search, Qt.Key.Key_Return)
+        assert state.profile.model == "org/tiny"
+        text = panel.facts.text()
+        assert "Hub model @060db649" in text and "its own tokenizer" in text
+        assert not panel.download_weights.isHidden() and panel.trust_code.isHidden()
+        panel.download_weights.setChecked(True)
+        assert state.profile.download_weights is True
+        with qtbot.waitSignal(panel.facts_changed, timeout=30000, check_params_cb=lambda f: f is not None):
+            state.update(model="tiny-gpt2", download_weights=False)
+        assert "fallback tokenizer" in panel.facts.text() and panel.download_weights.isHidden()
+    finally:
+        panel.shutdown()

@@ -4,6 +4,7 @@ of the profile's model tokenizer (computed off the GUI thread, cached)."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _stats_job(profile, progress, should_stop):
     stats = data.length_stats(lengths)
     cap = max(1, int(stats.p99), profile.seq)
     shown = data.length_stats([min(n, cap) for n in lengths], bins=40)
-    return stats, shown, tuple(lengths)
+    return stats, shown, tuple(lengths), data.tokenizer_info(profile)
 
 
 def fit_summary(lengths, seq: int) -> str:
@@ -198,7 +199,7 @@ class DatasetPanel(QGroupBox):
             self._state.show_message("error", f"Dataset: {message}")
 
     def _show(self, result) -> None:
-        stats, shown, lengths = result
+        stats, shown, lengths, tokenizer = result
         edges = list(shown.histogram_edges)
         counts = list(shown.histogram_counts)
         if counts:
@@ -208,7 +209,10 @@ class DatasetPanel(QGroupBox):
             f"p90 {stats.p90:.0f} · p99 {stats.p99:.0f} · max {stats.max:,} tokens"
             + (f"<br><small>The last bar holds every text of {edges[-1]:.0f} tokens or more.</small>"
                if edges and stats.max > edges[-1] else "")
-            + f"<br>{fit_summary(lengths, self._state.profile.seq)}")
+            + f"<br>{fit_summary(lengths, self._state.profile.seq)}"
+            + f"<br><small>Tokenized with {html.escape(tokenizer['name'])}"
+            + (" (the model has none of its own)" if tokenizer["source"] == "fallback" else "")
+            + ".</small>")
         self.plot.getPlotItem().setXRange(0, max(edges[-1] if edges else 1,
                                                  self._state.profile.seq * 1.05), padding=0.02)
         self.stats_changed.emit(stats)

@@ -1,8 +1,11 @@
-"""Model panel: presets with search, the packaged MiniLM, a local folder (button or drag-and-drop),
-recent models, and the chosen model's facts (computed off the GUI thread, cached)."""
+"""Model panel: presets with search, a Hugging Face Hub id typed in the search box (org/name or
+org/name@revision, Enter), the packaged MiniLM, a local folder (button or drag-and-drop), recent
+models, and the chosen model's facts and tokenizer (computed off the GUI thread, cached: a Hub id is
+fetched there, config and tokenizer only)."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 from pathlib import Path
@@ -40,7 +43,37 @@ def model_folder_of(path: str | Path) -> Path | None:
 
 def _facts_key(profile) -> tuple:
     return (profile.model, profile.mode, profile.task, profile.mlp, profile.prune,
-            profile.trust_remote_code, remote_code.profile_granted(profile))
+            profile.trust_remote_code, remote_code.profile_granted(profile), profile.download_weights)
+
+
+def typed_model(text: str) -> str | None:
+    """What Enter in the search box means when the text is not a preset search: a Hub id
+    (org/name[@revision]) or a folder path, as ``engine.models.source_kind`` reads it (a folder that
+    exists wins over a Hub id); None for search words."""
+    text = text.strip()
+    kind = models.source_kind(text) if text else ""
+    return text if kind in ("hub", "folder") else None
+
+
+def weights_text(facts, download: bool) -> str:
+    if facts.kind == "hub":
+        commit = f" @{facts.hub_commit[:8]}" if facts.hub_commit else ""
+        return (f"Hub model{commit} · " + ("weights downloaded for measured runs" if download
+                                          else "random init (config and tokenizer only)"))
+    return "real weights" if facts.has_weights else "random init (architecture only)"
+
+
+def tokenizer_text(facts) -> str:
+    return "its own tokenizer" if facts.has_tokenizer else "Headroom's fallback tokenizer (it has none)"
+
+
+def checkpoint_text(facts) -> str:
+    """The safetensors headers' count and dtypes ("" when unknown)."""
+    ck = facts.checkpoint
+    if not ck:
+        return ""
+    dtypes = ", ".join(f"{d} {n / 1e6:,.1f} M" for d, n in ck["dtypes"].items())
+    return f"checkpoint {ck['params'] / 1e6:,.1f} M ({dtypes}; safetensors header)"
 
 
 def remote_code_question(folders: dict[Path, list[str]]) -> str:
@@ -85,7 +118,14 @@ class ModelPanel(QGroupBox):
         self.setAcceptDrops(True)
 
         self.search = QLineEdit()
-        self.search.setPlaceholderText("Search presets…")
+        self.search.setPlaceholderText("Search presets, or type a Hub id org/name[@revision]…")
+        self.search.setToolTip("Words filter the presets. A Hugging Face Hub id (org/name or "
+                               "org/name@revision) or a folder path, then Enter, takes that model: a "
+                               "Hub id fetches only config.json and the tokenizer (HF_TOKEN for gated "
+                               "ones). A folder that exists wins: use ./org/name for a folder.")
+        self.hub_hint = note_label()
+        self.hub_hint.setObjectName("hub_hint")
+        self.hub_hint.hide()
         self.search.setClearButtonEnabled(True)
         self.presets = QListWidget()
         self.presets.setMinimumHeight(120)
@@ -113,6 +153,10 @@ class ModelPanel(QGroupBox):
         self.minilm_note = note_label()
         self.minilm_note.setObjectName("minilm_note")
         self.minilm_note.hide()
+        self.download_weights = QCheckBox("Download the weights for measured runs")
+        self.download_weights.setToolTip("A Hub model's measured run downloads and loads its safetensors "
+                                         "weights (large). Off: random init; estimates never need them.")
+        self.download_weights.hide()
 
         for name in models.list_presets():
             item = self._add_item(self.presets, name, name)
@@ -140,11 +184,13 @@ class ModelPanel(QGroupBox):
         top.addWidget(self.open_button)
         layout = QVBoxLayout(self)
         layout.addLayout(top)
+        layout.addWidget(self.hub_hint)
         layout.addWidget(self.presets, 1)
         layout.addWidget(self.minilm_note)
         layout.addWidget(note_label("Recent"))
         layout.addWidget(self.recent)
         layout.addWidget(self.facts)
+        layout.addWidget(self.download_weights)
         layout.addWidget(self.trust_code)
         layout.addWidget(self.trust_note)
         layout.addWidget(self.error)
@@ -153,6 +199,7 @@ class ModelPanel(QGroupBox):
         self.search.textChanged.connect(self._on_search_changed)
         self.search.returnPressed.connect(self._on_search_entered)
         self.trust_code.toggled.connect(self._on_trust_toggled)
+        self.download_weights.toggled.connect(lambda on: self._state.update(download_weights=on))
         self.presets.currentItemChanged.connect(self._on_item_chosen)
         self.recent.itemActivated.connect(self._on_recent_activated)
         self.recent.itemClicked.connect(self._on_recent_activated)
@@ -191,6 +238,12 @@ class ModelPanel(QGroupBox):
         self.error.setStyleSheet(f"color: {error_color()};")
 
     def _on_search_changed(self, text: str) -> None:
+        typed = typed_model(text)
+        if typed is not None:
+            kind = models.source_kind(typed)
+            self.hub_hint.setText(f"Enter: use the Hub model {typed} (config and tokenizer only)"
+                                  if kind == "hub" else f"Enter: use the folder {typed}")
+        self.hub_hint.setVisible(typed is not None)
         words = text.strip().lower().split()
         for i in range(self.presets.count()):
             item = self.presets.item(i)
@@ -202,7 +255,11 @@ class ModelPanel(QGroupBox):
                 if not self.presets.item(i).isHidden()]
 
     def _on_search_entered(self) -> None:
-        """Enter in the search box takes the first matching preset."""
+        """Enter in the search box takes a typed Hub id or folder, else the first matching preset."""
+        typed = typed_model(self.search.text())
+        if typed is not None:
+            self._choose(typed)
+            return
         for i in range(self.presets.count()):
             item = self.presets.item(i)
             if not item.isHidden() and item.flags() & Qt.ItemFlag.ItemIsEnabled:
@@ -274,7 +331,12 @@ class ModelPanel(QGroupBox):
 
     def _on_profile_changed(self, profile) -> None:
         self._select_in_list(profile.model)
-        is_folder = "/" in profile.model or "\\" in profile.model
+        kind = models.source_kind(profile.model)
+        is_folder = kind == "folder"
+        self.download_weights.blockSignals(True)
+        self.download_weights.setChecked(profile.download_weights)
+        self.download_weights.blockSignals(False)
+        self.download_weights.setVisible(kind == "hub" or profile.download_weights)
         granted = remote_code.profile_granted(profile)
         self._set_trust_box(granted)
         self.trust_code.setVisible(is_folder or profile.trust_remote_code)
@@ -317,12 +379,14 @@ class ModelPanel(QGroupBox):
 
     def _show_facts(self, facts) -> None:
         self.error.hide()
-        weights = "real weights" if facts.has_weights else "random init (architecture only)"
+        weights = weights_text(facts, self._state.profile.download_weights)
+        checkpoint = checkpoint_text(facts)
         self.facts.setText(
-            f"<b>{facts.name}</b> · {facts.model_type} {facts.family}, head {facts.task}<br>"
+            f"<b>{html.escape(facts.name)}</b> · {facts.model_type} {facts.family}, head {facts.task}<br>"
             f"<b>{facts.params / 1e6:,.1f} M</b> parameters · <b>{facts.layers}</b> layers · "
             f"hidden {facts.hidden_size} · vocab {facts.vocab_size:,}<br>"
-            f"max positions {facts.max_positions or '—'} · {weights}")
+            f"max positions {facts.max_positions or '—'} · {weights}<br>"
+            f"tokenized with {tokenizer_text(facts)}" + (f"<br>{checkpoint}" if checkpoint else ""))
         self.facts_changed.emit(facts)
 
     def _recent_list(self) -> list[str]:
@@ -341,5 +405,7 @@ class ModelPanel(QGroupBox):
     def _refresh_recent(self) -> None:
         self.recent.clear()
         for name in self._recent_list():
-            label = Path(name).name + "  (folder)" if ("/" in name or "\\" in name) else name
+            kind = models.source_kind(name)
+            label = (Path(name).name + "  (folder)" if kind == "folder"
+                     else name + "  (Hub)" if kind == "hub" else name)
             self._add_item(self.recent, label, name)
