@@ -145,10 +145,9 @@ class CpuOffloadedOptimizer:
             cpu = shard.device.type == "cpu" and shard.dtype == torch.float32
             master = shard.detach() if cpu else shard.detach().to("cpu", torch.float32)
             self.masters.append(master.requires_grad_(True) if not cpu else master)
-        if kind == "sgd":
-            self.inner = torch.optim.SGD(self.masters, lr=1e-3)
-        else:
-            self.inner = torch.optim.AdamW(self.masters)
+        from engine.optimizers import make_optimizer
+
+        self.inner = make_optimizer(kind, self.masters)
         self.state = self.inner.state
 
     def step(self):

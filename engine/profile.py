@@ -24,11 +24,12 @@ from engine.errors import BadInput
 from engine.safe_json import short_repr
 from engine.techniques.base import Field
 
-SCHEMA_VERSION = 1
+#: 2: LoRA, quantized base weights and the optimizers of engine.optimizers (issue 14).
+SCHEMA_VERSION = 2
 
 MODES = ("train", "infer", "generate")
 TASKS = ("auto", "causal-lm", "masked-lm", "classification")
-OPTIMIZERS = ("adamw", "sgd")
+from engine.optimizers import OPTIMIZERS  # the optimizers' home (estimate, measure, export)
 TARGETS = ("cuda", "cpu")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -89,7 +90,8 @@ CORE_FIELDS: tuple[Field, ...] = (
           maximum=1 << 24, metavar="N"),
     Field("seq", int, 512, "max sequence length in tokens (pad/truncate length)", minimum=1,
           maximum=1 << 24, metavar="N", label="sequence length"),
-    Field("optimizer", str, "adamw", "adamw | sgd (torch defaults for the device)", choices=OPTIMIZERS),
+    Field("optimizer", str, "adamw", "adamw | adamw-8bit | paged-adamw-8bit (bitsandbytes) | "
+          "adafactor | sgd (momentum 0.9) | lion", choices=OPTIMIZERS),
     Field("target", str, "cuda", "device the run is for: cuda | cpu", choices=TARGETS, label="target device"),
     Field("gpu", str, "", 'catalog GPU the estimate is for (engine.gpus; "" = H100 SXM, or the '
           'deprecated HEADROOM_DEVICE)', check=_check_gpu, metavar="NAME", label="GPU"),
@@ -194,6 +196,17 @@ def validate(profile: Profile) -> Profile:
     return profile
 
 
+def _migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """An older record in today's form (one step per schema version)."""
+    if version < 1:
+        raise BadInput(f"profile schema_version {version} never existed (the first is 1)")
+    if version == 1:
+        # 1 -> 2: the fields of LoRA and quantized base weights are new (their defaults: full
+        # fine-tuning, unquantized) and "optimizer" gained choices; every schema 1 value holds.
+        data = {**data, "schema_version": 2}
+    return data
+
+
 def from_dict(data: dict[str, Any]) -> Profile:
     """Build a Profile from JSON data; unknown fields and wrong types are errors."""
     if not isinstance(data, dict):
@@ -202,6 +215,7 @@ def from_dict(data: dict[str, Any]) -> Profile:
     version = data.get("schema_version", SCHEMA_VERSION)
     if not isinstance(version, int) or isinstance(version, bool):
         raise BadInput(f"profile field 'schema_version' must be int, got {short_repr(version)}")
+    data = _migrate(data, version)
     unknown = sorted(set(data) - set(FIELD_TYPES))
     if unknown:
         raise BadInput(f"unknown profile field {short_repr(unknown[0])} (known: {', '.join(FIELD_TYPES)})")

@@ -73,6 +73,8 @@ class EstimateResult:
     tokens_per_s: float = 0.0  # estimated padded tokens per second (B*T / step_s)
     speed_error: float = 0.0  # expected relative error of step_s (the calibration's median)
     tokenizer: dict[str, str] = field(default_factory=dict)  # engine.data.tokens.tokenizer_info
+    trainable_params: int = 0  # parameters with gradients and optimizer state (LoRA: the adapters)
+    optimizer_state_bytes: int = 0  # the optimizer's state after its first step (training)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,6 +130,7 @@ class MeasureResult:
     time_to_first_token_s: float = 0.0  # generation: the prefill, to the first new token
     extra: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, str] = field(default_factory=dict)  # engine.data.tokens.tokenizer_info
+    trainable_params: int = 0  # parameters with gradients and optimizer state (LoRA: the adapters)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

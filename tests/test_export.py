@@ -181,7 +181,7 @@ def test_script_is_standalone_and_lint_clean(tmp_path, corpus):
         # psutil: tried for the RSS off Linux only when installed (the engine's resident_bytes)
         assert modules <= {"argparse", "ast", "base64", "csv", "gc", "lzma", "tokenizers",
                            "inspect", "json", "math", "os", "psutil", "statistics", "sys", "sysconfig",
-                           "threading", "time", "typing", "warnings", "weakref", "pathlib", "torch",
+                           "threading", "time", "typing", "warnings", "weakref", "pathlib", "torch", "bitsandbytes",
                            "transformers", "pydoc_data", "resource", "pyarrow"}, modules
         assert ast.get_docstring(tree).startswith(("Train ", "Run inference"))
     _lint(paths)

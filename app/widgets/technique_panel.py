@@ -102,6 +102,23 @@ def _combo(items: dict[str, str]) -> QComboBox:
     return box
 
 
+def _optimizer_labels() -> dict[str, str]:
+    """Every optimizer; one that cannot run here says so (it can still be estimated)."""
+    from engine.optimizers import LABELS, OPTIMIZERS, unavailable
+
+    return {n: LABELS[n] + (" (estimate only here)" if unavailable(n, quick=True) else "")
+            for n in OPTIMIZERS}
+
+
+def _optimizer_tooltip() -> str:
+    from engine.optimizers import OPTIMIZERS, unavailable
+
+    why = [unavailable(n, quick=True) for n in OPTIMIZERS]
+    lines = ["The optimizer and its state: AdamW keeps two states per trained parameter, 8-bit AdamW "
+             "a quarter of that, SGD with momentum and Lion one, Adafactor factored second moments."]
+    return "\n".join(lines + sorted({w for w in why if w}))
+
+
 class TechniquePanel(QScrollArea):
     """All run settings and techniques, grouped; one explanation per technique group."""
 
@@ -129,7 +146,8 @@ class TechniquePanel(QScrollArea):
         self.task.setToolTip("The model head: auto picks causal-lm for decoders, masked-lm for encoders")
         self.batch = _spin(1, 65536)
         self.seq = _spin(1, 1 << 20, 64)
-        self.optimizer = _combo({"adamw": "AdamW", "sgd": "SGD"})
+        self.optimizer = _combo(_optimizer_labels())
+        self.optimizer.setToolTip(_optimizer_tooltip())
         self.steps = _spin(1, 1000)
         self.steps.setToolTip("Steps of a measured run; the first is warm-up and excluded from timings")
         self.seed = _spin(0, 2**31 - 1)

@@ -288,7 +288,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
             elapsed_s=time.perf_counter() - started,
             extra={"padded": padded, "candidates": [list(s) for s, _ in shapes],
                    **({"speed": speed_extra} if speed_extra else {}), **_sharding_extra(profile)},
-            tokenizer=tokenizer_info(profile), **speed_fields)
+            tokenizer=tokenizer_info(profile), **speed_fields,
+            trainable_params=a_out.trainable_params,
+            optimizer_state_bytes=a_out.optimizer_state_bytes)
         _progress(progress, 1.0, "done")
         return result
 
@@ -349,7 +351,9 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
                "sdpa_backends": list(outcome.backends),
                "candidates": [list(s) for s, _ in shapes], **frag,
                **({"speed": speed_extra} if speed_extra else {})},
-        tokenizer=tokenizer_info(profile), **speed_fields)
+        tokenizer=tokenizer_info(profile), **speed_fields,
+        trainable_params=outcome.trainable_params,
+        optimizer_state_bytes=outcome.optimizer_state_bytes)
     _progress(progress, 1.0, "done")
     return result
 

@@ -42,6 +42,7 @@ as blocked O(T·2W) on CPU; transformers versions before 4.48 copied shifted log
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from engine.estimate import device as dev
@@ -83,6 +84,17 @@ class Arch:
     layer_names: tuple[str, ...]  # module path of each block
     largest_param: int  # numel of the largest parameter tensor (embedding)
     head_params: int = 0  # unique parameters registered after the blocks (final norm, untied head)
+    trainable_tensors: tuple[tuple[tuple[int, ...], int], ...] = ()  # (shape, element bytes) of
+    #                                                the parameters that train (LoRA: the adapters)
+    layer_trainable_bytes: tuple[int, ...] = ()  # bytes of the trainable parameters per block
+    lora_linears: tuple[tuple[int, int], ...] = ()  # (in, out) of the first block's LoRA-adapted layers
+    quantized_linears: tuple[tuple[int, int], ...] = ()  # (in, out) of its quantized Linear layers
+
+    @property
+    def trainable_params(self) -> int:
+        import math
+
+        return sum(math.prod(s) for s, _ in self.trainable_tensors)
 
 
 def _family(model_type: str, config) -> str:
@@ -123,7 +135,8 @@ def _arch(key: tuple) -> Arch:
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             continue
         conv1d = type(mod).__name__ == "Conv1D"
-        out_f = w.shape[1] if conv1d else w.shape[0]
+        # a quantized layer's weight is packed: its module knows the real width
+        out_f = getattr(mod, "out_features", None) or (w.shape[1] if conv1d else w.shape[0])
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "query", "q_lin"):
             q_out = out_f
@@ -162,13 +175,26 @@ def _arch(key: tuple) -> Arch:
     vocab = 2 if task == "classification" else int(getattr(config, "vocab_size", 0))
     seen: set[int] = set()
     tensors = []
+    trainable = []
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         tensors.append((p.numel(), p.element_size()))
+        if p.requires_grad:
+            trainable.append((tuple(p.shape), p.element_size()))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     layer_params = tuple(sum(p.numel() for p in blk.parameters()) for blk in layers)
+    lora_linears, quantized = [], []
+    for mod in layers[0].modules():
+        lora_a = getattr(mod, "lora_A", None)
+        if lora_a is not None and "default" in lora_a:
+            lora_linears.append((int(lora_a["default"].in_features),
+                                 int(mod.lora_B["default"].out_features)))
+        elif hasattr(mod, "quant_absmax") or hasattr(mod, "quant_scb") or hasattr(mod, "quant_state"):
+            quantized.append((int(mod.in_features), int(mod.out_features)))
+    layer_trainable = tuple(sum(p.numel() * p.element_size() for p in blk.parameters()
+                                if p.requires_grad) for blk in layers)
     # parameters after the blocks in registration order: final norm, an untied LM head, a
     # classifier; a head tied to the embeddings is the embedding's tensor (counted there)
     in_blocks = {id(p) for p in layers.parameters()}
@@ -183,7 +209,9 @@ def _arch(key: tuple) -> Arch:
                 resid_dropout=resid_drop, params=count_parameters(model),
                 param_tensors=tuple(tensors), buffer_bytes=buffers, layer_params=layer_params,
                 layer_names=tuple(f"{path}.{i}" for i in range(len(layers))),
-                largest_param=max(n for n, _ in tensors), head_params=head_params)
+                largest_param=max(n for n, _ in tensors), head_params=head_params,
+                trainable_tensors=tuple(trainable), layer_trainable_bytes=layer_trainable,
+                lora_linears=tuple(lora_linears), quantized_linears=tuple(quantized))
 
 
 def arch_of(profile: Profile) -> Arch:
@@ -343,6 +371,8 @@ class AnalyticOutcome:
     notes: list[str]
     extra_layers: int = 0  # blocks of the techniques' extra models (a distillation teacher)
     extra_rows: tuple = ()  # their per-layer table rows: (name, params, weight bytes)
+    trainable_params: int = 0  # parameters with gradients and optimizer state
+    optimizer_state_bytes: int = 0  # the optimizer's state after its first step
 
 
 def _embedding_saved(arch: Arch, E: int, r: int, cuda: bool, training: bool) -> list[int]:
@@ -419,13 +449,25 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     terms = [tech.analytic_terms(profile, arch, b, t, padded, cuda)
              for tech in techniques.active(profile) if tech.analytic_terms is not None]
     extra_weights = sum(x.weights for x in terms)
-    grads_list = weights_list
+    # Gradients and optimizer state exist for trainable parameters only (frozen base weights under
+    # LoRA have neither); engine.optimizers knows each optimizer's state.
+    from engine import optimizers
+
+    trainable = list(arch.trainable_tensors)
+    grads_list = [_r(math.prod(s) * e, cuda) for s, e in trainable]
     grads = sum(grads_list) if training else 0
     states = 0
     opt_temp = 0
-    if training and profile.optimizer == "adamw":
-        states = 2 * sum(weights_list)
-        opt_temp = sum(weights_list) if cuda else 2 * _r(arch.largest_param * 4, cuda)
+    state_list: list[int] = []
+    if training and trainable:
+        state_list = [x for s, e in trainable
+                      for x in optimizers.tensor_states(profile.optimizer, s, e, cuda)]
+        states = optimizers.state_bytes(profile.optimizer, trainable, cuda)
+        opt_temp = optimizers.step_temporary_bytes(profile.optimizer, trainable, cuda)
+        managed = optimizers.managed_bytes(profile.optimizer, trainable, cuda)
+        if managed:
+            notes.append(f"paged optimizer: {managed / 2**20:,.0f} MiB of 8-bit state in CUDA managed "
+                         f"memory, outside torch's allocator (not in the peak; paged out when full)")
     inputs = 3 * _r(B * T * 8, cuda) if training else 2 * _r(B * t * 8, cuda)
     workspace = dev.workspace_bytes(profile.target, training, dev.kind_of(profile))
     autocast_copies = 0
@@ -435,6 +477,10 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
 
     # ----- per layer ---------------------------------------------------------------------
     cost = layer_cost(arch, b, t, precision, cuda, attn, padded, training, window)
+    # what the techniques add inside every block (LoRA's adapter tensors, a dequantized weight)
+    cost.saved += [x.layer_saved for x in terms if x.layer_saved and training]
+    cost.fwd_transient += sum(x.layer_transient for x in terms)
+    cost.bwd_transient += sum(x.layer_transient for x in terms)
     full_layer = sum(cost.saved)
     ckpt = training and every > 0
     r_bytes = 2 if precision in ("bf16", "fp16") else 4
@@ -493,8 +539,7 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
             for extra in x.forward_phases:  # e.g. a frozen teacher's forward before the student's
                 add("forward", w_all, g_prev, states, 0, tmp_common + extra)
         # Step 2 backward: start (at the loss), then layer by layer.
-        layer_g = [_r(p * (4 if precision not in ("bf16", "fp16") else 2), cuda)
-                   for p in arch.layer_params]
+        layer_g = [_r(n, cuda) for n in arch.layer_trainable_bytes]
         head_g = grads - sum(layer_g)
         accum_tmp = _r(arch.largest_param * 4, cuda) if m > 1 else 0
         add("backward", w_all, g_prev, states, acts,
@@ -527,9 +572,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     if cuda:
         persistent = list(weights_list)
         if training:
-            persistent += list(weights_list)  # grads
-            if states:
-                persistent += list(weights_list) * 2
+            persistent += list(grads_list)
+            persistent += state_list
         if training:
             transient = []
             for i in range(arch.layers):
@@ -555,7 +599,9 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
                            breakdown={k: int(v) for k, v in breakdown.items()},
                            peak_phase=phase, layer_activations=layer_acts, params=arch.params,
                            notes=notes, extra_layers=sum(x.layers for x in terms),
-                           extra_rows=tuple(row for x in terms for row in x.rows))
+                           extra_rows=tuple(row for x in terms for row in x.rows),
+                           trainable_params=arch.trainable_params if training else 0,
+                           optimizer_state_bytes=int(states))
 
 
 __all__ = ["EMBEDDINGS_ROW", "HEAD_ROW", "LOGITS_ROW", "Arch", "arch_of", "estimate_shape", "layer_cost"]

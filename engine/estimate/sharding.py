@@ -135,7 +135,10 @@ def rank_model(profile: Profile) -> RankModel:
     lay = layout_of(profile)
     cuda = profile.target == "cuda"
     n = profile.shard_ranks
-    n_states = 2 if profile.optimizer == "adamw" else 0
+    # state tensors per parameter tensor (engine.optimizers has the exact bytes of each optimizer;
+    # the 8-bit ones and Adafactor are counted here as their nearest fp32 equivalent)
+    n_states = {"adamw": 2, "sgd": 1, "lion": 1, "adamw-8bit": 2, "paged-adamw-8bit": 2,
+                "adafactor": 1}.get(profile.optimizer, 2)
     groups = lay.blocks + (lay.root,)
     unsharded, ugrads, rs_in, sgrads, largest_grad = {}, {}, {}, {}, {}
     weights = grads = states = 0

@@ -64,6 +64,8 @@ class TraceOutcome:
     #: (phase, moment, breakdown) of each phase's fullest moment and of each backward's end, for a
     #: data-parallel rank (engine.estimate.sharding turns them into the rank's)
     phase_points: tuple = ()
+    trainable_params: int = 0  # parameters with gradients (training)
+    optimizer_state_bytes: int = 0  # the optimizer's state after its first step
 
 
 C = MemoryCategory
@@ -88,7 +90,14 @@ def _meta_model(profile: Profile) -> torch.nn.Module:
     from engine.estimate.analytic import _arch_fields
 
     key = tuple((f, getattr(profile, f)) for f in _arch_fields() + ("target",))
-    model = copy.deepcopy(_cached_meta_model(key))
+    if profile.quant != "none":
+        # bitsandbytes' packed meta parameters do not deep-copy (set_data across tensor types):
+        # a fresh build on meta instead (allocates nothing)
+        from engine.models import build_model
+
+        model = build_model(profile, "meta")
+    else:
+        model = copy.deepcopy(_cached_meta_model(key))
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # as measure: a scoring forward returns no KV cache
     return model
@@ -207,6 +216,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         tw = min(w, t) if w else t
         window = (step_data.input_ids[:, :tw], step_data.attention_mask[:, :tw])
     peak_step = 1
+    trainable_params = 0
+    state_bytes = 0
     modes = [m for m in (emu, tracker) if m is not None]
     costs = None
     if count_speed and fake:
@@ -229,6 +240,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         if training:
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
+            trainable_params = sum(p.numel() for p in trainable)
             for p in trainable:
                 p.register_post_accumulate_grad_hook(
                     lambda p: tracker.classify(p.grad, C.GRADIENTS.value))
@@ -278,6 +290,10 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                         if isinstance(v, torch.Tensor):
                             tracker.classify(v, C.OPTIMIZER.value)
                 opt.zero_grad(set_to_none=True)
+                if step == 0:
+                    from engine.optimizers import held_state_bytes
+
+                    state_bytes = held_state_bytes(opt, 512 if cuda else 0)
                 tracker.mark("end")
                 if tracker.peak_bytes > before_peak:
                     peak_step = step + 1
@@ -305,6 +321,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         timeline=tuple(tracker.timeline),
         costs=costs,
         phase_points=points,
+        trainable_params=trainable_params,
+        optimizer_state_bytes=state_bytes,
     )
     tracker.detach()
     return outcome
@@ -354,8 +372,33 @@ class _EmuAutocast:
 
 def _optimizer(profile: Profile, params, cuda: bool):
     """The optimizer with its defaults for the target device (foreach on CUDA, fused off)."""
-    foreach = bool(cuda)
+    from engine.optimizers import SGD_MOMENTUM, make_optimizer
+
+    foreach = bool(cuda)  # meta tensors would pick the for-loop
     if profile.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
-    return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+        return torch.optim.SGD(params, lr=1e-3, momentum=SGD_MOMENTUM, foreach=foreach)
+    if profile.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+    # bitsandbytes' optimizers run on meta tensors (their ops have fake kernels); Adafactor's
+    # data-dependent scalars are answered by the tracker
+    opt = make_optimizer(profile.optimizer, params)
+    if getattr(opt, "is_paged", False):
+        opt.get_state_buffer = functools.partial(_paged_state_buffer, cuda)
+    return opt
+
+
+def _paged_state_buffer(cuda: bool, p, dtype=torch.float32):
+    """bitsandbytes' paged state buffer on meta: large ones are CUDA managed memory, outside
+    torch's allocator (made outside the tracker, so not counted); on CPU it falls back to a plain
+    tensor, as bitsandbytes does."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from engine.optimizers import BNB_PAGED_MIN
+
+    if cuda and p.numel() >= BNB_PAGED_MIN:
+        with _disable_current_modes():
+            buf = torch.zeros_like(p, dtype=dtype)
+        buf._headroom_managed = True  # engine.optimizers.held_state_bytes leaves it out
+        return buf
+    return torch.zeros_like(p, dtype=dtype)
 

@@ -351,7 +351,7 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
         s.const("POOL_BYTES", profile.alloc_pool_bytes,
                 f"alloc {docstring_safe(profile.alloc)}: reserved before the run")
     if profile.is_training and profile.optimizer != "adamw":
-        s.const("OPTIMIZER", profile.optimizer, "torch's defaults for it")
+        s.const("OPTIMIZER", profile.optimizer, "the settings Headroom measures (make_optimizer)")
     if profile.is_training and model.task == "masked-lm":
         s.const("MLM_PROBABILITY", 0.15)
     for name, value, comment, raw in port.constants:
@@ -708,6 +708,12 @@ def _step_args(hooks, scaler: bool) -> list[str]:
 def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> None:
     train = profile.is_training
     scaler = profile.precision == "fp16-amp" and train
+    if train and profile.optimizer != "adamw":
+        import inspect
+
+        from engine.optimizers import make_optimizer
+
+        s.add("optimizer", textwrap.dedent(inspect.getsource(make_optimizer)).strip("\n"))
     parse = textwrap.dedent('''
         def parse_args():
             parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -747,8 +753,8 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
             lines.append("    optimizer = torch.optim.AdamW(model.parameters())  # torch's defaults "
                          "for the device")
         else:
-            lines.append("    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)  # plain SGD, "
-                         "no momentum")
+            lines.append("    optimizer = make_optimizer(OPTIMIZER, [p for p in model.parameters() "
+                         "if p.requires_grad])")
         if scaler:
             lines.append("    scaler = torch.amp.GradScaler(device.type)  # fp16 gradients need loss scaling")
     lines += [

@@ -4,8 +4,8 @@ Protocol (CUDA)
     ``PYTORCH_CUDA_ALLOC_CONF`` is set before CUDA starts; gc, ``empty_cache``, reset peaks, sync;
     baseline = ``memory_allocated()`` before the model; the model is built on the device
     (``engine.models.build_model``: fp32, or cast to bf16/fp16 for pure-precision profiles, with the
-    model-side techniques applied); the optimizer has torch's defaults for the device (AdamW, or SGD
-    lr 1e-3 without momentum); ``profile.steps`` steps run, each forward + loss + backward +
+    model-side techniques applied); the optimizer is ``engine.optimizers.make_optimizer``'s (torch's
+    defaults for AdamW, SGD lr 1e-3 momentum 0.9, bitsandbytes' 8-bit AdamW and Lion, Adafactor); ``profile.steps`` steps run, each forward + loss + backward +
     optimizer step + ``zero_grad(set_to_none=True)`` (inference: forward under ``no_grad`` in eval
     mode). Peak = ``max_memory_allocated()`` over the steps minus the baseline; also
     ``max_memory_reserved()`` and the device's used memory (``mem_get_info``, CUDA context
@@ -207,7 +207,8 @@ def run_measure(profile, progress: Progress | None = None,
     sharding = _sharding_extra(profile, built) if profile.distributed else None
     result = _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, task=task,
                    precision=built.precision, device=device, device_name=device_name,
-                   device_used=device_used, params=built.params, started=started)
+                   device_used=device_used, params=built.params, started=started,
+                   trainable=built.trainable)
     if sharding is not None:
         result.extra["sharding"] = sharding
     return result
@@ -233,6 +234,11 @@ def _checked(profile, snapshot, notes: list[str]):
         raise BadInput("no CUDA device is available here; measure with --target cpu "
                        "(memory_cap_bytes simulates a device size)")
     prepared = prepare(profile)  # the one gate: the same refusals as estimate, plan and export
+    from engine.optimizers import unavailable
+
+    why = unavailable(profile.optimizer) if profile.is_training else ""
+    if why:
+        raise BadInput(f"cannot measure here: {why} (the estimate still works)")
     # the allocator note is configure_process's
     notes.extend(n for n in prepared.notes if not n.startswith("allocator settings"))
     return prepared.config, resolve_task(profile, prepared.config)
@@ -270,6 +276,7 @@ class _Built:
 
     precision: str  # the precision that runs (CPU autocast may fall back)
     params: int = 0
+    trainable: int = 0  # parameters that train (LoRA: the adapters)
     hooks: list = field(default_factory=list)
     wrapped: Any = None  # the DDP / FSDP2 model (data-parallel profiles)
     optimizer: Any = None
@@ -319,6 +326,8 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
         # DDP's own logging data, go into the result.
         built.ddp_buckets = _ddp_bucket_bytes(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if profile.is_training:
+        built.trainable = sum(p.numel() for p in trainable)
     optimizer = None
     if profile.is_training:
         model.train()
@@ -326,10 +335,10 @@ def _build(built: _Built, profile, dev, run, tracker, first_step, notes: list[st
             from engine.distributed import CpuOffloadedOptimizer
 
             optimizer = CpuOffloadedOptimizer(trainable, profile.optimizer)
-        elif profile.optimizer == "sgd":
-            optimizer = torch.optim.SGD(trainable, lr=1e-3)
         else:
-            optimizer = torch.optim.AdamW(trainable)
+            from engine.optimizers import make_optimizer
+
+            optimizer = make_optimizer(profile.optimizer, trainable)
         built.optimizer = optimizer
         if hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
             built.hooks = [p.register_post_accumulate_grad_hook(run.grad_hook) for p in trainable]
@@ -378,7 +387,7 @@ def _sharding_extra(profile, built: _Built) -> dict[str, Any]:
 
 
 def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, task, precision,
-            device, device_name, device_used, params, started):
+            device, device_name, device_used, params, started, trainable=0):
     """The MeasureResult of a finished (or out-of-memory) run."""
     from engine.results import MeasureResult
 
@@ -442,4 +451,5 @@ def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, 
         elapsed_s=time.perf_counter() - started,
         extra=extra,
         tokenizer=tokenizer_info(profile),
+        trainable_params=int(trainable),
     )

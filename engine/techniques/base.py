@@ -203,6 +203,8 @@ class AnalyticTerms:
     rows: tuple[tuple[str, int, int], ...] = ()  # per-layer table rows: (name, params, weight bytes)
     held: int = 0  # bytes kept from the loss through backward, the optimizer step and the next
     #                forward (a loop that keeps the model outputs)
+    layer_saved: int = 0  # bytes each transformer block saves for backward beyond the layer model's
+    layer_transient: int = 0  # bytes alive inside each block's forward and backward (a dequantized weight)
 
 
 @dataclass(frozen=True)

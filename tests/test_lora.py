@@ -1,0 +1,171 @@
+"""LoRA (peft) and quantized base weights (bitsandbytes): measured on CPU for real against both
+estimators; the trainable count is peft's own; the profile, CLI and schema carry the settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.errors import BadInput
+from engine.profile import Profile
+
+pytest.importorskip("peft")
+
+
+def _bnb_runs() -> bool:
+    from engine.optimizers import bitsandbytes_missing
+
+    return not bitsandbytes_missing()
+
+
+CASES = {
+    "llama-r8": dict(model="tiny-llama", lora=8),
+    "llama-r4-dropout": dict(model="tiny-llama", lora=4, lora_dropout=0.1, lora_targets="q_proj,v_proj"),
+    "gpt2-r8": dict(model="tiny-gpt2", lora=8),
+    "gpt2-r16-dropout": dict(model="tiny-gpt2", lora=16, lora_dropout=0.05, lora_alpha=32.0),
+}
+QUANT_CASES = {
+    "llama-qlora-nf4": dict(model="tiny-llama", lora=8, quant="nf4"),
+    "gpt2-qlora-nf4-dq": dict(model="tiny-gpt2", lora=8, quant="nf4-dq"),
+    "llama-int8": dict(model="tiny-llama", lora=8, quant="int8"),
+}
+
+
+def _check_against_measure(fields, report):
+    from engine.estimate import estimate
+    from engine.measure import run_measure
+
+    profile = Profile(batch=2, seq=32, target="cpu", steps=2, **fields)
+    measured = run_measure(profile)
+    traced = estimate(profile, method="traced")
+    analytic = estimate(profile, method="analytic")
+    peak = measured.peak_allocated_bytes
+    report(f"{fields}: measured {peak:,} B, traced {traced.peak_allocated_bytes / peak - 1:+.2%}, "
+           f"analytic {analytic.peak_allocated_bytes / peak - 1:+.2%}")
+    assert traced.peak_allocated_bytes == pytest.approx(peak, rel=0.03)
+    assert analytic.peak_allocated_bytes == pytest.approx(peak, rel=0.10)
+    assert measured.trainable_params == traced.trainable_params == analytic.trainable_params
+    assert 0 < measured.trainable_params < measured.params / 10
+    # gradients and optimizer state belong to the adapters only
+    assert measured.extra["optimizer_state_bytes"] == traced.optimizer_state_bytes \
+        == analytic.optimizer_state_bytes
+    assert measured.extra["optimizer_state_bytes"] <= 2 * 4 * measured.trainable_params + 4 * 200
+    return profile, measured
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_lora_measured_against_both_estimates(name, capsys):
+    _check_against_measure(CASES[name], lambda line: print(line))
+
+
+@pytest.mark.parametrize("name", sorted(QUANT_CASES))
+def test_quantized_base_measured_against_both_estimates(name):
+    if not _bnb_runs():
+        pytest.skip("bitsandbytes cannot run here")
+    profile, measured = _check_against_measure(QUANT_CASES[name], print)
+    full = Profile(batch=2, seq=32, target="cpu", steps=2, model=profile.model, lora=profile.lora)
+    from engine.estimate import estimate
+
+    # the quantized blocks' weights are smaller than the fp32 ones
+    assert measured.breakdown["weights"] < estimate(full, method="traced").breakdown["weights"]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+def test_trainable_count_is_peft_s_own(model):
+    """Our build's trainable count equals peft's get_nb_trainable_parameters() on a PeftModel made
+    independently from the same base with the same LoraConfig."""
+    from peft import get_peft_model
+
+    from engine.models import build_model, count_parameters
+    from engine.techniques import lora
+
+    profile = Profile(model=model, lora=8, target="cpu")
+    ours = build_model(profile, "meta")
+    base = build_model(profile, "meta", apply_techniques=False)
+    peft_model = get_peft_model(base, lora.lora_config(profile, base.config.model_type))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == trainable
+    assert count_parameters(ours) == total
+
+
+def test_frozen_base_has_no_gradients_or_state_in_the_estimate():
+    from engine.estimate import estimate
+
+    full = Profile(model="tiny-llama", batch=2, seq=32, target="cuda")
+    lora_p = full.replace(lora=8)
+    a_full, a_lora = estimate(full, method="analytic"), estimate(lora_p, method="analytic")
+    assert a_lora.trainable_params < a_full.trainable_params / 50
+    assert a_lora.optimizer_state_bytes < a_full.optimizer_state_bytes / 50
+    assert a_lora.peak_allocated_bytes < a_full.peak_allocated_bytes
+
+
+def test_qlora_estimate_works_without_bitsandbytes(monkeypatch):
+    """Without bitsandbytes the packed layers are a torch stand-in of the same shapes: the estimate
+    works; a measured run is one line."""
+    import engine.optimizers as optimizers
+    from engine.estimate import estimate
+    from engine.estimate import analytic, traced
+    from engine.measure import run_measure
+
+    monkeypatch.setattr(optimizers, "bitsandbytes_missing",
+                        lambda quick=False: "bitsandbytes is not installed here")
+    analytic._arch.cache_clear()
+    traced._cached_meta_model.cache_clear()
+    try:
+        profile = Profile(model="tiny-llama", batch=2, seq=32, target="cpu", steps=2, lora=8, quant="nf4")
+        est = estimate(profile, method="traced")
+        assert est.trainable_params == 7168
+        with pytest.raises(BadInput) as err:
+            run_measure(profile)
+        assert "bitsandbytes" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        analytic._arch.cache_clear()
+        traced._cached_meta_model.cache_clear()
+    if _bnb_runs():  # the stand-in's numbers are the real layers' numbers
+        real = estimate(Profile(model="tiny-llama", batch=2, seq=32, target="cpu", steps=2, lora=8,
+                                quant="nf4"), method="traced")
+        assert est.peak_allocated_bytes == pytest.approx(real.peak_allocated_bytes, rel=0.01)
+
+
+def test_bad_settings_are_one_line():
+    for bad in (dict(quant="nf4"), dict(lora=8, lora_dropout=1.5), dict(lora=8, lora_targets="q proj"),
+                dict(lora=8, lora_alpha=0.0)):
+        with pytest.raises(BadInput) as err:
+            Profile(model="tiny-llama", **bad).replace()
+        assert "\n" not in str(err.value)
+    from engine.estimate import estimate
+
+    with pytest.raises(BadInput) as err:
+        estimate(Profile(model="tiny-llama", lora=8, lora_targets="no_such_layer"), method="analytic")
+    assert "LoRA" in str(err.value)
+
+
+def test_cli_flags_and_json(tmp_path):
+    from _cli import run_cli
+
+    code, out, err = run_cli(["estimate", "--model", "tiny-gpt2", "--seq", "16", "--batch", "1",
+                              "--lora", "4", "--lora-alpha", "8", "--lora-dropout", "0.1",
+                              "--lora-targets", "c_attn", "--optimizer", "adamw-8bit",
+                              "--method", "analytic", "--json", "--save", str(tmp_path / "p.json")])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["trainable_params"] == 2 * (4 * 64 + 4 * 192)
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["lora"] == 4 and saved["lora_targets"] == "c_attn" and saved["optimizer"] == "adamw-8bit"
+    assert saved["schema_version"] == 2
+
+
+def test_schema_1_profile_loads(tmp_path):
+    from engine import profile as profile_mod
+
+    old = {"schema_version": 1, "name": "old", "model": "tiny-gpt2", "optimizer": "sgd", "batch": 2}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = profile_mod.load(path)
+    assert loaded.schema_version == profile_mod.SCHEMA_VERSION == 2
+    assert loaded.lora == 0 and loaded.quant == "none" and loaded.optimizer == "sgd"
+    assert loaded.batch == 2 and loaded.name == "old"
+    with pytest.raises(BadInput):  # a version that never existed
+        profile_mod.from_dict({"schema_version": 0})
