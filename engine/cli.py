@@ -301,7 +301,13 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile, started: float) -> i
         m = x["model"]
         lines = [f"{m['name']} ({m['model_type']}, {m['family']}, head {m['task']})",
                  f"parameters      {m['params']:,}", f"layers          {m['layers']}",
-                 f"hidden size     {m['hidden_size']}", f"max positions   {m['max_positions']}"]
+                 f"hidden size     {m['hidden_size']}", f"max positions   {m['max_positions']}",
+                 f"tokenizer       {'its own' if m['has_tokenizer'] else 'the fallback BPE (it has none)'}"]
+        if m.get("hub_commit"):
+            lines.append(f"hub commit      {m['hub_commit']}")
+        if m.get("checkpoint"):
+            ck = m["checkpoint"]
+            lines.append(f"checkpoint      {ck['params']:,} ({', '.join(ck['dtypes'])}; safetensors header)")
         if "dataset" in x:
             s = x["dataset"]
             lines += [f"dataset texts   {s['count']:,}",

@@ -109,7 +109,15 @@ def fetch(ref: HubRef) -> Snapshot:
 def _fetch(ref: HubRef, is_offline: bool, cache: str) -> Snapshot:
     # Keyed by the offline switch and the cache too: a test or a user switching HF_HOME in-process
     # must not get another cache's folder. Errors are not cached (a retry after login works).
-    folder = Path(_download(ref, list(SMALL_FILES)))
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    if are_progress_bars_disabled("huggingface_hub"):
+        folder = Path(_download(ref, list(SMALL_FILES)))
+    else:
+        # A few small files: progress bars would only be noise on stderr, which holds Headroom's
+        # one-line errors (the weights' download keeps its bars: that one takes minutes).
+        with disable_progress_bars("huggingface_hub"):
+            folder = Path(_download(ref, list(SMALL_FILES)))
     if not (folder / "config.json").is_file():
         raise BadInput(f"Hub model {ref} has no config.json (Headroom needs a transformers model repository)")
     return Snapshot(ref, folder, folder.name)

@@ -254,7 +254,10 @@ def test_weights_asked_for_but_only_pickles_is_one_line(hf_home):
 class _FakeHub(http.server.BaseHTTPRequestHandler):
     """Answers the model-info call as huggingface.co does: 404 RepoNotFound, 403 GatedRepo."""
 
+    seen_auth: list[str] = []
+
     def do_GET(self):  # noqa: N802 - http.server's name
+        _FakeHub.seen_auth.append(self.headers.get("Authorization", ""))
         if "/gated" in self.path:
             self.send_response(403)
             self.send_header("X-Error-Code", "GatedRepo")
@@ -296,6 +299,17 @@ def test_missing_and_gated_repos_are_one_line(online_hub, repo, words):
     code, out, err = run_cli(["estimate", "--model", repo])
     _one_line_exit_2(code, out, err)
     assert words in err and repo in err
+
+
+def test_hf_token_is_sent(online_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_headroomtest")
+    monkeypatch.setattr(constants, "HF_TOKEN", "hf_headroomtest", raising=False)
+    _FakeHub.seen_auth.clear()
+    code, out, err = run_cli(["estimate", "--model", "org/gated"])
+    _one_line_exit_2(code, out, err)
+    assert "Bearer hf_headroomtest" in _FakeHub.seen_auth
 
 
 def test_no_network_is_one_line(hf_home, monkeypatch):
