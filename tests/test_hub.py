@@ -411,3 +411,77 @@ def test_the_search_box_takes_a_hub_id_and_the_panel_says_what_it_is(qtbot, hf_h
         assert "fallback tokenizer" in panel.facts.text() and panel.download_weights.isHidden()
     finally:
         panel.shutdown()
+
+
+class _WeightsHub(http.server.BaseHTTPRequestHandler):
+    """Serves one repository's model.safetensors as the Hub's resolve endpoint does (HEAD with its
+    metadata, GET honouring Range); records the byte ranges it sent."""
+
+    payload = b""
+    sent: list[int] = []
+
+    def _head(self, status, length=0):
+        self.send_response(status)
+        if status >= 400:
+            self.send_header("X-Error-Code", "EntryNotFound")
+        self.send_header("ETag", '"abc123"')
+        self.send_header("X-Repo-Commit", QWEN_COMMIT)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def do_HEAD(self):  # noqa: N802
+        if self.path.endswith("/model.safetensors"):
+            self._head(200, len(self.payload))
+        else:
+            self._head(404)
+
+    def do_GET(self):  # noqa: N802
+        if not self.path.endswith("/model.safetensors"):
+            self._head(404)
+            return
+        start, end = 0, len(self.payload) - 1
+        if self.headers.get("Range"):
+            first, last = self.headers["Range"].split("=")[1].split("-")
+            start, end = int(first), min(int(last), end)
+        body = self.payload[start:end + 1]
+        _WeightsHub.sent.append(len(body))
+        self.send_response(206 if self.headers.get("Range") else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_online_the_count_comes_from_a_ranged_read_of_the_header(hf_home, tmp_path, monkeypatch):
+    """Online, a snapshot without weights gets its count and dtypes from get_safetensors_metadata's
+    ranged reads: the bytes sent are the header's first 100 kB, never the 4 MB of weights."""
+    import torch
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1024, 1024), "b": torch.zeros(8, dtype=torch.float16)},
+              str(tmp_path / "model.safetensors"))
+    _WeightsHub.payload = (tmp_path / "model.safetensors").read_bytes()
+    _WeightsHub.sent = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WeightsHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        preset_repo(hf_home, "org/weights", "tiny-gpt2")
+        snapshot = hub.fetch(hub.parse("org/weights"))  # offline: from the cache
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        from huggingface_hub import hf_api
+
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        # The module-level HfApi (made at import) answers get_safetensors_metadata; hf_hub_url swaps
+        # the default endpoint for its own.
+        monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+        hub._remote_checkpoint_facts.cache_clear()
+        facts = hub.checkpoint_facts(snapshot)
+    finally:
+        server.shutdown()
+        hub._remote_checkpoint_facts.cache_clear()
+    assert facts == hub.CheckpointFacts(1024 * 1024 + 8, {"F16": 8, "F32": 1024 * 1024}, "hub")
+    assert _WeightsHub.sent and sum(_WeightsHub.sent) <= 100_001 < len(_WeightsHub.payload)
+    assert not (snapshot.folder / "model.safetensors").exists()  # nothing was downloaded

@@ -241,6 +241,11 @@ def _checked(profile, snapshot, notes: list[str]):
         raise BadInput(f"cannot measure here: {why} (the estimate still works)")
     # the allocator note is configure_process's
     notes.extend(n for n in prepared.notes if not n.startswith("allocator settings"))
+    from engine.models import source_kind
+
+    if source_kind(profile.model) == "hub" and not profile.download_weights:
+        notes.append(f"Hub model {profile.model}: random weights (memory does not depend on their "
+                     "values); --download-weights loads its own")
     return prepared.config, resolve_task(profile, prepared.config)
 
 
