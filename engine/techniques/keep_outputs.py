@@ -40,11 +40,16 @@ def applies(profile: "Profile") -> bool:
 
 
 def validate(p: "Profile") -> None:
-    if p.keep_outputs and p.mode != "train":
-        raise BadInput("keep_outputs (the loop keeps the model outputs) applies to training only")
-    if p.keep_outputs and p.distill_from:
-        raise BadInput("keep_outputs with distillation is not modelled: the distillation loss keeps "
-                       "only the loss; choose one")
+    """Outside training ``Field.modes`` refuses it; in training, a technique whose loss replaces
+    the model's (distillation) keeps only that loss, so the two are not combined."""
+    if not (p.keep_outputs and p.mode == "train"):
+        return
+    from engine.techniques.base import active
+
+    for other in active(p):
+        if other.name != TECHNIQUE.name and other.loop is not None and other.loop.loss is not None:
+            raise BadInput(f"keep_outputs with {other.name} is not modelled: the {other.name} loss "
+                           "keeps only the loss; choose one")
 
 
 def outputs_bytes(arch, b: int, t: int, precision: str, cuda: bool) -> int:
@@ -88,7 +93,7 @@ TECHNIQUE = Technique(
     order=85,
     fields=(Field("keep_outputs", bool, False, "training: the loop keeps the model outputs (outputs = "
                   "model(**batch)) through backward and the next forward", modes=("train",),
-                  label="loop keeps the model outputs"),),
+                  mode_hint="the loop keeps the model outputs", label="loop keeps the model outputs"),),
     controls=(Control("keep_outputs", "check", text="My loop keeps the model outputs", field="keep_outputs",
                       tooltip="outputs = model(**batch) kept through backward and into the next step "
                               "(the Hugging Face course's loop): the logits stay alive",
