@@ -24,7 +24,6 @@ MAX_BYTES = 8 << 20  # a measurement with its timeline is kilobytes; a whole scr
 
 #: Fields that do not change what a run measures, or name the run rather than configure it.
 IGNORED_FIELDS = ("name", "schema_version", "trust_remote_code", "gpu", "steps")  # a script's --steps
-_PATH_FIELDS = ("model", "dataset", "distill_from")
 _NUMBERS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes")
 
 
@@ -133,7 +132,10 @@ def _settings_of(data: dict[str, Any], label: str) -> dict[str, Any] | None:
 def _same(field: str, ours: Any, theirs: Any) -> bool:
     if ours == theirs:
         return True
-    if field in _PATH_FIELDS and isinstance(ours, str) and isinstance(theirs, str):
+    from engine.profile import FIELDS_BY_NAME
+
+    is_path = field in FIELDS_BY_NAME and FIELDS_BY_NAME[field].path  # a model or file: its name
+    if is_path and isinstance(ours, str) and isinstance(theirs, str):
         return Path(ours.rstrip("/\\").replace("\\", "/")).name == Path(theirs.rstrip("/\\").replace("\\", "/")).name
     if isinstance(ours, float) and isinstance(theirs, (int, float)) and not isinstance(theirs, bool):
         return float(theirs) == ours

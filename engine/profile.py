@@ -78,7 +78,7 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("name", str, "default", "the user's label for this profile"),
     Field("model", str, "gpt2", 'preset name, "minilm", a folder holding config.json, or a Hub id '
           'org/name[@revision] (an existing folder wins; ./org/name is always the folder)',
-          check=_check_model, metavar="NAME|DIR|ORG/NAME"),
+          check=_check_model, metavar="NAME|DIR|ORG/NAME", path=True),
     Field("trust_remote_code", bool, False, "allow a model folder's own Python code to run (off: safe)",
     label="trust remote code"),
     Field("download_weights", bool, False, "a Hub model's measured run downloads and loads its safetensors "
@@ -96,7 +96,7 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("gpu", str, "", 'catalog GPU the estimate is for (engine.gpus; "" = H100 SXM, or the '
           'deprecated HEADROOM_DEVICE)', check=_check_gpu, metavar="NAME", label="GPU"),
     Field("dataset", str, "builtin", '"builtin" sample corpus, or a .txt/.csv/.jsonl/.parquet path',
-          metavar="builtin|PATH"),
+          metavar="builtin|PATH", path=True),
     Field("text_column", str, "", 'column holding the text ("" = find it)', metavar="NAME",
     label="text column"),
     Field("steps", int, 3, "measured steps (the first is warm-up, excluded from timings)", minimum=1,

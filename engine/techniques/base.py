@@ -102,6 +102,7 @@ class Field:
     mode_advice: str = ""  # what to use instead, after the refusal ("for training use micro_batches")
     cli: bool = True  # has a command-line flag
     label: str = ""  # name in summaries ("" = the field name)
+    path: bool = False  # names a model or a file: the same run elsewhere has another folder
 
     @property
     def cli_flag(self) -> str:

@@ -414,7 +414,7 @@ TECHNIQUE = Technique(
     fields=(
         Field("distill_from", str, "", "teacher model (preset or folder) for knowledge distillation",
               metavar="NAME|DIR", after="ffn_chunks", modes=("train",), mode_hint="knowledge distillation",
-              label="distillation teacher"),
+              label="distillation teacher", path=True),
         Field("teacher_precision", str, "auto", "teacher weights: auto (student's half dtype on "
               "CUDA) | fp32|bf16|fp16", choices=TEACHER_PRECISIONS, modes=("train",),
               label="teacher precision"),
