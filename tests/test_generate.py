@@ -200,3 +200,26 @@ def test_long_generations_trace_the_first_and_last_decode_steps(model, cache):
         key = f"{phase}_peak_allocated_bytes"
         assert abs(traced.extra[key] - measured.extra[key]) <= 0.03 * measured.extra[key], phase
     assert traced.extra["cache_growth_bytes"] == measured.extra["cache_growth_bytes"]
+
+
+def test_generation_in_the_measure_child_reports_progress_and_oom_as_a_result():
+    from engine.measure.process import measure_in_child
+
+    progress = []
+    r = measure_in_child(gen("tiny-llama", memory_cap_bytes=4_690_000),
+                         progress=lambda f, m: progress.append(m))
+    assert r.oom and r.oom_phase in ("prefill", "decode")
+    assert any("generation 1/1" in m for m in progress) or r.oom_phase == "prefill"
+
+
+def test_cancel_stops_a_generation_between_tokens():
+    from engine.errors import Cancelled
+
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        run_measure(gen("tiny-llama", new_tokens=50), should_stop=stop)
