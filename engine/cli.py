@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="largest batch or sequence that fits a budget")
     _add_profile_flags(p)
     p.add_argument("--budget", required=True, type=size_arg, metavar="SIZE")
+    p.add_argument("--gpus-max", type=int, metavar="N", default=None,
+                   help="instead: the fewest GPUs (1, 2, 4, ... up to N) for which one GPU, DDP, "
+                        "FSDP2 or FSDP2 + CPU offload fits --budget per GPU (training)")
     p.add_argument("--vary", choices=("batch", "seq", "context"), default="batch",
                    help="batch | seq; generate mode: batch | context (prompt + new tokens)")
     p.add_argument("--method", choices=("analytic", "traced", "auto"), default="analytic",
@@ -232,6 +235,14 @@ def _measure_ranks(args: argparse.Namespace, profile: Profile, started: float, p
 
 def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
     from engine.plan import plan
+    if args.gpus_max is not None:
+        from engine.plan_gpus import plan_gpus
+
+        result = plan_gpus(profile, budget_bytes=args.budget, max_gpus=args.gpus_max,
+                           method=args.method)
+        _emit(_with_version(result.to_dict(), started), args.json,
+              lambda x: json.dumps(x, indent=2, default=str))
+        return 0
     result = plan(profile, budget_bytes=args.budget, vary=args.vary, method=args.method)
     d = _with_version(result.to_dict(), started)
     _emit(d, args.json, lambda x: json.dumps(x, indent=2, default=str))

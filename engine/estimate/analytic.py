@@ -574,6 +574,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         if training:
             persistent += list(grads_list)
             persistent += state_list
+        if rank is not None:  # one data-parallel rank: its shards (or DDP's copies and buckets)
+            persistent = [x for x in (rank.weights, rank.grads, rank.states, rank.buckets) if x]
         if training:
             transient = []
             for i in range(arch.layers):
