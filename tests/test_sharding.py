@@ -63,6 +63,7 @@ CASES = [
     ("tiny-llama", 2, dict(shard="fsdp2", reshard_after_forward="off", offload="optimizer")),
     ("tiny-llama", 2, dict(shard="ddp")),
     ("tiny-gpt2", 2, dict(shard="ddp")),
+    ("tiny-gpt2", 2, dict(shard="fsdp2")),  # tied embeddings: the gradient sum in the root's backward
     ("tiny-llama", 4, dict(shard="fsdp2")),
 ]
 

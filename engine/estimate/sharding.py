@@ -53,6 +53,7 @@ class Layout:
     root: Group  # everything outside the blocks
     head_numels: tuple[int, ...]  # root parameters registered after the blocks (reduced first)
     buffer_bytes: int = 0
+    tied: bool = False  # the output embedding is the input embedding's tensor
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,7 +82,11 @@ def _layout(key: tuple) -> Layout:
         if after:
             head.append(p.numel())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return Layout(tuple(groups), Group("root", tuple(root)), tuple(head), buffers)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = bool(out_emb is not None and in_emb is not None
+                and getattr(out_emb, "weight", None) is getattr(in_emb, "weight", 0))
+    return Layout(tuple(groups), Group("root", tuple(root)), tuple(head), buffers, tied)
 
 
 def layout_of(profile: Profile) -> Layout:
@@ -120,6 +125,7 @@ class RankModel:
     single_opt_temp: int  # the one-GPU optimizer step's temporaries (what the estimators counted)
     largest_grad: dict  # group name -> its largest unsharded gradient's bytes
     buffers: int  # module buffers (rotary tables): every rank holds them whole
+    tied: bool  # the LM head shares the input embedding's weight
     full_grads: int  # the one-GPU gradients
 
     @property
@@ -189,7 +195,7 @@ def rank_model(profile: Profile) -> RankModel:
     return RankModel(profile.shard, n, cuda, weights, grads, states, unsharded, ugrads, rs_in,
                      sgrads, tuple(g.name for g in reversed(lay.blocks)), largest, buckets, host,
                      head_grads, moved if cuda else {}, single_tmp, largest_grad,
-                     _r(lay.buffer_bytes, cuda), sum(ugrads.values()))
+                     _r(lay.buffer_bytes, cuda), lay.tied, sum(ugrads.values()))
 
 
 def _device(rm: RankModel, cat: str, value: int) -> int:
@@ -198,11 +204,14 @@ def _device(rm: RankModel, cat: str, value: int) -> int:
 
 
 def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, a: int, tmp: int,
-           single_w: int, single_g: int, single_o: int, where: str = "") -> tuple[int, ...]:
+           single_w: int, single_g: int, single_o: int, where: str = "",
+           traced: bool = False) -> tuple[int, ...]:
     """The rank's (weights, gradients, optimizer, activations, temporaries) at a candidate moment of
     the one-GPU model: ``single_*`` are that model's full weights / gradients / states, ``g`` the
     gradients it holds at that moment, ``where`` the moment ("loss", "end", "" = infer from ``g``).
-    Weights and temporaries of a frozen extra model (a teacher) pass through unchanged."""
+    Weights and temporaries of a frozen extra model (a teacher) pass through unchanged. ``traced``:
+    the moment's temporaries are a traced step's, which hold the ops' own transients (a tied
+    embedding's gradient sum) already."""
     extra_w = max(0, w - single_w)
     if rm.shard == "ddp":
         return (w, g + rm.buckets, o, a, tmp)
@@ -227,7 +236,9 @@ def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, 
         if g <= 0:
             where = "loss"
         elif g >= single_g:
-            where = "end"
+            # a traced moment inside the root's backward (its gradients complete, the ops' own
+            # transients in ``tmp``); the analytic model's end is its post-backward
+            where = "root" if traced else "end"
         else:  # inside block k: the head's and the later blocks' gradients reach g
             acc, where = rm.head_grads, str(len(rm.order) - 1)
             for k, name in enumerate(rm.order):
@@ -238,10 +249,13 @@ def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, 
     if where == "loss":
         gathered = root_u + (sum(blocks_u) if keep_all else 0)
         return (sharded_w + gathered, rm.head_grads if g else 0, opt, a, tmp)
+    if where == "root":
+        done = _device(rm, "gradients", sum(rm.shard_grads[name] for name in rm.order))
+        return (sharded_w + root_u, done + rm.unsharded_grads["root"], opt, a, tmp)
     if where == "end":
         # the root's post-backward, its reduce-scatter (the largest of the group's moments)
         done = _device(rm, "gradients", sum(rm.shard_grads[name] for name in rm.order))
-        return (sharded_w, done, opt, a, tmp + _post_backward(rm, "root"))
+        return (sharded_w, done, opt, a, tmp + _post_backward(rm, "root", not traced))
     # block k (backward order: 0 = the last block) after its backward: its gradients, its weights
     # then the reduce-scatter input; the next block to run is prefetched; the root's head
     # gradients wait for the root's reduce-scatter at the end
@@ -252,10 +266,11 @@ def adjust(rm: RankModel, profile: Profile, phase: str, w: int, g: int, o: int, 
     if keep_all:
         gathered = root_u + sum(blocks_u[k + 1:])
     done = _device(rm, "gradients", sum(rm.shard_grads[x] for x in rm.order[:k]))
-    return (sharded_w + gathered, rm.head_grads + done, opt, a, tmp + _post_backward(rm, name))
+    return (sharded_w + gathered, rm.head_grads + done, opt, a,
+            tmp + _post_backward(rm, name, not traced))
 
 
-def _post_backward(rm: RankModel, name: str) -> int:
+def _post_backward(rm: RankModel, name: str, tied_sum: bool = True) -> int:
     """The largest moment of a group's post-backward (``FSDPParamGroup.post_backward``,
     ``foreach_reduce``): its unsharded gradients with its gathered weights (before the reshard),
     then with the reduce-scatter input (the copy-in), then the reduce-scatter itself: the input, the
@@ -264,7 +279,10 @@ def _post_backward(rm: RankModel, name: str) -> int:
     ug, u, rsi = rm.unsharded_grads[name], rm.unsharded[name], rm.rs_input[name]
     staging = 0 if rm.cuda else rsi
     scatter = rsi + staging + rm.shard_grads[name] + rm.largest_grad[name]
-    return max(ug + u, ug + rsi, scatter)
+    # a tied embedding's second gradient (the embedding's backward) is added to the LM head's:
+    # the old, the new and the sum are alive at once, beside the gathered weights
+    tied = 2 * rm.largest_grad[name] if name == "root" and rm.tied and tied_sum else 0
+    return max(ug + u + tied, ug + rsi, scatter)
 
 
 def optimizer_temp(rm: RankModel, cuda: bool) -> int:
@@ -301,7 +319,8 @@ def rank_peak(profile: Profile, points) -> tuple[int, dict, str]:
     for phase, where, bd in points:
         w, g, o, a, tmp = (bd.get(k, 0) for k in ("weights", "gradients", "optimizer",
                                                     "activations", "temporaries"))
-        out = adjust(rm, profile, phase, w, g, o, a, tmp, single_w, rm.full_grads, o, where)
+        out = adjust(rm, profile, phase, w, g, o, a, tmp, single_w, rm.full_grads, o, where,
+                     traced=True)
         if best is None or sum(out) > best[0]:
             best = (sum(out), dict(zip(("weights", "gradients", "optimizer", "activations",
                                          "temporaries"), out)), phase)
