@@ -23,10 +23,7 @@ from engine.errors import BadInput, Cancelled
 from engine.profile import Profile
 from engine.results import EstimateResult
 
-VARIES = ("batch", "seq", "context")
-#: What ``vary`` may be per mode: generation varies the concurrent sequences or the context
-#: (prompt + new tokens, the new tokens fixed; the search runs over the prompt).
-MODE_VARIES = {"generate": ("batch", "context")}
+VARIES = ("batch", "seq", "context")  # batch, seq and the techniques' plan axes (generation's context)
 #: Upper bound of a batch search (a guard against a budget no estimate reaches).
 MAX_BATCH = 1 << 16
 #: Upper bound of a sequence search for models without a position limit (or windowed inference).
@@ -67,12 +64,12 @@ class PlanResult:
 def _limit(profile: Profile, vary: str) -> int:
     if vary == "batch":
         return MAX_BATCH
-    if vary == "context":  # the prompt's tokens: the positions less the new tokens
-        from engine.prepare import prepare
-
-        return int(prepare(profile).max_positions or MAX_SEQ) - profile.new_tokens
     from engine import techniques
     from engine.prepare import prepare
+
+    axis = techniques.plan_axis(vary)
+    if axis is not None:  # e.g. the prompt: the positions less the new tokens
+        return int(prepare(profile).max_positions or MAX_SEQ) - axis.offset(profile)
 
     prepared = prepare(profile)
     if any(techniques.get(name).forward_tokens for name in prepared.active):
@@ -85,8 +82,9 @@ def _with_value(profile: Profile, vary: str, value: int) -> Profile:
     technique's ``resize``: micro-batches within the batch, a token budget of at least seq)."""
     from engine import techniques
 
-    if vary == "context":
-        return profile.replace(prompt_len=value)
+    axis = techniques.plan_axis(vary)
+    if axis is not None:
+        return profile.replace(**{axis.field: value})
     return profile.replace(**techniques.resized(profile, {vary: value}))
 
 
@@ -97,7 +95,10 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
     from engine.estimate import estimate
 
     started = time.perf_counter()
-    allowed = MODE_VARIES.get(profile.mode, ("batch", "seq"))
+    from engine import techniques
+
+    allowed = techniques.plan_varies(profile.mode)
+    axis = techniques.plan_axis(vary)
     if vary not in allowed:
         raise BadInput(f"vary must be {' or '.join(allowed)} in {profile.mode} mode; got {vary!r}")
     if budget_bytes <= 0:
@@ -169,12 +170,12 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
         notes.append(f"even {vary}=1 needs more than the budget")
     if not hi:
         notes.append(f"{vary} reached its limit ({limit}) within the budget")
-    # context: the values are prompt + new tokens (the search ran over the prompt)
-    shift = profile.new_tokens if vary == "context" else 0
+    # a plan axis reports its own value (context: prompt + new tokens; the search ran over the prompt)
+    shift = axis.offset(profile) if axis is not None else 0
     curve = tuple(sorted((v + shift, r.device_used_bytes) for v, r in cache.items()))
     extra: dict[str, Any] = {"estimates": len(cache)}
-    if vary == "context":
-        extra.update(prompt_len=lo, new_tokens=profile.new_tokens)
+    if axis is not None:
+        extra.update({axis.field: lo, axis.offset_field: shift})
     result = PlanResult(
         vary=vary, budget_bytes=int(budget_bytes), value=lo + shift if lo else 0, fits=lo >= 1,
         limit=limit + shift, estimate=cache.get(lo), next_value=hi + shift if hi else 0,

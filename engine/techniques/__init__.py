@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from engine.techniques.base import (AnalyticSetup, AnalyticTerms, Control, Field, LoopHooks,
                                     ProcessHooks, ScriptHooks, Technique, active, all_fields,
                                     analytic_setup, explanations, get, loop_hooks,
-                                    model_techniques, process_hooks, registry, resized,
-                                    script_hooks)
+                                    model_techniques, plan_axis, plan_varies, process_hooks,
+                                    registry, resized, script_hooks)
 
 if TYPE_CHECKING:
     import torch

@@ -227,6 +227,20 @@ class AnalyticSetup:
 
 
 @dataclass(frozen=True)
+class PlanAxis:
+    """A quantity of a technique's that the planner searches instead of seq in some modes
+    (generation's context: prompt + new tokens, the search running over the prompt)."""
+
+    name: str  # the ``vary`` value ("context")
+    modes: tuple[str, ...]  # the modes where it replaces seq
+    field: str  # the field the search sets ("prompt_len")
+    offset_field: str = ""  # the field added to the searched value when it is reported ("new_tokens")
+
+    def offset(self, profile: "Profile") -> int:
+        return int(getattr(profile, self.offset_field)) if self.offset_field else 0
+
+
+@dataclass(frozen=True)
 class LoopHooks:
     """How a technique changes the training step; the measured loop and the traced step share it.
 
@@ -309,6 +323,7 @@ class Technique:
     apply_rank: int = 0  # order of model changes: structure (GeGLU, pruning) before wrappers
     analytic_terms: Callable[..., AnalyticTerms] | None = None  # (profile, arch, b, t, padded, cuda)
     analytic_setup: Callable[["Profile", AnalyticSetup], AnalyticSetup] | None = None  # on or off
+    plan_axes: tuple[PlanAxis, ...] = ()  # what the planner may vary instead of seq
     resize: Callable[["Profile", dict[str, Any]], dict[str, Any]] | None = None  # (profile, new
     #   batch/seq) -> its own field changes that keep the profile valid (the planner's search)
     loop: LoopHooks | None = None  # training-step changes (measure and the traced estimate)
@@ -413,6 +428,17 @@ def resized(profile: "Profile", changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def plan_axis(name: str) -> PlanAxis | None:
+    """The technique's plan axis called ``name`` (None: batch or seq)."""
+    return next((a for t in registry() for a in t.plan_axes if a.name == name), None)
+
+
+def plan_varies(mode: str) -> tuple[str, ...]:
+    """What the planner may vary in ``mode``: batch, and seq or the axes that replace it there."""
+    axes = tuple(a.name for t in registry() for a in t.plan_axes if mode in a.modes)
+    return ("batch", *(axes or ("seq",)))
+
+
 def loop_hooks(profile: "Profile") -> tuple[LoopHooks, ...]:
     """The loop hooks of the techniques the profile switches on (training only)."""
     if profile.mode != "train":
@@ -432,6 +458,6 @@ def script_hooks(profile: "Profile") -> tuple[ScriptHooks, ...]:
     return tuple(t.script for t in active(profile) if t.script is not None)
 
 
-__all__ = ["AnalyticSetup", "AnalyticTerms", "analytic_setup", "resized", "Control", "Field", "LoopHooks", "ProcessHooks", "process_hooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
+__all__ = ["PlanAxis", "plan_axis", "plan_varies", "AnalyticSetup", "AnalyticTerms", "analytic_setup", "resized", "Control", "Field", "LoopHooks", "ProcessHooks", "process_hooks", "ScriptHooks", "Technique", "script_hooks", "loop_hooks", "active",
            "all_fields",
            "defaults_changes", "explanations", "get", "model_techniques", "registry"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import Control, Field, Technique
+from engine.techniques.base import Control, Field, PlanAxis, Technique
 
 if TYPE_CHECKING:
     from engine.prepare import Prepared
@@ -111,4 +111,6 @@ TECHNIQUE = Technique(
     active=_is_generate,
     validate=validate,
     check=check,
+    # the planner's --vary context: prompt + new tokens, the new tokens fixed (it searches the prompt)
+    plan_axes=(PlanAxis("context", ("generate",), "prompt_len", "new_tokens"),),
 )
