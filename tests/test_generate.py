@@ -223,3 +223,19 @@ def test_cancel_stops_a_generation_between_tokens():
 
     with pytest.raises(Cancelled):
         run_measure(gen("tiny-llama", new_tokens=50), should_stop=stop)
+
+
+def test_int8_base_weights_generate_and_match_the_traced_estimate():
+    profile = gen("tiny-llama", quant="int8")
+    measured = run_measure(profile)
+    traced = estimate(profile, method="traced")
+    assert traced.kv_cache_bytes == measured.kv_cache_bytes
+    assert abs(traced.peak_allocated_bytes - measured.peak_allocated_bytes) \
+        <= 0.03 * measured.peak_allocated_bytes
+    assert measured.breakdown["weights"] < run_measure(gen("tiny-llama")).breakdown["weights"]
+
+
+def test_multi_gpu_generation_is_refused():
+    code, _, err = run_cli(["estimate", "--mode", "generate", "--model", "tiny-llama", "--target",
+                            "cpu", "--gpus", "2"])
+    assert code == 2 and "one GPU" in err

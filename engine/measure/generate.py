@@ -197,7 +197,9 @@ def run_generate(profile, progress=None, should_stop=None, snapshot=None) -> Mea
         if isinstance(exc, (KeyboardInterrupt, SystemExit, BadInput)):
             raise
         if not (runner._is_oom(exc) or (tracker is not None and tracker.oom_raised)):
-            if isinstance(exc, (RuntimeError, NotImplementedError, TypeError, ValueError)):
+            # AssertionError: a kernel's shape check (bitsandbytes' CPU 4-bit matmul at one token)
+            if isinstance(exc, (RuntimeError, NotImplementedError, TypeError, ValueError,
+                                AssertionError)):
                 phase = current.phase() if current is not None else "model"
                 raise BadInput(f"the generation failed ({phase}) on {dev.type} with "
                                f"{precision}: {runner.loop.first_line(exc)}") from None

@@ -53,6 +53,8 @@ def validate(p: "Profile") -> None:
                            f"--mode {' or '.join(f.modes)})")
     if p.checkpointing:
         raise BadInput("checkpointing means nothing in generation (no backward pass)")
+    if getattr(p, "gpus", 1) > 1:
+        raise BadInput("generation runs on one GPU here (gpus must be 1 in --mode generate)")
     if p.padding != "fixed":
         raise BadInput(f"padding {p.padding!r} means nothing in generation: the B prompts are one "
                        f"batch (left-padded to the longest when they come from the dataset)")
