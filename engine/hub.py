@@ -123,8 +123,10 @@ def _fetch(ref: HubRef, is_offline: bool, cache: str) -> Snapshot:
     return Snapshot(ref, folder, folder.name)
 
 
-def download_weights(ref: HubRef) -> Path:
-    """The snapshot folder with the safetensors weights too (downloads them: a real-weights run)."""
+def download_weights(snapshot: Snapshot) -> Path:
+    """The snapshot folder with the safetensors weights too (downloads them: a real-weights run), at
+    the commit the config was read from (a branch that moved meanwhile cannot mix the two)."""
+    ref = HubRef(snapshot.ref.repo_id, snapshot.commit)
     folder = Path(_download(ref, list(SMALL_FILES) + list(WEIGHT_FILES)))
     if not any(folder.glob("*.safetensors")):
         raise BadInput(f"Hub model {ref} has no safetensors weights; Headroom never loads pickled "

@@ -344,7 +344,7 @@ def build_model(profile: "Profile", device: str = "meta", *, model_name: str | N
     folder = source.folder
     loading = source.has_weights and device != "meta"
     if source.kind == "hub" and device != "meta" and profile.download_weights:
-        folder = hub.download_weights(source.hub.ref)  # the one place weights are ever fetched
+        folder = hub.download_weights(source.hub)  # the one place weights are ever fetched
         loading = True
     if loading:
         check_safetensors_weights(folder)
