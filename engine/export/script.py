@@ -211,7 +211,16 @@ def _header(profile: Profile, model: ModelFacts, estimate: Any, measured: Any, n
         lines.append(f"Measured peak allocated memory: {format_bytes(meas)}.")
     for note in notes:  # engine-made text about the combination (what saves little, and why)
         lines += textwrap.wrap(f"Note: {_docstring_text(note)}.", 100)
-    lines += ["Needs only torch and transformers; Headroom itself is not imported.", "",
+    if model.kind == "preset":
+        lines += textwrap.wrap(f"The model is the preset {model.name}: its architecture only, with random "
+                               "initial weights (nothing pretrained is loaded).", 100)
+    needs = "torch and transformers"
+    if profile.is_training and profile.lora:
+        needs = "torch, transformers and peft"
+    if profile.is_training and (profile.optimizer in ("adamw-8bit", "paged-adamw-8bit", "lion")
+                                or profile.quant != "none"):
+        needs = needs.replace(" and ", ", ") + " and bitsandbytes"
+    lines += [f"Needs only {needs}; Headroom itself is not imported.", "",
               "    python train.py [--steps N] [--device cuda|cpu] [--output-dir DIR] [--dry-run]", "",
               "The last line printed is one JSON object with the keys of `headroom measure --json`",
               "(peak_allocated_bytes, peak_reserved_bytes, device_used_bytes, tokens_per_s, ...)."]
@@ -723,6 +732,10 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
             parser.add_argument("--dry-run", action="store_true", help="build everything and run one step")
             return parser.parse_args()
     ''').strip("\n").replace("WHAT", "trained" if train else "built")
+    if train and profile.lora:  # the adapter is small: saved unless told otherwise
+        parse = parse.replace('parser.add_argument("--output-dir", help="save the trained model here (safetensors)")',
+                              'parser.add_argument("--output-dir", default="headroom-output",\n'
+                              '                        help="save the trained LoRA adapter here (peft, safetensors)")')
     lines = [
         "def main():",
         "    args = parse_args()",

@@ -20,7 +20,7 @@ import re
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
-from engine.techniques.base import AnalyticTerms, Control, Field, Technique
+from engine.techniques.base import AnalyticTerms, Control, Field, ScriptHooks, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -94,16 +94,33 @@ def lora_config(profile: "Profile", model_type: str):
                       modules_to_save=save, bias="none", fan_in_fan_out=model_type == "gpt2")
 
 
-def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
+def add_lora_adapters(model, rank, alpha, dropout, targets, modules_to_save=()):
+    """peft's LoRA adapters beside the ``targets`` Linear layers (LoraConfig + get_peft_model);
+    returns the PeftModel, whose ``save_pretrained`` writes the adapter only. peft injects the
+    adapters into ``model`` itself and freezes everything else. Torch, transformers and peft only:
+    the exported script embeds this function."""
     import warnings
 
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    config = lora_config(profile, model.config.model_type)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        modules_to_save=list(modules_to_save) or None, bias="none",
+                        fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D
+    with warnings.catch_warnings():  # peft's notice about fan_in_fan_out
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, config)
+
+
+def _modules_to_save(profile: "Profile") -> tuple[str, ...]:
+    return tuple(profile.lora_modules_to_save.split(",")) if profile.lora_modules_to_save else ()
+
+
+def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
+    targets = target_modules(profile, model.config.model_type)
     try:
-        with warnings.catch_warnings():  # peft warns about fan_in_fan_out for GPT-2's Conv1D
-            warnings.simplefilter("ignore")
-            get_peft_model(model, config)  # injects in place; the PeftModel wrapper is not kept
+        # the adapters go into this model object; the PeftModel wrapper is not kept
+        add_lora_adapters(model, profile.lora, profile.lora_alpha, profile.lora_dropout, targets,
+                          _modules_to_save(profile))
     except ValueError as exc:
         from engine.errors import exception_line
 
@@ -190,6 +207,24 @@ CONTROLS = (
 )
 
 
+def _export_calls(profile: "Profile") -> list[str]:
+    save = ", LORA_MODULES_TO_SAVE" if profile.lora_modules_to_save else ""
+    return [f"model = add_lora_adapters(model, LORA_RANK, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS{save})"]
+
+
+def _export_constants(profile: "Profile") -> list[tuple]:
+    from engine.models import load_config
+
+    model_type = load_config(profile.model, profile.trust_remote_code).model_type
+    out = [("LORA_RANK", profile.lora, "LoRA rank r"),
+           ("LORA_ALPHA", profile.lora_alpha, "the update is scaled by alpha / r"),
+           ("LORA_DROPOUT", profile.lora_dropout, "dropout on the adapters' input"),
+           ("LORA_TARGETS", tuple(target_modules(profile, model_type)), "Linear layers with an adapter")]
+    if profile.lora_modules_to_save:
+        out.append(("LORA_MODULES_TO_SAVE", _modules_to_save(profile), "trained in full beside the adapters"))
+    return out
+
+
 def _summary(profile: "Profile") -> str:
     return f"LoRA: r={profile.lora}, alpha={profile.lora_alpha:g}"
 
@@ -219,4 +254,8 @@ TECHNIQUE = Technique(
     apply_model=apply,
     apply_rank=35,  # after structural changes and feed-forward chunking, before checkpointing
     analytic_terms=_analytic_terms,
+    export_source=lambda: [add_lora_adapters],
+    export_calls=_export_calls,
+    export_constants=_export_constants,
+    script=ScriptHooks(header=lambda p: f"LoRA r={p.lora} (peft; the adapter is saved to --output-dir)"),
 )
