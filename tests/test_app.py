@@ -214,7 +214,9 @@ def test_measure_tiny_gpt2_on_cpu_event_loop_stays_responsive(qtbot, window):
     xs, _ys = w.run_panel._allocated_curve.getData()
     assert len(xs) == len(result.timeline) > 0
     worst = max(gaps)
-    assert worst < 0.050, f"event loop stalled {worst * 1000:.0f} ms (of {len(gaps)} ticks)"
+    # A measure on the GUI thread would stall the loop for the whole run (seconds); 250 ms leaves
+    # room for a loaded 2-core machine's scheduling without hiding that.
+    assert worst < 0.250, f"event loop stalled {worst * 1000:.0f} ms (of {len(gaps)} ticks)"
 
 
 def test_cancel_a_run(qtbot, window):
