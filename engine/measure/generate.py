@@ -8,7 +8,7 @@ baseline before the model); the model built on the device with the profile's tec
 new cache (the first is the warm-up: its memory counts, its timings do not, unless it is the only
 one). Each generation reads the probe at the first new token (the prefill's peak, time to first
 token) and at the end (the decode's peak); the timeline holds allocated/reserved and the cache's
-bytes after every new token of the last generation. CPU: allocated is the live-bytes tracker's
+bytes after every new token of the first (warm-up) generation. CPU: allocated is the live-bytes tracker's
 exact sum of tensor storages (``memory_cap_bytes`` simulates a capacity), reserved the RSS growth.
 
 The cache's bytes are the sum of its tensors' ``nbytes`` at the end (``kv_cache_bytes``); the
@@ -171,7 +171,7 @@ def run_generate(profile, progress=None, should_stop=None, snapshot=None) -> Mea
                 for r in range(runs):
                     current = _Generation(probe, check_stop, lambda f, m, r=r: report(
                         0.1 + 0.9 * (r + f) / runs, f"generation {r + 1}/{runs}: {m}"),
-                        lambda: state["cache"], r == runs - 1, n)
+                        lambda: state["cache"], r == 0, n)  # the warm-up records the timeline
                     ids, mask = ids_cpu.to(dev, copy=True), mask_cpu.to(dev, copy=True)
                     current.started = time.perf_counter()
                     state["cache"] = decode.make_cache(model, profile.cache, p + n)
@@ -240,6 +240,7 @@ def _result(profile, gens, oom, notes, *, dev, device_name, device_used, params,
     prefill_tps = b * p / ttft if ttft > 0 else 0.0
     decode_tps = b * (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0
     last = gens[-1] if gens else None
+    recorded = gens[0] if gens else None  # the warm-up: its per-token reads stay out of the timings
     phase = "decode" if decode_peak >= prefill else "prefill"
     peak = max(prefill, decode_peak)
     cache_at_peak = storage if phase == "decode" else (last.prefill_cache if last else 0)
@@ -270,7 +271,7 @@ def _result(profile, gens, oom, notes, *, dev, device_name, device_used, params,
         "kv_cache_storage_bytes": int(storage),
         "decode_tokens_per_s_per_sequence": decode_tps / b if b else 0.0,
         "generations": len(gens), "peak_phase": phase,
-        "cache_growth_bytes": list(last.growth) if last else [],
+        "cache_growth_bytes": list(recorded.growth) if recorded else [],
     }
     if precision != profile.precision:
         extra["precision_ran"] = precision
@@ -289,7 +290,7 @@ def _result(profile, gens, oom, notes, *, dev, device_name, device_used, params,
         useful_tokens_per_s=float(decode_tps), real_tokens=int(real + b * n),
         padded_tokens=int(b * (p + n)), steps=len(completed), params=int(params),
         oom=oom is not None, oom_step=oom[0] if oom else -1, oom_phase=oom[1] if oom else "",
-        timeline=tuple(last.timeline) if last else (), first_step_s=float(
+        timeline=tuple(recorded.timeline) if recorded else (), first_step_s=float(
             gens[0].ended - gens[0].started) if gens and gens[0].ended else 0.0,
         distinct_shapes=1, notes=tuple(notes), elapsed_s=time.perf_counter() - started,
         kv_cache_bytes=int(held), prefill_tokens_per_s=float(prefill_tps),
