@@ -64,7 +64,7 @@ EMBEDDINGS_ROW, HEAD_ROW, LOGITS_ROW = "embeddings", "final norm + LM head", "lo
 
 @dataclass(frozen=True)
 class Arch:
-    family: str  # llama | gpt2 | bert
+    family: str  # llama | gpt2 | phi | bert
     task: str  # causal-lm | masked-lm | classification
     layers: int  # transformer blocks
     hidden: int  # model width h
@@ -95,9 +95,17 @@ class Arch:
         import math
 
         return sum(math.prod(s) for s, _ in self.trainable_tensors)
+    proj_dim: int = 0  # OPT's word_embed_proj_dim when it differs from hidden (project_in/out)
+    matmul_tensors: tuple[tuple[int, int], ...] = ()  # (numel, bytes) of linear layers' params
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3, Gemma-3, OLMo-2)
+    block_norms: int = 2  # norms on the residual path per block (Gemma's sandwich: 4)
 
 
 def _family(model_type: str, config) -> str:
+    if model_type == "phi":  # parallel attention + MLP under one LayerNorm (modeling_phi.py)
+        return "phi"
+    if model_type == "modernbert":  # pre-LN encoder, fused Wqkv, GLU MLP (modeling_modernbert.py)
+        return "modernbert"
     if model_type in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode", "opt", "bloom", "gpt_neox"):
         return "gpt2"
     if model_type in ("bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta",
@@ -152,6 +160,10 @@ def _arch(key: tuple) -> Arch:
             ffn = ffn or out_f
         elif "geglu" in name.lower() or "gate" in leaf:
             gated = True
+    proj = int(getattr(config, "word_embed_proj_dim", None) or h)
+    leaves = [n.rsplit(".", 1)[-1] for n, _m in layers[0].named_modules() if n]
+    qk_norm = "q_norm" in leaves and "k_norm" in leaves
+    block_norms = sum(1 for n in leaves if "norm" in n.lower() and n not in ("q_norm", "k_norm"))
     heads = max(1, (q_out or a_cfg * d) // d)
     kv = max(1, (kv_out or kv_cfg * d) // d)
     ffn = int(ffn or getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
@@ -160,8 +172,13 @@ def _arch(key: tuple) -> Arch:
     if geglu:
         gated = True
     act = str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "gelu"))
+    if fam == "modernbert":
+        act = str(getattr(config, "hidden_activation", "gelu"))
+        gated = True
     if "silu" in act or "swish" in act:
         act = "silu"
+    elif act == "relu":
+        act = "relu"
     elif act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         act = "gelu_new" if act == "gelu_new" else "gelu"
     else:
@@ -204,6 +221,15 @@ def _arch(key: tuple) -> Arch:
             after = True
         elif after:
             head_params += p.numel()
+    # Autocast casts what F.linear is given (weight and bias), not embeddings or norms; a head
+    # tied to the embeddings is a linear's weight and is cast once (the cast is cached).
+    matmul, seen_mm = [], set()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen_mm:
+                    seen_mm.add(id(p))
+                    matmul.append((p.numel(), p.element_size()))
     return Arch(family=fam, task=task, layers=len(layers), hidden=h, heads=heads, kv_heads=kv,
                 head_dim=d, ffn=ffn, gated=gated, act=act, vocab=vocab, attn_dropout=attn_drop,
                 resid_dropout=resid_drop, params=count_parameters(model),
@@ -211,7 +237,9 @@ def _arch(key: tuple) -> Arch:
                 layer_names=tuple(f"{path}.{i}" for i in range(len(layers))),
                 largest_param=max(n for n, _ in tensors), head_params=head_params,
                 trainable_tensors=tuple(trainable), layer_trainable_bytes=layer_trainable,
-                lora_linears=tuple(lora_linears), quantized_linears=tuple(quantized))
+                lora_linears=tuple(lora_linears), quantized_linears=tuple(quantized),
+                matmul_tensors=tuple(matmul), qk_norm=qk_norm, block_norms=block_norms or 2,
+                proj_dim=proj if proj != h else 0)
 
 
 def arch_of(profile: Profile) -> Arch:
@@ -319,11 +347,31 @@ def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str
                 out += [E * h * 4, E * h * r]  # fp32 upcast of the input, cast back
             return out
         saved += rms() + lin_in(3)
-        saved += [E * hq * e, E * hk * e, E * hk * e]  # q (RoPE), k (RoPE), v
+        saved.append(E * hq * e)  # q (RoPE)
+        if not (k != a and (padded or attn == "eager" or (not cuda and arch.attn_dropout
+                                                          and training))):
+            saved += [E * hk * e, E * hk * e]  # k (RoPE), v; repeat_kv's copies are saved instead
+        if arch.qk_norm:
+            # per-head RMSNorm of q and k: its fp32 input and normalized output (fp32), or under
+            # autocast the fp32 upcast and the cast back (modeling_qwen3.py: Qwen3RMSNorm)
+            saved.append((E * hq + E * hk) * (6 if e == 2 else 8))
         saved += attn_saved
         saved += rms() + lin_in(2)
+        for _ in range(max(0, arch.block_norms - 2)):  # Gemma: norms after attention and MLP
+            saved += rms()
         n_mlp = 4 if arch.gated else 2
         saved += [E * f * e] * n_mlp  # gate, up, act(gate), product
+    elif arch.family == "phi":
+        # one LayerNorm feeds q, k, v and fc1 (parallel block); partial RoPE's cat makes new q, k
+        saved += [E * h * r] + lin_in(4)  # LN input, the q/k/v/fc1 input
+        saved += [E * hq * e, E * hk * e, E * hk * e]  # q, k (rotated, concatenated), v
+        saved += attn_saved  # the output is the dense layer's input
+        if arch.act == "gelu_new":
+            saved.append(E * f * ({4: 20, 2: 10}[e] if not amp else 18))  # fc1 out, gelu_new, fc2 in
+        else:
+            saved += [E * f * e, E * f * e]
+        if drop:
+            saved += [E * h * mask_b] * 2
     elif arch.family == "gpt2":
         saved += [E * h * r] + lin_in(1)  # ln_1 input, c_attn input
         saved.append(E * 3 * h * e)  # c_attn output (q, k, v views)
@@ -336,10 +384,23 @@ def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str
         elif arch.act == "gelu_new":
             per = {4: 20, 2: 10}[e] if not amp else 18  # pow/tanh/0.5x/(1+tanh)/product
             saved.append(E * f * per)
+        elif arch.act == "relu":  # ReLU saves its output, which is fc2's input (OPT)
+            saved.append(E * f * e)
         else:
             saved += [E * f * e, E * f * e]
         if drop:
             saved.append(E * h * mask_b)
+    elif arch.family == "modernbert":
+        # attn_norm (LayerNorm) input and output (Wqkv's input); Wqkv's output stays alive whole
+        # (v is a view of it); RoPE makes new q and k; Wo's input is the attention output
+        saved += [E * h * r] + lin_in(1)
+        saved.append(E * (hq + 2 * hk) * e)
+        saved += [E * hq * e, E * hk * e]
+        saved += attn_saved
+        saved += [E * h * r] + lin_in(1)  # mlp_norm input, Wi's input
+        saved += [E * 2 * f * e, E * f * e, E * f * e]  # Wi out (input, gate), act(input), Wo in
+        if drop:
+            saved += [E * h * mask_b] * 2
     else:  # bert: post-LN encoder
         saved += lin_in(3)  # q, k, v inputs
         saved += [E * h * e] * 3  # q, k, v
@@ -358,6 +419,26 @@ def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str
     fwd_transient = _r(attn_fwd, cuda) + _r(E * f * e, cuda) + _r(E * h * 4, cuda)
     bwd_transient = _r(attn_bwd, cuda) + 2 * _r(E * f * e, cuda) + _r(E * h * 4, cuda)
     return LayerCost(saved=saved, fwd_transient=fwd_transient, bwd_transient=bwd_transient)
+
+
+def _encoder_infer_live(arch: Arch, b: int, t: int, precision: str, cuda: bool,
+                        padded: bool) -> int:
+    """Bytes alive at the peak of a post-LN encoder block's no-grad forward (nothing is saved for
+    backward, so one layer's saved tensors overcount it: +20% on bert-base classification).
+    The peak is in the MLP: the block's input, the attention block's output and one more
+    residual-width tensor, the intermediate and its GELU (an autocast copy of an fp32 input
+    beside them), and the boolean (B, 1, T, T) mask SDPA is given for a padded batch. Counted
+    from the traced forward of bert-base (fp32 8x512, bf16-amp 16x512)."""
+    amp = precision in ("bf16-amp", "fp16-amp")
+    e = 2 if precision != "fp32" else 4
+    r = 2 if precision in ("bf16", "fp16") else 4
+    E = b * t
+    live = [E * arch.hidden * r] * 3 + [E * arch.ffn * e] * 2
+    if amp and r == 4:
+        live.append(E * arch.hidden * 2)
+    if padded:
+        live.append(b * t * t)
+    return sum(_r(x, cuda) for x in live)
 
 
 @dataclass
@@ -382,7 +463,9 @@ def _embedding_saved(arch: Arch, E: int, r: int, cuda: bool, training: bool) -> 
     saved = []
     if arch.family == "gpt2" and arch.resid_dropout and training:
         saved.append(E * h * (1 if cuda else r))
-    if arch.family == "bert":
+    if arch.proj_dim:  # OPT: project_in's input
+        saved.append(E * arch.proj_dim * r)
+    if arch.family in ("bert", "modernbert"):
         saved.append(E * h * r)
         if arch.resid_dropout and training:
             saved.append(E * h * (1 if cuda else r))
@@ -399,10 +482,12 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     h, V = arch.hidden, arch.vocab
     saved = _embedding_saved(arch, E, r, cuda, training)
     # final norm + lm_head input
-    if arch.family in ("llama", "gpt2"):
+    if arch.proj_dim:  # OPT-350m: no final norm; project_out's input, the LM head's input
+        saved += [E * h * (2 if amp else r), E * arch.proj_dim * (2 if amp else r)]
+    elif arch.family in ("llama", "gpt2", "phi"):
         saved += [E * h * r, E * h * 4] if arch.family == "llama" else [E * h * r]
         saved.append(E * h * (2 if amp else r))
-    if arch.task == "masked-lm" and arch.family == "bert":
+    if arch.task == "masked-lm" and arch.family in ("bert", "modernbert"):
         saved += [E * h * (2 if amp else r), E * h * e, E * h * e, E * h * 4, E * h * (2 if amp else r)]
     if arch.task == "classification":
         logits = b * V * 4
@@ -412,7 +497,7 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     x32 = _r(E * V * 4, cuda)
     if not training:
         return [_r(x, cuda) for x in saved], x1, 0
-    if arch.family == "bert" and not amp:
+    if arch.family in ("bert", "modernbert") and not amp:
         # encoders call CrossEntropyLoss on the logits directly: no upcast outside autocast
         ls = x1
         fwd = x1 + ls
@@ -472,8 +557,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
     workspace = dev.workspace_bytes(profile.target, training, dev.kind_of(profile))
     autocast_copies = 0
     if amp:
-        # bf16/fp16 weight copies cached for the forward (all matmul weights).
-        autocast_copies = sum(_r(n * 2, cuda) for n, s in arch.param_tensors if s == 4)
+        # bf16/fp16 copies of the linear layers' weights and biases, cached for the forward.
+        autocast_copies = sum(_r(n * 2, cuda) for n, s in arch.matmul_tensors if s == 4)
 
     # ----- per layer ---------------------------------------------------------------------
     cost = layer_cost(arch, b, t, precision, cuda, attn, padded, training, window)
@@ -559,6 +644,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         e = 2 if precision != "fp32" else 4
         E = b * t
         live_layer = sum(cost.saved) + cost.fwd_transient
+        if arch.family == "bert":
+            live_layer = _encoder_infer_live(arch, b, t, precision, cuda, padded)
         add("forward", weights, 0, 0, 0, inputs + workspace + autocast_copies + live_layer)
         add("forward", weights, 0, 0, 0, inputs + workspace + autocast_copies +
             _r(E * arch.hidden * 4, cuda) * 2 + loss_fwd)
