@@ -177,6 +177,11 @@ class MainWindow(QMainWindow):
         self.estimate_action = self._action("Re-&estimate now", "F5", self.estimator.estimate_now)
         self.layers_action = self._action("&Per-layer breakdown…", "Ctrl+L", self.estimate_view.show_layers)
         self.layers_action.setEnabled(False)
+        self.which_gpu_action = self._action("&Which GPU?…", "Ctrl+G", self.show_which_gpu,
+                                             "Every catalog GPU: does this profile fit, how fast (estimated)")
+        self.best_action = self._action("&Best settings for this budget…", "Ctrl+B",
+                                        self.show_best_settings,
+                                        "The fastest settings that fit the capacity, as a new profile")
         self.search_action = self._action("&Find preset", QKeySequence.StandardKey.Find, self._on_find_preset)
         self.tab_actions = [
             self._action("&Estimate vs measured", "Ctrl+1", lambda: self.tabs.setCurrentIndex(0)),
@@ -208,7 +213,8 @@ class MainWindow(QMainWindow):
         for a in (self.duplicate_action, self.rename_action, self.delete_action):
             profile_menu.addAction(a)
         run_menu = bar.addMenu("&Run")
-        for a in (self.run_action, self.cancel_action, None, self.estimate_action, self.layers_action):
+        for a in (self.run_action, self.cancel_action, None, self.estimate_action, self.layers_action,
+                  None, self.which_gpu_action, self.best_action):
             run_menu.addSeparator() if a is None else run_menu.addAction(a)
         view_menu = bar.addMenu("&View")
         for a in self.tab_actions + [None, self.search_action, self.dark_action]:
@@ -407,6 +413,24 @@ class MainWindow(QMainWindow):
         dark = self.dark_action.isChecked()
         self.state.settings.setValue("view/dark", "true" if dark else "false")
         apply_theme(QApplication.instance(), dark)
+
+    def show_which_gpu(self):
+        """The "Which GPU?" view (non-modal; returns the dialog for tests)."""
+        from app.widgets.gpu_views import WhichGpuDialog
+
+        dialog = WhichGpuDialog(self.state, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.show()
+        return dialog
+
+    def show_best_settings(self):
+        """The planner's fastest settings within the target's capacity; a row becomes a profile."""
+        from app.widgets.gpu_views import BestSettingsDialog
+
+        dialog = BestSettingsDialog(self.state, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.show()
+        return dialog
 
     def _on_about(self) -> None:
         QMessageBox.about(self, "About Headroom",

@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", metavar="PATH", help="CUDA: write a memory snapshot (memory_viz)")
     p.add_argument("--progress", action="store_true", help="print progress as JSON lines before the result")
 
-    p = sub.add_parser("plan", help="largest batch or sequence that fits a budget")
+    p = sub.add_parser("plan", help="largest batch or sequence that fits a budget; the fastest "
+                                    "settings that fit; which GPU")
     _add_profile_flags(p)
-    p.add_argument("--budget", required=True, type=size_arg, metavar="SIZE")
+    p.add_argument("--budget", type=size_arg, metavar="SIZE",
+                   help="device memory to fit (--goal fastest: the --gpu's memory if not given)")
     p.add_argument("--gpus-max", type=int, metavar="N", default=None,
                    help="instead: the fewest GPUs (1, 2, 4, ... up to N) for which one GPU, DDP, "
                         "FSDP2 or FSDP2 + CPU offload fits --budget per GPU (training)")
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch | seq; generate mode: batch | context (prompt + new tokens)")
     p.add_argument("--method", choices=("analytic", "traced", "auto"), default="analytic",
                    help="estimator of the search (traced/auto re-check the boundary)")
+    p.add_argument("--goal", choices=("fit", "fastest"), default="fit",
+                   help="fit: the largest --vary that fits; fastest: the settings with the highest "
+                        "estimated tokens/s that fit")
+    p.add_argument("--which-gpu", action="store_true",
+                   help="every catalog GPU: fits or not, estimated tokens/s")
+    p.add_argument("--top", type=int, default=5, help="--goal fastest: settings to return")
 
     p = sub.add_parser("export", help="write a runnable training script for a profile")
     _add_profile_flags(p)
@@ -233,8 +241,53 @@ def _measure_ranks(args: argparse.Namespace, profile: Profile, started: float, p
     return 0  # torchrun reports any non-zero rank as a crash; an OOM is in the result
 
 
+def _human_fastest(d: dict[str, Any]) -> str:
+    from engine.units import format_bytes
+
+    lines = [f"fastest settings within {format_bytes(d['budget_bytes'])} on {d['gpu']} "
+             f"({d['searched']} estimates, {d['elapsed_s']:.2f} s):"]
+    for i, c in enumerate(d["candidates"], 1):
+        changes = ", ".join(f"{k}={v}" for k, v in c["changes"].items())
+        lines.append(f"{i}. {c['tokens_per_s']:>12,.0f} tokens/s  {c['step_s'] * 1000:8.1f} ms/step  "
+                     f"{format_bytes(c['device_used_bytes']):>10} used, "
+                     f"{format_bytes(c['margin_bytes'])} margin  [{changes}]")
+    lines += [f"note: {n}" for n in d["notes"]]
+    return "\n".join(lines)
+
+
+def _human_which_gpu(d: dict[str, Any]) -> str:
+    from engine.units import format_bytes
+
+    lines = []
+    for r in d["gpus"]:
+        lines.append(f"{r['name']:<28} {format_bytes(r['memory_bytes']):>10}  "
+                     f"{'fits        ' if r['fits'] else 'does not fit'}  "
+                     f"{format_bytes(r['device_used_bytes']):>10} used  "
+                     f"{r['tokens_per_s']:>12,.0f} tokens/s" + (f"  ({r['note']})" if r["note"] else ""))
+    return "\n".join(lines)
+
+
 def cmd_plan(args: argparse.Namespace, profile: Profile, started: float) -> int:
     from engine.plan import plan
+
+    if args.which_gpu:
+        from engine.plan_search import which_gpu
+
+        rows = which_gpu(profile)
+        d = _with_version({"which_gpu": True, "gpus": [r.to_dict() for r in rows]}, started)
+        _emit(d, args.json, _human_which_gpu)
+        return 0
+    if args.goal == "fastest":
+        from engine.plan_search import fastest
+
+        if args.top < 1:
+            raise BadInput("--top must be at least 1")
+        result = fastest(profile, args.budget, top=args.top)
+        d = _with_version(result.to_dict(), started)
+        _emit(d, args.json, _human_fastest)
+        return 0
+    if args.budget is None:
+        raise BadInput("plan needs --budget SIZE (e.g. --budget 24GiB), or --goal fastest / --which-gpu")
     if args.gpus_max is not None:
         from engine.plan_gpus import plan_gpus
 

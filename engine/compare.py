@@ -16,6 +16,7 @@ CSV_COLUMNS = (
     ["name", "model", "mode", "batch", "seq", "precision", "estimate_method",
      "estimate_peak_allocated_bytes", "estimate_peak_reserved_bytes", "estimate_device_used_bytes"]
     + [f"estimate_{c.value}_bytes" for c in ALLOCATED_CATEGORIES]
+    + ["estimate_gpu", "estimate_tokens_per_s", "estimate_step_s"]
     + ["measured_peak_allocated_bytes", "measured_peak_reserved_bytes", "measured_device_used_bytes",
        "tokens_per_s", "useful_tokens_per_s", "oom", "error_percent"]
     # generation profiles (empty for the other modes)
@@ -35,6 +36,10 @@ def compare_row(profile: Profile, estimate: Any, measured: Any | None = None) ->
         "estimate_peak_reserved_bytes": estimate.peak_reserved_bytes,
         "estimate_device_used_bytes": estimate.device_used_bytes,
         "estimate_breakdown": dict(estimate.breakdown),
+        # speed on the GPU the estimate is for (engine.estimate.speed); 0 for a CPU target
+        "estimate_gpu": getattr(estimate, "gpu", "") or None,
+        "estimate_tokens_per_s": getattr(estimate, "tokens_per_s", 0.0) or None,
+        "estimate_step_s": getattr(estimate, "step_s", 0.0) or None,
     }
     for c in ALLOCATED_CATEGORIES:
         row[f"estimate_{c.value}_bytes"] = estimate.breakdown.get(c.value, 0)

@@ -655,19 +655,26 @@ def test_target_panel_gpu_list_detection_and_cpu_capacity(qtbot, window):
         assert detect_gpu() is None
         assert "No CUDA GPU" in panel.detect_note.text()
     names = [panel.gpu.itemText(i) for i in range(panel.gpu.count())]
-    assert "H100 80GB" in names and "RTX 4090 (24 GiB)" in names and names[-1] == "Custom…"
+    from engine import gpus
+
+    # the list is the engine's catalog, with the memory the driver reports
+    assert len(names) == len(gpus.CATALOG) and names[-1] == "Custom…"
+    assert "H200 (141 GB) · 140.4 GiB" in names and any(n.startswith("T4") for n in names)
     state.update(target="cuda")
-    panel.gpu.setCurrentIndex(panel.gpu.findText("A100 80GB"))
-    assert state.capacity_for() == (80 * GiB, "A100 80GB") and not panel.capacity.isEnabled()
+    a100 = next(n for n in names if n.startswith("A100 80GB SXM"))
+    panel.gpu.setCurrentIndex(panel.gpu.findText(a100))
+    assert state.capacity_for() == (81920 * MiB, a100) and not panel.capacity.isEnabled()
+    assert state.profile.gpu == "a100-80gb-sxm"  # the profile's GPU: the estimate's speed is for it
     panel.gpu.setCurrentIndex(panel.gpu.findText("Custom…"))
-    assert panel.capacity.isEnabled()
+    assert panel.capacity.isEnabled() and state.profile.gpu == "custom"
     panel.capacity.setValue(12.0)
     assert state.capacity_for()[0] == 12 * GiB
-    # a detected GPU goes first in the list and is chosen on a first start
+    # a detected GPU goes first in the list and is chosen on a first start, as its catalog entry
     state.settings.remove("target/gpu_name")
-    panel._on_detected(("NVIDIA H100 80GB HBM3", 80 * GiB, "NVML"))
+    panel._on_detected(("NVIDIA H100 80GB HBM3", 81559 * MiB, "NVML"))
     assert panel.gpu.currentIndex() == 0 and panel.gpu.currentText().startswith("Detected: NVIDIA H100")
-    assert state.capacity_bytes == 80 * GiB and "via NVML" in panel.detect_note.text()
+    assert state.capacity_bytes == 81559 * MiB and "via NVML" in panel.detect_note.text()
+    assert state.profile.gpu == "h100-sxm" and "catalog h100-sxm" in panel.detect_note.text()
     # CPU: this machine's RAM, or a simulated capacity that a CPU run enforces
     state.update(target="cpu")
     assert not panel.gpu.isEnabled() and panel.cpu_cap.isEnabled()

@@ -73,7 +73,8 @@ class CompareCharts(QWidget):
     def __init__(self, rows: Sequence[dict[str, Any]] = (), parent=None) -> None:
         super().__init__(parent)
         self.memory_plot = make_plot(title="Peak memory by category: estimated (left) vs measured (right)")
-        self.speed_plot = make_plot(title="Throughput (measured)", left="tokens/s")
+        self.speed_plot = make_plot(title="Throughput: estimated (left) vs measured (right)",
+                                    left="tokens/s")
         self.scatter_plot = make_plot(title="Memory vs throughput (Pareto front)",
                                       left="tokens/s", bottom="peak memory")
         self.scatter_plot.setMouseEnabled(x=False, y=False)
@@ -92,7 +93,13 @@ class CompareCharts(QWidget):
             mem.addItem(meas)
             legend.addItem(est, CATEGORY_LABELS[cat])
             self._est_bars[cat], self._meas_bars[cat] = est, meas
-        self._speed_bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#55A868", pen=None)
+        self._speed_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush="#55A868",
+                                           pen=pg.mkPen("#202020", width=1.5))
+        est_green = pg.mkColor("#55A868")
+        est_green.setAlpha(110)  # estimated: lighter fill, no outline
+        self._est_speed_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush=pg.mkBrush(est_green),
+                                               pen=None)
+        self.speed_plot.addItem(self._est_speed_bars)
         self.speed_plot.addItem(self._speed_bars)
         sc = self.scatter_plot.getPlotItem()
         self._front_curve = sc.plot([], [], pen=pg.mkPen("#2E9E44", width=2, style=Qt.PenStyle.DashLine))
@@ -100,6 +107,11 @@ class CompareCharts(QWidget):
                                           hoverable=True, tip=self._point_tip)
         self._front_points = pg.ScatterPlotItem(size=15, brush=pg.mkBrush("#2E9E44"), pen=pg.mkPen("k"),
                                                 hoverable=True, tip=self._point_tip)
+        # estimated points (hollow) under the measured ones: the plot works before any run
+        self._est_points = pg.ScatterPlotItem(size=11, brush=pg.mkBrush(None),
+                                              pen=pg.mkPen("#4C72B0", width=2), hoverable=True,
+                                              tip=self._est_point_tip)
+        sc.addItem(self._est_points)
         sc.addItem(self._front_points)
         sc.addItem(self._points)  # on top: every point stays visible, the front ones ringed green
         self._labels: list[pg.TextItem] = []
@@ -157,22 +169,37 @@ class CompareCharts(QWidget):
             self._diff_labels.append(label)
 
         speeds = [float(r.get("tokens_per_s") or 0.0) for r in self.rows]
-        self._speed_bars.setOpts(x=xs, height=speeds, width=0.6)
+        est_speeds = [float(r.get("estimate_tokens_per_s") or 0.0) for r in self.rows]
+        self._speed_bars.setOpts(x=[x + 0.21 for x in xs], height=speeds, width=0.4)
+        self._est_speed_bars.setOpts(x=[x - 0.21 for x in xs], height=est_speeds, width=0.4)
         sp = self.speed_plot.getPlotItem()
         sp.setXRange(-0.7, max(n, 1) - 0.3, padding=0)
-        sp.setYRange(0, max(speeds + [1]) * 1.1, padding=0)
+        sp.setYRange(0, max(speeds + est_speeds + [1]) * 1.1, padding=0)
         self._apply_ticks()
 
         for label in self._labels:
             self.scatter_plot.removeItem(label)
         self._labels = []
-        measured = [(i, r) for i, r in enumerate(self.rows) if r.get("tokens_per_s")]
+        estimated = [(i, r) for i, r in enumerate(self.rows) if r.get("estimate_tokens_per_s")]
+        self._est_point_rows = [r for _i, r in estimated]
+        self._est_points.setData(
+            [(r.get("estimate_peak_allocated_bytes") or 0) / scale for _i, r in estimated],
+            [float(r["estimate_tokens_per_s"]) for _i, r in estimated],
+            data=list(range(len(estimated))))
+        # each profile's best-known point: measured where it ran, else estimated
+        measured = [(i, r) for i, r in enumerate(self.rows)
+                    if r.get("tokens_per_s") or r.get("estimate_tokens_per_s")]
         pts = []
         for i, r in measured:
-            memory = r.get("measured_peak_allocated_bytes") or r.get("estimate_peak_allocated_bytes") or 0
-            pts.append((memory / scale, float(r["tokens_per_s"])))
+            if r.get("tokens_per_s"):
+                memory = r.get("measured_peak_allocated_bytes") or r.get("estimate_peak_allocated_bytes") or 0
+                pts.append((memory / scale, float(r["tokens_per_s"])))
+            else:
+                pts.append(((r.get("estimate_peak_allocated_bytes") or 0) / scale,
+                            float(r["estimate_tokens_per_s"])))
         self._point_rows = [r for _i, r in measured]
-        self._points.setData([p[0] for p in pts], [p[1] for p in pts], data=list(range(len(pts))))
+        real = [k for k, (_i, r) in enumerate(measured) if r.get("tokens_per_s")]
+        self._points.setData([pts[k][0] for k in real], [pts[k][1] for k in real], data=real)
         front = pareto_indices(pts)
         self.front_names = [measured[k][1].get("name", "") for k in front]
         fx = [pts[k][0] for k in front]
@@ -180,7 +207,7 @@ class CompareCharts(QWidget):
         self._front_points.setData(fx, fy, data=front)
         self._front_curve.setData(fx, fy)
         sc = self.scatter_plot.getPlotItem()
-        sc.setLabel("bottom", f"peak allocated, measured ({unit})")
+        sc.setLabel("bottom", f"peak allocated ({unit}); hollow: estimated, filled: measured")
         if pts:
             x_top, y_top = max(p[0] for p in pts) * 1.25, max(p[1] for p in pts) * 1.25
             sc.setXRange(0, x_top, padding=0)
@@ -202,7 +229,11 @@ class CompareCharts(QWidget):
                 self._labels.append(label)
         missing = [r.get("name", "") for r in self.rows if not r.get("tokens_per_s")]
         pareto = ("Green: the Pareto front (" + ", ".join(self.front_names) + "): no other profile uses "
-                  "less memory and runs faster." if self.front_names else "")
+                  "less memory and runs faster (measured where run, else estimated)."
+                  if self.front_names else "")
+        gpus_for = sorted({r.get("estimate_gpu") for r in self.rows if r.get("estimate_gpu")})
+        if gpus_for:
+            pareto += " Estimated speeds are for " + ", ".join(gpus_for) + "."
         by_method: dict[str, list[str]] = {}
         for i, r in enumerate(self.rows):
             if r.get("estimate_method"):
@@ -221,6 +252,12 @@ class CompareCharts(QWidget):
         rows = getattr(self, "_point_rows", [])
         name = rows[int(data)].get("name", "") if 0 <= int(data) < len(rows) else ""
         return f"{name}\n{y:,.0f} tokens/s · {x:,.2f} {getattr(self, '_unit', '')} peak allocated"
+
+    def _est_point_tip(self, x, y, data) -> str:
+        rows = getattr(self, "_est_point_rows", [])
+        r = rows[int(data)] if 0 <= int(data) < len(rows) else {}
+        return (f"{r.get('name', '')} (estimated for {r.get('estimate_gpu') or 'the GPU'})\n"
+                f"{y:,.0f} tokens/s · {x:,.2f} {getattr(self, '_unit', '')} peak allocated")
 
     def _apply_ticks(self) -> None:
         """Profile names under the bars, numbered, wrapped and cut to the room each bar has."""

@@ -121,6 +121,8 @@ class RunPanel(QWidget):
         self._runner.status_changed.connect(self._on_status)
         self._runner.running_changed.connect(self._on_running_changed)
         state.measured_changed.connect(self._on_measured_changed)
+        # the estimated tokens/s beside the measured ones follows the estimate
+        state.estimate_changed.connect(lambda _e: self._on_measured_changed(state.current.measured))
         self._on_measured_changed(state.current.measured)
 
     # ----- public -------------------------------------------------------------------------
@@ -295,7 +297,11 @@ class RunPanel(QWidget):
                 self.time_label.setText("")
                 error = self._state.current.measure_error
                 self.step_label.setText("Run failed" if error else "Not run yet")
-                self.result_label.setText(f"<span style='color:{error_color()}'>{error}</span>" if error else "")
+                est = self._state.current.estimate
+                hint = (f"estimated {est.tokens_per_s:,.0f} tokens/s · step {est.step_s * 1000:,.0f} ms "
+                        f"for {est.gpu}" if est is not None and getattr(est, "tokens_per_s", 0) else "")
+                self.result_label.setText(f"<span style='color:{error_color()}'>{error}</span>"
+                                          if error else hint)
             return
         self.time_label.setText(f"took {result.elapsed_s:.1f} s")
         self.progress.setValue(1000)
@@ -321,6 +327,11 @@ class RunPanel(QWidget):
         elif not result.oom:
             lines.append(f"<b>{result.tokens_per_s:,.0f}</b> tokens/s ({result.useful_tokens_per_s:,.0f} "
                          f"without padding) · step {result.step_time_s * 1000:,.0f} ms")
+            est = self._state.current.estimate
+            if est is not None and getattr(est, "tokens_per_s", 0):
+                diff = 100.0 * (result.tokens_per_s - est.tokens_per_s) / est.tokens_per_s
+                lines.append(f"estimated {est.tokens_per_s:,.0f} tokens/s · step "
+                             f"{est.step_s * 1000:,.0f} ms for {est.gpu} (measured {diff:+.0f}%)")
         self.result_label.setText("<br>".join(lines))
         points = list(result.timeline)
         if points:

@@ -1,7 +1,8 @@
 """Target panel: the device the run is for and the memory it must fit in.
 
-CUDA: the GPU's capacity, detected (NVML, ``nvidia-smi``, or torch.cuda) off the GUI thread, or
-chosen from common GPUs, or custom. CPU: this machine's RAM, or a simulated capacity that a CPU run
+CUDA: the GPU the profile is planned for (``Profile.gpu``), from the engine's GPU catalog
+(``engine.gpus``: memory as the driver reports it, rates for the speed estimate), detected (NVML,
+``nvidia-smi``, or torch.cuda) off the GUI thread and preselected, or custom (a capacity you type). CPU: this machine's RAM, or a simulated capacity that a CPU run
 enforces (``memory_cap_bytes``: the run ends out of memory when live tensors would pass it).
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel
 
-from app.state import COMMON_GPUS, AppState, system_memory_bytes
+from app.state import AppState, system_memory_bytes
 from app.widgets.common import ByteSizeSpinBox, note_label
 from app.worker import TaskRunner
+from engine import gpus
 from engine.units import format_bytes
 
 GiB = 1024**3
@@ -66,6 +69,11 @@ def _torch_cuda() -> tuple[str, int] | None:
     return None
 
 
+def catalog_label(gpu) -> str:
+    """The list's text for a catalog GPU: its name and the memory the driver reports."""
+    return f"{gpu.name} · {gpu.memory_mib / 1024:.1f} GiB"
+
+
 def detect_gpu() -> tuple[str, int, str] | None:
     """(name, total bytes, how) of GPU 0, or None without one.
 
@@ -92,10 +100,13 @@ class TargetPanel(QGroupBox):
         self.device.addItem("CPU (this machine)", "cpu")
         self.device.setToolTip("The device the profile's run is for (Profile.target)")
         self.gpu = QComboBox()
-        self.gpu.setToolTip("The GPU you plan for: its memory is the capacity line of the estimate")
-        for name, size in COMMON_GPUS:
-            self.gpu.addItem(name, size)
-        self.gpu.addItem(_CUSTOM, 0)
+        self.gpu.setToolTip("The GPU you plan for (the profile's gpu): its memory is the capacity "
+                            "line of the estimate, its rates the estimated tokens/s")
+        for g in gpus.CATALOG.values():
+            if g.key != "custom":
+                self.gpu.addItem(catalog_label(g), (g.key, g.memory_bytes))
+                self.gpu.setItemData(self.gpu.count() - 1, g.summary(), Qt.ItemDataRole.ToolTipRole)
+        self.gpu.addItem(_CUSTOM, ("custom", 0))
         self.capacity = QDoubleSpinBox()
         self.capacity.setRange(0.5, 4096)
         self.capacity.setDecimals(1)
@@ -152,11 +163,13 @@ class TargetPanel(QGroupBox):
                                         "switch the device to CPU to measure here.")
             return
         name, total, how = found
+        key = gpus.detect_key(name, total) or "custom"
         label = f"{_DETECTED}{name} ({total / GiB:.0f} GiB)"
         self.gpu.blockSignals(True)
-        self.gpu.insertItem(0, label, total)
+        self.gpu.insertItem(0, label, (key, total))
         self.gpu.blockSignals(False)
-        self.detect_note.setText(f"Detected {name}, {format_bytes(total)} (via {how})." + ram)
+        which = f"catalog {key}" if key != "custom" else "not in the catalog: H100-like rates"
+        self.detect_note.setText(f"Detected {name}, {format_bytes(total)} (via {how}; {which})." + ram)
         # first start (nothing chosen before) or the detected GPU chosen before: use it
         chosen = self._state.settings.value("target/gpu_name", "")
         if not chosen or str(chosen).startswith(_DETECTED):
@@ -171,7 +184,7 @@ class TargetPanel(QGroupBox):
         self._state.update(target=self.device.currentData())
 
     def _on_gpu_chosen(self, _index: int) -> None:
-        size = int(self.gpu.currentData() or 0)
+        key, size = self.gpu.currentData() or ("custom", 0)
         custom = self.gpu.currentText() == _CUSTOM
         self.capacity.setEnabled(custom and self._state.profile.target == "cuda")
         if size:
@@ -179,6 +192,8 @@ class TargetPanel(QGroupBox):
             self.capacity.setValue(size / GiB)
             self.capacity.blockSignals(False)
         self._state.set_capacity(int(self.capacity.value() * GiB), self.gpu.currentText())
+        if self._state.profile.gpu != key:
+            self._state.update(gpu=key)
 
     def _on_capacity_edited(self, value: float) -> None:
         self._state.set_capacity(int(value * GiB), self.gpu.currentText())
@@ -192,6 +207,19 @@ class TargetPanel(QGroupBox):
         self.device.setCurrentIndex(max(0, self.device.findData(profile.target)))
         self.device.blockSignals(False)
         self.gpu.setEnabled(cuda)
+        data = self.gpu.currentData()
+        if profile.gpu and (not data or data[0] != gpus.key_for(profile.gpu)):
+            # another profile's GPU: show it (and its memory as the capacity)
+            key = gpus.key_for(profile.gpu)
+            for i in range(self.gpu.count()):
+                if (self.gpu.itemData(i) or ("",))[0] == key:
+                    self.gpu.blockSignals(True)
+                    self.gpu.setCurrentIndex(i)
+                    self.gpu.blockSignals(False)
+                    size = self.gpu.itemData(i)[1]
+                    if size:
+                        self._state.set_capacity(int(size), self.gpu.itemText(i))
+                    break
         self.capacity.setEnabled(cuda and self.gpu.currentText() == _CUSTOM)
         self.cpu_cap.blockSignals(True)
         self.cpu_cap.setValue(profile.memory_cap_bytes / MiB)

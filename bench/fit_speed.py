@@ -1,0 +1,339 @@
+"""Fit the speed estimate's constants to measured tokens/s, and score it (issue 16).
+
+    PYTHONPATH=. python bench/fit_speed.py                   # features (cached), fit, write, score
+    PYTHONPATH=. python bench/fit_speed.py --no-write        # score the committed constants only
+    PYTHONPATH=. python bench/fit_speed.py --extra DIR ...   # add rows of bench/gpu_speed.py runs
+
+Rows: every measured run in bench/results with a model, mode, precision, batch and seq and a
+steady step time (JSON lines): the H100 cross-checks (2026-11-25, after the allocator-read fix),
+the H200 verification (2026-12-01: the cross-checks and the 11-architecture matrix), and the
+gpt2 technique rows (a bare loop, 2026-11-25: for the ranking check). The H100 matrix's engine rows
+predate the fix that removed up to 40 ms of allocator reads per step (docs/benchmarks.md §1) and are
+scored but not fitted. Each row is traced once on meta tensors (``traced.trace_step`` with the
+op counter: FLOPs per op from ``torch.utils.flop_counter``'s table, bytes per op) and cached in
+``bench/results/speed_features.json``; the fit (Nelder-Mead on log constants, scipy) minimises the
+mean absolute log error of the engine rows' tokens/s plus half the worst; the closed form's
+constants are fitted to the traced counts (bytes, host ops). Output: the constants in
+``engine/resources/speed_calibration.json`` and a Markdown table (``--md``) for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+FEATURES = RESULTS / "speed_features.json"
+OUT = ROOT / "engine" / "resources" / "speed_calibration.json"
+
+SOURCES = [  # (file, GPU key, kind, fitted)
+    ("call3_h100_2026-11-25/cross.jsonl", "h100-sxm", "engine", True),
+    ("verify_h200_2026-12-01/call1/cross.jsonl", "h200", "engine", True),
+    ("verify_h200_2026-12-01/call3/estimator_matrix.jsonl", "h200", "engine", True),
+    ("measure_h100_2026-11-25/matrix.jsonl", "h100-sxm", "engine-prefix", False),
+    ("call3_h100_2026-11-25/techniques.jsonl", "h100-sxm", "technique", False),
+    ("call4_h100_2026-11-25/techniques2.jsonl", "h100-sxm", "technique", False),
+]
+
+
+def _model(name: str) -> str:
+    return str(ROOT / "bench" / name) if name.startswith("configs/") else name
+
+
+def load_rows(extra_dirs=()) -> list[dict]:
+    rows = []
+    files = [(RESULTS / f, g, k, fit) for f, g, k, fit in SOURCES]
+    for d in extra_dirs:
+        for f in sorted(Path(d).glob("*.jsonl")):
+            files.append((f, None, "gpu_speed", True))
+    for path, gpu, kind, fit in files:
+        if not path.exists():
+            continue
+        for i, line in enumerate(path.read_text().splitlines()):
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if d.get("rc", 0) not in (0, None) or d.get("oom") or not d.get("tokens_per_s"):
+                continue
+            row_kind = kind
+            if kind.startswith("engine") and d.get("kind") == "bare":
+                row_kind = "bare"
+            if kind == "technique":
+                cfg = d.get("config", {})
+                if cfg.get("kind") != "model":
+                    continue
+                prof = dict(cfg["profile"])
+                fields = {k: v for k, v in prof.items() if k != "steps"}
+                step = d.get("s_per_step") or (prof["batch"] * prof["seq"] / d["tokens_per_s"])
+                label = d.get("name", "")
+                padded = False  # random ids, no mask
+            else:
+                fields = {"model": _model(d["model"]), "mode": d["mode"], "precision": d["precision"],
+                          "batch": d["batch"], "seq": d["seq"],
+                          "checkpointing": bool(d.get("checkpointing")),
+                          "optimizer": d.get("optimizer", "adamw")}
+                if d.get("task") not in (None, "auto"):
+                    fields["task"] = d["task"]
+                step = d["step_time_s"]
+                label = d.get("label") or d["model"]
+                padded = d.get("data", "builtin") == "builtin" and row_kind != "bare"
+            g = gpu or d.get("gpu") or "h200"
+            rows.append({"id": f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{i}",
+                         "gpu": g, "kind": row_kind, "fit": fit and row_kind in ("engine", "gpu_speed"),
+                         "label": label, "fields": fields, "padded": padded,
+                         "step_s": float(step), "tokens_per_s": float(d["tokens_per_s"]),
+                         "first_step_s": float(d.get("first_step_s") or 0.0),
+                         "device_name": d.get("device_name") or d.get("device", "")})
+    return rows
+
+
+def features(rows: list[dict], refresh: bool = False) -> dict[str, dict]:
+    """Traced and closed-form step costs per row (cached by the row's fields)."""
+    from engine.estimate import speed, traced
+    from engine.estimate.analytic import arch_of
+    from engine.prepare import prepare
+    from engine.profile import Profile
+
+    cache = {} if refresh or not FEATURES.exists() else json.loads(FEATURES.read_text())
+    out = {}
+    for r in rows:
+        key = json.dumps([r["fields"], r["padded"]], sort_keys=True).replace(str(ROOT), "")
+        if key not in cache:
+            p = Profile(target="cuda", padding="fixed", gpu=r["gpu"], **r["fields"])
+            prepare(p)
+            shape = (p.batch, p.seq)
+            t0 = time.perf_counter()
+            o = traced.trace_step(p, shape, has_padding=r["padded"], count_speed=True)
+            costs = speed.traced_step_costs(o.costs, p.mode == "train", p.micro_batches)
+            arch = arch_of(p)
+            cache[key] = {"traced": costs.to_json(), "layers": arch.layers, "hidden": arch.hidden,
+                          "params": arch.params, "tensors": len(arch.param_tensors),
+                          "trace_s": time.perf_counter() - t0}
+            print(f"traced {r['label']} {r['fields'].get('mode')} {r['fields'].get('precision')} "
+                  f"{shape} in {cache[key]['trace_s']:.1f} s", file=sys.stderr, flush=True)
+            FEATURES.write_text(json.dumps(cache))
+        out[r["id"]] = cache[key]
+    return out
+
+
+PARAMS = ("e_matmul_half", "e_matmul_fp32", "e_attention", "e_memory", "kernel_floor_s",
+          "host_op_s", "step_fixed_s", "serial_share")
+BOUNDED = {"e_matmul_half", "e_matmul_fp32", "e_attention", "e_memory", "serial_share"}
+
+
+def predict(rows, feats, cal, method="traced") -> list[float]:
+    from engine import gpus
+    from engine.estimate import speed
+
+    out = []
+    for r in rows:
+        f = feats[r["id"]]
+        if method == "traced":
+            costs = speed.StepCosts.from_json(f["traced"])
+        else:
+            from engine.estimate.analytic import arch_of
+            from engine.profile import Profile
+
+            p = Profile(target="cuda", padding="fixed", gpu=r["gpu"], **r["fields"])
+            costs = _analytic_with(p, arch_of(p), cal)
+        t = speed.step_time(costs, gpus.get(r["gpu"]), cal)["step_s"]
+        b, s = r["fields"]["batch"], r["fields"]["seq"]
+        out.append(b * s / t)
+    return out
+
+
+def _analytic_with(p, arch, cal):
+    from engine.estimate import speed
+
+    saved = speed.calibration
+    speed.calibration = lambda: cal  # the closed form reads its constants from the calibration
+    try:
+        return speed.analytic_costs(p, arch, (p.batch, p.seq))
+    finally:
+        speed.calibration = saved
+
+
+def errors(rows, preds) -> list[float]:
+    return [p / r["tokens_per_s"] - 1 for r, p in zip(rows, preds)]
+
+
+def fit(rows, feats, start):
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from dataclasses import replace
+
+    fitted = [r for r in rows if r["fit"]]
+    x0 = np.array([math.log(getattr(start, k)) for k in PARAMS])
+
+    def cal_of(x):
+        vals = {k: math.exp(v) for k, v in zip(PARAMS, x)}
+        for k in BOUNDED:
+            vals[k] = min(vals[k], 1.0)
+        return replace(start, **vals)
+
+    def loss(x):
+        preds = predict(fitted, feats, cal_of(x))
+        logs = [abs(math.log(p / r["tokens_per_s"])) for r, p in zip(fitted, preds)]
+        return statistics.fmean(logs) + 0.5 * max(logs)
+
+    best = minimize(loss, x0, method="Nelder-Mead", options={"maxiter": 3000, "xatol": 1e-3,
+                                                             "fatol": 1e-5})
+    for _ in range(2):  # restarts from the optimum (Nelder-Mead stalls in 8 dimensions)
+        best = minimize(loss, best.x, method="Nelder-Mead", options={"maxiter": 2000})
+    return cal_of(best.x), best.fun
+
+
+def fit_closed_form(rows, feats, cal):
+    """Closed-form constants matched to the traced counts: host ops and memory bytes."""
+    from dataclasses import replace
+
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from engine.estimate import speed
+    from engine.estimate.analytic import arch_of
+    from engine.profile import Profile
+
+    seen, items = set(), []
+    for r in rows:
+        key = json.dumps([r["fields"], r["padded"]], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        p = Profile(target="cuda", padding="fixed", gpu=r["gpu"], **r["fields"])
+        items.append((p, arch_of(p), speed.StepCosts.from_json(feats[r["id"]]["traced"]), r["gpu"]))
+    names = ("act_bytes_per_token_hidden", "ops_per_layer_fwd", "ops_fixed_fwd", "bwd_ops_ratio")
+    from engine import gpus
+
+    def loss(x):
+        c = replace(cal, **{k: math.exp(v) for k, v in zip(names, x)})
+        total = 0.0
+        for p, arch, tc, g in items:
+            ac = _analytic_with(p, arch, c)
+            ta, tt = speed.step_time(ac, gpus.get(g), c), speed.step_time(tc, gpus.get(g), c)
+            total += abs(math.log(ta["step_s"] / tt["step_s"]))
+            total += 0.5 * abs(math.log(max(ta["host_s"], 1e-9) / max(tt["host_s"], 1e-9)))
+        return total / len(items)
+
+    x0 = np.array([math.log(getattr(cal, k)) for k in names])
+    best = minimize(loss, x0, method="Nelder-Mead", options={"maxiter": 1500})
+    return replace(cal, **{k: math.exp(v) for k, v in zip(names, best.x)})
+
+
+def _spearman(a, b) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = pos
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    if n < 2:
+        return 1.0
+    d = sum((x - y) ** 2 for x, y in zip(ra, rb))
+    return 1 - 6 * d / (n * (n * n - 1))
+
+
+def score(rows, feats, cal) -> tuple[list[str], dict]:
+    traced = predict(rows, feats, cal, "traced")
+    analytic = predict(rows, feats, cal, "analytic")
+    et, ea = errors(rows, traced), errors(rows, analytic)
+    md = ["| row | GPU | kind | mode | precision | ckpt | B×T | measured tok/s | traced est | err | "
+          "analytic est | err |", "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r, pt, pa, a, b in zip(rows, traced, analytic, et, ea):
+        f = r["fields"]
+        md.append(f"| {r['label']} | {r['gpu']} | {r['kind']} | {f['mode']} | {f['precision']} | "
+                  f"{'yes' if f.get('checkpointing') else ''} | {f['batch']}×{f['seq']} | "
+                  f"{r['tokens_per_s']:,.0f} | {pt:,.0f} | {a:+.0%} | {pa:,.0f} | {b:+.0%} |")
+    summary = {}
+    md += ["", "| set | rows | traced median abs err | traced worst | analytic median | analytic worst |",
+           "|---|---:|---:|---:|---:|---:|"]
+    groups = {}
+    for r, a, b in zip(rows, et, ea):
+        groups.setdefault(f"{r['kind']} {r['fields']['mode']}", []).append((a, b))
+        if r["fit"]:
+            groups.setdefault("fitted (all engine rows)", []).append((a, b))
+    for name, vals in sorted(groups.items()):
+        ta = [abs(a) for a, _ in vals]
+        tb = [abs(b) for _, b in vals]
+        summary[name] = {"rows": len(vals), "traced_median": statistics.median(ta),
+                         "traced_worst": max(ta), "analytic_median": statistics.median(tb),
+                         "analytic_worst": max(tb)}
+        md.append(f"| {name} | {len(vals)} | {statistics.median(ta):.0%} | {max(ta):.0%} | "
+                  f"{statistics.median(tb):.0%} | {max(tb):.0%} |")
+    # ranking of technique rows (same model, same settings but one technique)
+    tech = [(r, p, q) for r, p, q in zip(rows, traced, analytic) if r["kind"] == "technique"]
+    if len(tech) >= 3:
+        rho_t = _spearman([r["tokens_per_s"] for r, _, _ in tech], [p for _, p, _ in tech])
+        rho_a = _spearman([r["tokens_per_s"] for r, _, _ in tech], [q for _, _, q in tech])
+        summary["technique_ranking_spearman"] = {"traced": rho_t, "analytic": rho_a, "rows": len(tech)}
+        md += ["", f"Ranking of the {len(tech)} gpt2 technique rows by tokens/s (Spearman ρ, "
+                   f"estimated vs measured): traced {rho_t:+.2f}, analytic {rho_a:+.2f}.", "",
+               "| technique | measured tok/s | measured rank | traced rank | analytic rank |",
+               "|---|---:|---:|---:|---:|"]
+
+        def order(v):
+            s = sorted(range(len(v)), key=lambda i: -v[i])
+            out = [0] * len(v)
+            for pos, i in enumerate(s):
+                out[i] = pos + 1
+            return out
+
+        om = order([r["tokens_per_s"] for r, _, _ in tech])
+        ot = order([p for _, p, _ in tech])
+        oa = order([q for _, _, q in tech])
+        for (r, _, _), a, b, c in zip(tech, om, ot, oa):
+            md.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {a} | {b} | {c} |")
+    return md, summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-write", action="store_true", help="score the committed constants only")
+    ap.add_argument("--refresh", action="store_true", help="re-trace every row")
+    ap.add_argument("--extra", nargs="*", default=[], help="folders of bench/gpu_speed.py JSON lines")
+    ap.add_argument("--md", default="", help="write the score tables here")
+    args = ap.parse_args(argv)
+    from dataclasses import asdict, replace
+
+    from engine.estimate import speed
+
+    rows = load_rows(args.extra)
+    feats = features(rows, args.refresh)
+    cal = speed.calibration()
+    if not args.no_write:
+        cal, val = fit(rows, feats, replace(cal))
+        firsts = [r["first_step_s"] - r["step_s"] for r in rows if r["fit"] and r["first_step_s"]]
+        cal = replace(cal, first_shape_s=statistics.median(firsts) if firsts else cal.first_shape_s)
+        cal = fit_closed_form(rows, feats, cal)
+    md, summary = score(rows, feats, cal)
+    fitted = summary.get("fitted (all engine rows)", {})
+    if not args.no_write:
+        cal = replace(cal, median_error=fitted.get("traced_median", 0.0),
+                      worst_error=fitted.get("traced_worst", 0.0),
+                      rows=fitted.get("rows", 0),
+                      source=f"bench/fit_speed.py over {fitted.get('rows', 0)} measured engine rows "
+                             "(H100 2026-11-25 cross-checks, H200 2026-12-01 verification)")
+        OUT.write_text(json.dumps({"constants": asdict(cal), "scores": summary}, indent=1) + "\n")
+        print(f"wrote {OUT}", file=sys.stderr)
+    text = "\n".join(md) + "\n"
+    if args.md:
+        Path(args.md).write_text(text)
+    print(text)
+    print(json.dumps(summary, indent=1), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Searches for speed: the fastest settings that fit a budget, and which catalog GPU a profile fits.
+
+    result = fastest(profile, budget_bytes=24 * 2**30)   # top few settings by estimated tokens/s
+    result.candidates[0].profile                         # the best, a Profile ready to use
+    rows = which_gpu(profile)                            # every catalog GPU: fits?, tokens/s
+
+``fastest`` tries precision (fp32, the GPU's AMP dtype, pure bf16 where the GPU has it),
+gradient checkpointing (off, every block, every other block), and for each the largest batch that
+fits (``engine.plan.plan``'s search) and the profile's own batch split into the fewest
+micro-batches that fit; each point is the analytic estimate (memory and speed, milliseconds), so
+the whole search is a few hundred estimates. Settings that change numerics (pure bf16) are marked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import BadInput, Cancelled
+from engine.profile import FIELDS_BY_NAME, Profile
+
+#: Candidates returned by default.
+TOP = 5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    changes: dict[str, Any]  # fields changed from the given profile
+    profile: Profile
+    device_used_bytes: int
+    tokens_per_s: float
+    step_s: float
+    margin_bytes: int  # budget - device used
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changes": dict(self.changes), "profile": self.profile.to_dict(),
+                "device_used_bytes": self.device_used_bytes, "tokens_per_s": self.tokens_per_s,
+                "step_s": self.step_s, "margin_bytes": self.margin_bytes, "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class FastestResult:
+    budget_bytes: int
+    gpu: str
+    candidates: tuple[Candidate, ...]
+    searched: int  # estimates made
+    elapsed_s: float
+    expected_error: float  # the speed calibration's median error
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        d["notes"] = list(self.notes)
+        d["goal"] = "fastest"
+        best = self.candidates[0] if self.candidates else None
+        d["fits"] = best is not None
+        d["tokens_per_s"] = best.tokens_per_s if best else 0.0
+        d["device_used_bytes"] = best.device_used_bytes if best else 0
+        return d
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    gpu: str
+    name: str
+    memory_bytes: int
+    fits: bool
+    device_used_bytes: int
+    tokens_per_s: float
+    step_s: float
+    margin_bytes: int
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _precisions(profile: Profile, gpu) -> list[str]:
+    half = "bf16" if gpu.bf16 else "fp16"
+    out = ["fp32", f"{half}-amp"]
+    if gpu.bf16 and profile.mode == "train":
+        out.append("bf16")
+    elif profile.mode != "train":
+        out.append(half)  # inference in pure half precision is the usual serving setting
+    return out
+
+
+def _checkpointing(profile: Profile) -> list[dict[str, Any]]:
+    if profile.mode != "train" or "checkpointing" not in FIELDS_BY_NAME:
+        return [{}]
+    out = [{"checkpointing": False}, {"checkpointing": True}]
+    if "checkpoint_every" in FIELDS_BY_NAME:
+        out = [{"checkpointing": False}, {"checkpointing": True, "checkpoint_every": 1},
+               {"checkpointing": True, "checkpoint_every": 2}]
+    return out
+
+
+def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
+            progress: Callable[[float, str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> FastestResult:
+    """The settings with the highest estimated tokens/s whose estimated device memory fits."""
+    from engine import gpus
+    from engine.estimate import estimate, speed
+    from engine.plan import plan
+    from engine.prepare import prepare
+
+    started = time.perf_counter()
+    if profile.target != "cuda":
+        raise BadInput("--goal fastest estimates GPU speed: use --target cuda (and --gpu NAME)")
+    gpu = gpus.for_profile(profile)
+    if budget_bytes is None:
+        if not gpu.memory_bytes:
+            raise BadInput("the custom GPU has no memory of its own: give --budget SIZE")
+        budget_bytes = gpu.memory_bytes
+    if budget_bytes <= 0:
+        raise BadInput("the budget must be a positive size (e.g. 24GiB)")
+    prepare(profile)
+    searched = 0
+    seen: dict[tuple, Candidate | None] = {}
+    variants: list[dict[str, Any]] = []
+    for precision in _precisions(profile, gpu):
+        for ck in _checkpointing(profile):
+            variants.append({"precision": precision, **ck})
+    total = len(variants)
+
+    def check_stop() -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled("plan cancelled")
+
+    def consider(p: Profile, changes: dict[str, Any], notes: tuple[str, ...] = ()) -> None:
+        nonlocal searched
+        key = tuple(sorted(p.non_defaults().items()))
+        if key in seen:
+            return
+        r = estimate(p, method="analytic")
+        searched += 1
+        if r.device_used_bytes > budget_bytes or not r.tokens_per_s:
+            seen[key] = None
+            return
+        seen[key] = Candidate(changes=changes, profile=p, device_used_bytes=r.device_used_bytes,
+                              tokens_per_s=r.tokens_per_s, step_s=r.step_s,
+                              margin_bytes=budget_bytes - r.device_used_bytes, notes=notes)
+
+    for i, change in enumerate(variants):
+        check_stop()
+        if progress is not None:
+            progress(i / total, f"{change}")
+        try:
+            base = profile.replace(**change)
+            prepare(base)
+        except BadInput:
+            continue
+        notes = ("pure bf16 weights: numerics differ from AMP",) if change["precision"] == "bf16" else ()
+        # (a) the largest batch that fits, one pass per step
+        one_pass = base.replace(micro_batches=1) if "micro_batches" in FIELDS_BY_NAME else base
+        r = plan(one_pass, budget_bytes, "batch", should_stop=should_stop)
+        searched += int(r.extra.get("estimates", 0))
+        if r.value:
+            p = one_pass.replace(batch=r.value)
+            consider(p, {**change, "batch": r.value, "micro_batches": 1}, notes)
+        # (b) the profile's own batch, in the fewest micro-batches that fit
+        if profile.mode == "train" and "micro_batches" in FIELDS_BY_NAME:
+            m = 1
+            while m <= profile.batch:
+                p = base.replace(micro_batches=m)
+                consider(p, {**change, "micro_batches": m}, notes)
+                c = seen.get(tuple(sorted(p.non_defaults().items())))
+                if c is not None:
+                    break
+                m *= 2
+    found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.tokens_per_s)
+    notes = []
+    if not found:
+        notes.append("nothing searched fits the budget (batch 1 with every setting tried)")
+    notes.append(f"speeds for {gpu.name}; expected error {speed.calibration().median_error:.0%} "
+                 f"median (bench/fit_speed.py)")
+    if progress is not None:
+        progress(1.0, "done")
+    return FastestResult(budget_bytes=int(budget_bytes), gpu=gpu.key, candidates=tuple(found[:top]),
+                         searched=searched, elapsed_s=time.perf_counter() - started,
+                         expected_error=speed.calibration().median_error, notes=tuple(notes))
+
+
+def which_gpu(profile: Profile, progress: Callable[[float, str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> list[GpuFit]:
+    """Every catalog GPU (but "custom"): does the profile fit its memory, and how fast would it be."""
+    from engine import gpus
+    from engine.estimate import estimate
+
+    if profile.target != "cuda":
+        raise BadInput("--which-gpu is for CUDA profiles: use --target cuda")
+    rows = []
+    keys = [k for k in gpus.names() if k != "custom"]
+    for i, key in enumerate(keys):
+        if should_stop is not None and should_stop():
+            raise Cancelled("plan cancelled")
+        g = gpus.get(key)
+        p = profile.replace(gpu=key)
+        note = ""
+        if "bf16" in p.precision and not g.bf16:
+            p = p.replace(precision=p.precision.replace("bf16", "fp16"))
+            note = f"no bf16: estimated with {p.precision}"
+        r = estimate(p, method="analytic")
+        rows.append(GpuFit(gpu=key, name=g.name, memory_bytes=g.memory_bytes,
+                           fits=r.device_used_bytes <= g.memory_bytes,
+                           device_used_bytes=r.device_used_bytes, tokens_per_s=r.tokens_per_s,
+                           step_s=r.step_s, margin_bytes=g.memory_bytes - r.device_used_bytes,
+                           note=note))
+        if progress is not None:
+            progress((i + 1) / len(keys), g.name)
+    return rows
+
+
+__all__ = ["Candidate", "FastestResult", "GpuFit", "fastest", "which_gpu"]
