@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import BadInput, Cancelled
@@ -95,9 +95,50 @@ def _checkpointing(profile: Profile) -> list[dict[str, Any]]:
         return [{}]
     out = [{"checkpointing": False}, {"checkpointing": True}]
     if "checkpoint_every" in FIELDS_BY_NAME:
-        out = [{"checkpointing": False}, {"checkpointing": True, "checkpoint_every": 1},
-               {"checkpointing": True, "checkpoint_every": 2}]
+        out[1]["checkpoint_every"] = 1
+        if profile.checkpointing and profile.checkpoint_every > 1:  # the profile's own k as well
+            out.append({"checkpointing": True, "checkpoint_every": profile.checkpoint_every})
     return out
+
+
+def _resized(profile: Profile, batch: int) -> dict[str, Any]:
+    from engine import techniques
+
+    return techniques.resized(profile, {"batch": batch})
+
+
+def _largest_batch(profile: Profile, budget: int, estimate, should_stop) -> tuple[int, int]:
+    """(largest batch whose analytic estimate fits, estimates made). Memory is close to affine in
+    the batch: two estimates give the line, a third and fourth confirm the boundary; where the
+    line misleads (allocator rounding), ``engine.plan.plan``'s exponential + binary search."""
+    from engine.plan import MAX_BATCH, plan
+
+    made = 0
+
+    def used(b: int) -> int:
+        nonlocal made
+        if should_stop is not None and should_stop():
+            raise Cancelled("plan cancelled")
+        made += 1
+        return estimate(profile.replace(**_resized(profile, b)), method="analytic").device_used_bytes
+
+    u1 = used(1)
+    if u1 > budget:
+        return 0, made
+    u2 = used(2)
+    if u2 > budget:
+        return 1, made
+    slope = max(1, u2 - u1)
+    guess = max(2, min(MAX_BATCH, 1 + (budget - u1) // slope))
+    for b in (guess, guess - 1, guess - 2):
+        if b <= 2:
+            return 2, made
+        if used(b) <= budget:
+            if b == MAX_BATCH or used(b + 1) > budget:
+                return b, made
+            break  # the line is low here: search properly
+    r = plan(profile, budget, "batch", should_stop=should_stop)
+    return r.value, made + int(r.extra.get("estimates", 0))
 
 
 def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
@@ -106,7 +147,6 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
     """The settings with the highest estimated tokens/s whose estimated device memory fits."""
     from engine import gpus
     from engine.estimate import estimate, speed
-    from engine.plan import plan
     from engine.prepare import prepare
 
     started = time.perf_counter()
@@ -158,11 +198,11 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
         notes = ("pure bf16 weights: numerics differ from AMP",) if change["precision"] == "bf16" else ()
         # (a) the largest batch that fits, one pass per step
         one_pass = base.replace(micro_batches=1) if "micro_batches" in FIELDS_BY_NAME else base
-        r = plan(one_pass, budget_bytes, "batch", should_stop=should_stop)
-        searched += int(r.extra.get("estimates", 0))
-        if r.value:
-            p = one_pass.replace(batch=r.value)
-            consider(p, {**change, "batch": r.value, "micro_batches": 1}, notes)
+        b, n = _largest_batch(one_pass, budget_bytes, estimate, should_stop)
+        searched += n
+        if b:
+            p = one_pass.replace(**_resized(one_pass, b))
+            consider(p, {**change, "batch": b, "micro_batches": 1}, notes)
         # (b) the profile's own batch, in the fewest micro-batches that fit
         if profile.mode == "train" and "micro_batches" in FIELDS_BY_NAME:
             m = 1

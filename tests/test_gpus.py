@@ -119,3 +119,38 @@ def test_flash_follows_the_gpu():
     assert "flash" in estimate(p.replace(gpu="h100-sxm"), "traced").extra["sdpa_backends"]
     t4 = estimate(p.replace(gpu="t4"), "traced").extra["sdpa_backends"]
     assert "flash" not in t4 and t4
+
+
+# ----- planner: fastest settings that fit, which GPU ------------------------------------------
+def test_fastest_returns_fitting_settings_best_first():
+    from engine.plan_search import fastest
+
+    budget = 3 * 2**30
+    r = fastest(Profile(model="tiny-gpt2", batch=4, seq=64, gpu="h100-sxm"), budget, top=4)
+    assert 1 <= len(r.candidates) <= 4 and r.gpu == "h100-sxm"
+    speeds = [c.tokens_per_s for c in r.candidates]
+    assert speeds == sorted(speeds, reverse=True)
+    for c in r.candidates:
+        assert c.device_used_bytes <= budget and c.margin_bytes == budget - c.device_used_bytes
+        again = estimate(c.profile, "analytic")  # each candidate is a real, estimable profile
+        assert again.device_used_bytes == c.device_used_bytes and again.tokens_per_s == c.tokens_per_s
+    code, out, err = run_cli(["plan", "--model", "tiny-gpt2", "--seq", "64", "--goal", "fastest",
+                              "--budget", "3GiB", "--json"])
+    d = json.loads(out)
+    assert code == 0 and d["goal"] == "fastest" and d["candidates"][0]["tokens_per_s"] > 0
+    # the fit goal keeps its contract: it needs a budget
+    code, _, err = run_cli(["plan", "--model", "tiny-gpt2"])
+    assert code == 2 and "--budget" in err and err.count("\n") == 1
+
+
+def test_which_gpu_lists_every_catalog_gpu():
+    from engine.plan_search import which_gpu
+
+    p = Profile(model="Llama-3.2-1B", batch=8, seq=512, precision="bf16-amp")
+    rows = {r.gpu: r for r in which_gpu(p)}
+    assert set(rows) == set(gpus.CATALOG) - {"custom"}
+    assert not rows["t4"].fits and rows["h200"].fits  # ~30 GB of training state
+    assert "fp16" in rows["t4"].note  # no bf16 on a T4: estimated with fp16
+    assert rows["h200"].tokens_per_s > rows["t4"].tokens_per_s > 0
+    code, out, _ = run_cli(["plan", "--model", "tiny-gpt2", "--seq", "8", "--which-gpu", "--json"])
+    assert code == 0 and len(json.loads(out)["gpus"]) == len(gpus.CATALOG) - 1

@@ -191,7 +191,9 @@ class TargetPanel(QGroupBox):
             self.capacity.blockSignals(True)
             self.capacity.setValue(size / GiB)
             self.capacity.blockSignals(False)
-        self._state.set_capacity(int(self.capacity.value() * GiB), self.gpu.currentText())
+        # a catalog GPU's exact size (the spin box shows it to 0.1 GiB)
+        exact = int(size) if size and not custom else int(self.capacity.value() * GiB)
+        self._state.set_capacity(exact, self.gpu.currentText())
         if self._state.profile.gpu != key:
             self._state.update(gpu=key)
 

@@ -44,8 +44,10 @@ class Calibration:
     e_attention: float = 0.40  # fused attention kernels / half peak
     e_memory: float = 0.60  # achieved / peak memory bandwidth, memory-bound ops
     kernel_floor_s: float = 4e-6  # shortest kernel (launch + tail)
-    host_op_s: float = 22e-6  # host time to issue one op (eager PyTorch + autograd + Python)
-    step_fixed_s: float = 1.5e-3  # per-step host work outside ops (zero_grad, loss.item, loop)
+    host_op_s: float = 22e-6  # host time to issue one op from Python (modules, the optimizer)
+    host_op_bwd_s: float = 8e-6  # ... from autograd's C++ engine (backward, grad mode off)
+    step_fixed_s: float = 1.5e-3  # per training step: host work outside ops (zero_grad, loss.item)
+    step_fixed_infer_s: float = 0.5e-3  # per inference step
     first_shape_s: float = 0.45  # one-time cost of a new batch shape (first step minus steady)
     serial_share: float = 0.2  # share of the shorter of GPU/host time not hidden under the longer
     #                            (syncs at the loss, the optimizer and step boundaries)
@@ -136,8 +138,11 @@ def step_time(costs: StepCosts, gpu, cal: Calibration | None = None) -> dict[str
             t = max(flops / rate if flops else 0.0, nbytes / bw, cal.kernel_floor_s * kernels)
             gpu_s += t * n
             by_class[cls] += t * n
-    host_s = sum(costs.host_ops.values()) * cal.host_op_s
-    step = max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + cal.step_fixed_s
+    host_s = sum(n * (cal.host_op_bwd_s if phase == "backward" else cal.host_op_s)
+                 for phase, n in costs.host_ops.items())
+    training = "backward" in costs.ops or "optimizer" in costs.ops
+    fixed = cal.step_fixed_s if training else cal.step_fixed_infer_s
+    step = max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + fixed
     return {"step_s": step, "gpu_s": gpu_s, "host_s": host_s, **{f"{k}_s": v for k, v in by_class.items()}}
 
 
@@ -178,16 +183,23 @@ def _tensors(x, out: list) -> list:
 FOREACH_TENSORS_PER_KERNEL = 36
 
 
-def make_counter(phase_of, emu=None):
-    """A dispatch mode recording each op's cost into a ``StepCosts`` under ``phase_of()`` (the
-    traced step's phase and step), and a function mode counting fused SDPA FLOPs (``emu``: the CUDA
-    emulation whose backend log says which kernel ran)."""
+def make_counter(step_phase, emu=None):
+    """A dispatch mode recording each op's cost into a ``StepCosts`` under ``step_phase()`` (the
+    traced step's "step:phase"), and a function mode counting fused SDPA FLOPs (``emu``: the CUDA
+    emulation whose backend log says which kernel ran). In backward, ops issued with grad mode on
+    are a checkpoint's recompute (Python modules: "recompute"); autograd's own run with it off."""
     import torch
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry
 
     skip = _no_kernel_ops()
+
+    def phase_of() -> str:
+        sp = step_phase()
+        if sp.endswith(":backward") and torch.is_grad_enabled():
+            return sp[: -len("backward")] + "recompute"
+        return sp
     half = (torch.float16, torch.bfloat16)
     costs = StepCosts()
 
@@ -262,7 +274,7 @@ def traced_step_costs(costs: StepCosts, training: bool, micro_batches: int) -> S
         out.host_ops[phase] = costs.host_ops.get(p, 0.0)
     if training and micro_batches > 2:
         f = micro_batches / 2
-        out = out.scaled({"forward": f, "backward": f})
+        out = out.scaled({"forward": f, "backward": f, "recompute": f})
     return out
 
 
@@ -309,8 +321,9 @@ def analytic_costs(profile, arch, shape: tuple[int, int]) -> StepCosts:
     if training:
         # checkpointed blocks run their forward again in backward
         share = 1.0 / setup.checkpoint_every if setup.checkpoint_every else 0.0
-        one_pass("backward", 2.0 + share, 2.5 + share, 2.0 + share,
-                 n_fwd * (cal.bwd_ops_ratio + share))
+        one_pass("backward", 2.0, 2.5, 2.0, n_fwd * cal.bwd_ops_ratio)
+        if share:
+            one_pass("recompute", share, share, share, n_fwd * share)
         # optimizer: foreach over the parameters, memory-bound
         n_tensors = len(arch.param_tensors)
         words = 4 if profile.optimizer == "adamw" else 2  # fp32 words kept per parameter
