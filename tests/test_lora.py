@@ -213,3 +213,34 @@ def test_exported_preset_script_says_it_is_random_init():
     text = export_script(Profile(model="tiny-gpt2", target="cpu", batch=1, seq=16, lora=4))
     assert "random initial weights" in text.split('"""')[1]
     assert "--output-dir\", default=\"headroom-output\"" in text
+
+
+def test_exported_qlora_script_matches_measure(tmp_path):
+    """The exported QLoRA script quantizes with the engine's own quantize_linears and its peak
+    agrees with engine.measure's."""
+    if not _bnb_runs():
+        pytest.skip("bitsandbytes cannot run here")
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from engine.export import export_script
+    from engine.measure import run_measure
+    from engine.techniques import quantization
+
+    profile = Profile(model="tiny-llama", target="cpu", batch=2, seq=32, steps=2, lora=4, quant="nf4")
+    text = export_script(profile)
+    assert inspect.getsource(quantization.quantize_linears) in text
+    assert text.index("quantize_linears(model, QUANT") < text.index("model = add_lora_adapters(")
+    path = tmp_path / "train.py"
+    path.write_text(text, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(path), "--device", "cpu", "--output-dir", str(tmp_path / "a")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+    measured = run_measure(profile)
+    assert result["peak_allocated_bytes"] == pytest.approx(measured.peak_allocated_bytes, rel=0.02)
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()

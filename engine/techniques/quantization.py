@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.errors import BadInput
+from engine.models import transformer_blocks
 from engine.techniques.base import AnalyticTerms, Field, Technique
 
 if TYPE_CHECKING:
@@ -63,47 +64,93 @@ def compute_dtype(profile: "Profile"):
     return torch.float16 if profile.quant_dtype == "fp16" else torch.bfloat16
 
 
-def _linears(model):
-    """(parent, attribute, module, in, out, transposed) of the blocks' Linear/Conv1D layers."""
+def quantize_linears(model, quant, compute_dtype):
+    """The transformer blocks' Linear (and GPT-2 Conv1D) layers as bitsandbytes' frozen 4-bit NF4
+    (``quant`` "nf4", "nf4-dq": double quantization) or 8-bit layers, quantized from their weights
+    on the model's device, with the quantization state registered as non-persistent buffers (so
+    memory counters that walk parameters and buffers see it). Returns the number of layers.
+    Torch, transformers' Conv1D and bitsandbytes only: the exported script embeds this function."""
+    import bitsandbytes as bnb
     import torch
 
-    from engine.models import transformer_blocks
+    device = next(model.parameters()).device
+    count = 0
+    for block in transformer_blocks(model):
+        for parent in list(block.modules()):
+            for attr, old in list(parent.named_children()):
+                if isinstance(old, torch.nn.Linear):
+                    weight = old.weight.detach()
+                elif type(old).__name__ == "Conv1D" and old.weight.dim() == 2:
+                    weight = old.weight.detach().t()  # Conv1D stores (in, out)
+                else:
+                    continue
+                fan_out, fan_in = weight.shape
+                bias = old.bias is not None
+                if quant == "int8":  # Int8Params quantize when they move from the CPU
+                    new = bnb.nn.Linear8bitLt(fan_in, fan_out, bias=bias, has_fp16_weights=False,
+                                              device="meta")
+                    new.weight = bnb.nn.Int8Params(weight.to(compute_dtype).cpu(), requires_grad=False,
+                                                   has_fp16_weights=False)
+                else:
+                    dq = quant == "nf4-dq"
+                    new = bnb.nn.Linear4bit(fan_in, fan_out, bias=bias, compute_dtype=compute_dtype,
+                                            compress_statistics=dq, quant_type="nf4", device="meta")
+                    new.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False,
+                                                   blocksize=64, compress_statistics=dq,
+                                                   quant_type="nf4", module=new)
+                if bias:
+                    new.bias = torch.nn.Parameter(old.bias.detach().to("cpu" if quant == "int8" else device),
+                                                  requires_grad=False)
+                new = new.to(device)  # bitsandbytes quantizes as the weight moves to the device
+                qs = getattr(new.weight, "quant_state", None)
+                state = {"scb": new.weight.SCB} if qs is None else {
+                    "absmax": qs.absmax, "code": qs.code, "offset": qs.offset,
+                    "absmax2": qs.state2.absmax if qs.state2 is not None else None,
+                    "code2": qs.state2.code if qs.state2 is not None else None}
+                for name, t in state.items():
+                    if t is not None:
+                        new.register_buffer(f"quant_{name}", t, persistent=False)
+                setattr(parent, attr, new)
+                count += 1
+    return count
+
+
+def _linears(model):
+    """(parent, attribute, module, in, out) of the blocks' Linear/Conv1D layers."""
+    import torch
 
     found = []
     for block in transformer_blocks(model):
         for parent in block.modules():
             for attr, child in parent.named_children():
                 if isinstance(child, torch.nn.Linear):
-                    found.append((parent, attr, child, child.in_features, child.out_features, False))
+                    found.append((parent, attr, child, child.in_features, child.out_features))
                 elif type(child).__name__ == "Conv1D" and child.weight.dim() == 2:
                     w = child.weight
-                    found.append((parent, attr, child, int(w.shape[0]), int(w.shape[1]), True))
+                    found.append((parent, attr, child, int(w.shape[0]), int(w.shape[1])))
     return found
 
 
 def apply(model: "torch.nn.Module", profile: "Profile") -> str | None:
-    import torch
-
     device = next(model.parameters()).device
     dtype = compute_dtype(profile)
     missing = quant_missing()
-    if missing and device.type != "meta":
-        raise BadInput(f"cannot run {profile.quant} base weights here: {missing} (the estimate still works)")
-    layers = _linears(model)
-    for parent, attr, old, fan_in, fan_out, transposed in layers:
-        weight = old.weight.detach()
-        weight = weight.t() if transposed else weight
-        bias = old.bias
+    if device.type != "meta":
         if missing:
-            new = _StandIn(profile.quant, fan_in, fan_out, bias, dtype)
-        elif device.type == "meta":
-            new = _meta_bnb(profile.quant, fan_in, fan_out, bias, dtype)
-        else:
-            new = _real_bnb(profile.quant, weight, bias, dtype, device)
-        _register_state(new)
-        setattr(parent, attr, new)
-    del torch
-    return f"{profile.quant} base weights: {len(layers)} Linear layers quantized (compute {profile.quant_dtype})"
+            raise BadInput(f"cannot run {profile.quant} base weights here: {missing} (the estimate "
+                           f"still works)")
+        count = quantize_linears(model, profile.quant, dtype)
+    else:
+        layers = _linears(model)
+        for parent, attr, old, fan_in, fan_out in layers:
+            if missing:
+                new = _StandIn(profile.quant, fan_in, fan_out, old.bias, dtype)
+            else:
+                new = _meta_bnb(profile.quant, fan_in, fan_out, old.bias, dtype)
+                _register_state(new)
+            setattr(parent, attr, new)
+        count = len(layers)
+    return f"{profile.quant} base weights: {count} Linear layers quantized (compute {profile.quant_dtype})"
 
 
 def _bias_param(bias, device):
@@ -112,27 +159,6 @@ def _bias_param(bias, device):
     if bias is None:
         return None
     return torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
-
-
-def _real_bnb(quant, weight, bias, dtype, device):
-    """bitsandbytes' layer, quantized from the (built or loaded) weight on ``device``."""
-    import bitsandbytes as bnb
-
-    fan_out, fan_in = weight.shape
-    if quant == "int8":
-        new = bnb.nn.Linear8bitLt(fan_in, fan_out, bias=bias is not None, has_fp16_weights=False,
-                                  device="meta")
-        new.weight = bnb.nn.Int8Params(weight.to(dtype).cpu(), requires_grad=False,
-                                       has_fp16_weights=False)
-    else:
-        new = bnb.nn.Linear4bit(fan_in, fan_out, bias=bias is not None, compute_dtype=dtype,
-                                compress_statistics=quant == "nf4-dq", quant_type="nf4", device="meta")
-        new.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, blocksize=BLOCK,
-                                       compress_statistics=quant == "nf4-dq", quant_type="nf4",
-                                       module=new)
-    if bias is not None:
-        new.bias = _bias_param(bias, "cpu" if quant == "int8" else device)
-    return new.to(device)  # bitsandbytes quantizes when the weight moves to the device
 
 
 def _meta_bnb(quant, fan_in, fan_out, bias, dtype):
@@ -273,4 +299,9 @@ TECHNIQUE = Technique(
     apply_model=apply,
     apply_rank=34,  # before LoRA wraps the (quantized) Linear layers
     analytic_terms=_analytic_terms,
+    export_source=lambda: [quantize_linears],
+    export_calls=lambda p: ["quantize_linears(model, QUANT, getattr(torch, QUANT_DTYPE))"],
+    export_constants=lambda p: [("QUANT", p.quant, "base weights: bitsandbytes NF4 (dq: double quant) / int8"),
+                                ("QUANT_DTYPE", {"bf16": "bfloat16", "fp16": "float16"}[p.quant_dtype],
+                                 "compute dtype of the quantized layers")],
 )
