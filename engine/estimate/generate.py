@@ -234,9 +234,12 @@ def _prefill_block(arch, b: int, p: int, e: int, r: int, cuda: bool, attn: str, 
 
 
 def _growth_events(profile: Profile, b: int, p: int, weights: list[int], prefill_tmp: int,
-                   step_tmp: int) -> list[tuple[int, int]]:
-    """An allocation log of the run for the allocator model: the weights, the prefill's cache and
-    temporaries, then every decode step's cache reallocations (dynamic) and temporaries."""
+                   step_tmp: int, pieces: int = 4) -> list[tuple[int, int]]:
+    """An allocation log of the run for the allocator model: the weights; the prefill block by
+    block (each layer's keys and values, then its temporaries in ``pieces`` pieces, freed: the
+    next layer's cache is carved from their holes, as in the run; 0: the prefill's temporaries as
+    one block around the whole cache); then every decode step's cache reallocations (dynamic)
+    and temporaries."""
     events: list[tuple[int, int]] = []
     uid = iter(range(1 << 62))
     for w in weights:
@@ -245,8 +248,10 @@ def _growth_events(profile: Profile, b: int, p: int, weights: list[int], prefill
     kinds = cache_kinds(profile)
     n = profile.new_tokens
     live: list[list[tuple[int, int]]] = []
-    tmp = next(uid)
-    events.append((tmp, prefill_tmp))
+    piece = _r(prefill_tmp // max(1, pieces), True)
+    whole = next(uid)
+    if not pieces:
+        events.append((whole, prefill_tmp))
     for layer in kinds:
         _, tokens = layer_tokens(layer, profile.cache, p, n, p)
         pair = []
@@ -255,7 +260,10 @@ def _growth_events(profile: Profile, b: int, p: int, weights: list[int], prefill
             events.append((k, _r(tokens * per, True)))
             pair.append((k, _r(tokens * per, True)))
         live.append(pair)
-    events.append((tmp, -prefill_tmp))
+        ids = [next(uid) for _ in range(pieces)]
+        events += [(t, piece) for t in ids] + [(t, -piece) for t in ids]
+    if not pieces:
+        events.append((whole, -prefill_tmp))
     if profile.cache == "static":
         if n > 1:
             events += [(tmp := next(uid), step_tmp), (tmp, -step_tmp)]
@@ -475,7 +483,7 @@ def estimate_generate(profile: Profile, method: str = "auto", progress=None,
             weights_list = [_r(k * s_, True) for k, s_ in arch.param_tensors]
             grown = simulate(_growth_events(profile, b, p, weights_list,
                                             max(0, out["prefill"] - w - prefill_cache),
-                                            max(0, out["decode"] - w - final_cache)))
+                                            max(0, out["decode"] - w - final_cache), pieces=0))
             reserved = max(reserved, grown.peak_reserved)
             notes.append(f"traced: prefill, the first and the last of {profile.new_tokens - 1} "
                          f"decode steps; the cache's growth between them replayed in the allocator")
