@@ -6,9 +6,11 @@
 #   bash bench/gpu_verify.sh 3     # the estimator matrix (11 architectures x 6), context, new capabilities
 #   bash bench/gpu_verify.sh 4     # A/B of the engine's per-step bookkeeping (host-bound steps), export again
 #   bash bench/gpu_verify.sh 5     # after the fix (quiet repeated shapes, GC freeze): 1's checks again
+#   bash bench/gpu_verify.sh 6     # LoRA / QLoRA / 8-bit AdamW vs full, generation, calibrate
+#   bash bench/gpu_verify.sh 7     # the estimator matrix again (accuracy fixes), overhead A/B with medians
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
 set -u
-part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5}"
+part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7}"
 : "${OUT:?set OUT to an output folder}"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
@@ -100,5 +102,15 @@ case "$part" in
     > "$OUT/export_check.log" 2>&1
   tail -8 "$OUT/cross.log"; grep -h '^{"variant"' "$OUT"/ab_*.log; tail -3 "$OUT/export_check.log"
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5"; exit 2 ;;
+6)
+  gpu_facts
+  # 5. Capabilities. bitsandbytes is not installed on the device: its wheel travels in .whl/.
+  WHEEL=$(ls .whl/bitsandbytes-*.whl 2>/dev/null | head -1)
+  timeout 290 $PY bench/gpu_lora.py --out "$OUT/lora" ${WHEEL:+--wheel "$WHEEL"} > "$OUT/lora.log" 2>&1
+  timeout 220 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 140 --gpu h200 \
+    > "$OUT/generate.log" 2>&1
+  timeout 50 $PY -m engine calibrate --json --output "$OUT/calibrate_h200.json" > "$OUT/calibrate.log" 2>&1
+  tail -20 "$OUT/lora.log"; tail -12 "$OUT/generate.log"; tail -c 600 "$OUT/calibrate.log"
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7"; exit 2 ;;
 esac
