@@ -205,35 +205,61 @@ def shard_bytes(model, optimizer) -> dict[str, int]:
     return {"params": nbytes(params), "states": nbytes(states)}
 
 
-@contextlib.contextmanager
-def fsdp_storage_tracking(tracker):
+class FsdpStorageTracking:
     """FSDP2 frees and re-allocates the gathered weights by resizing their storage
-    (``_fsdp_param.alloc_storage`` / ``free_storage``), which no dispatcher sees: tell the tracker
-    of each resize so live bytes follow the all-gathers."""
-    if tracker is None:
-        yield
-        return
-    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    (``_fsdp_param.alloc_storage`` / ``free_storage``), which no dispatcher sees: while entered,
+    each resize is told to the live-bytes ``tracker`` so its bytes follow the all-gathers. Torch
+    only: the exported script embeds it."""
 
-    orig_alloc, orig_free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+    def __init__(self, tracker):
+        self.tracker, self.saved = tracker, []
 
-    def alloc(tensor):
-        orig_alloc(tensor)
-        tracker.track(tensor)
+    def __enter__(self):
+        if self.tracker is None:
+            return self
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
 
-    def free(tensor):
-        orig_free(tensor)
-        tracker.track(tensor)
+        alloc, free, tracker = _fsdp_param.alloc_storage, _fsdp_param.free_storage, self.tracker
 
-    patched = [(_fsdp_param, "alloc_storage", orig_alloc), (_fsdp_param, "free_storage", orig_free),
-               (_fsdp_param_group, "alloc_storage", _fsdp_param_group.alloc_storage)]
-    _fsdp_param.alloc_storage, _fsdp_param.free_storage = alloc, free
-    _fsdp_param_group.alloc_storage = alloc
-    try:
-        yield
-    finally:
-        for mod, name, fn in patched:
-            setattr(mod, name, fn)
+        def tracked_alloc(tensor):
+            alloc(tensor)
+            tracker.track(tensor)
+
+        def tracked_free(tensor):
+            free(tensor)
+            tracker.track(tensor)
+
+        self.saved = [(_fsdp_param, "alloc_storage", alloc), (_fsdp_param, "free_storage", free),
+                      (_fsdp_param_group, "alloc_storage", _fsdp_param_group.alloc_storage)]
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage = tracked_alloc, tracked_free
+        _fsdp_param_group.alloc_storage = tracked_alloc
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, fn in self.saved:
+            setattr(module, name, fn)
+        self.saved = []
+
+
+def fsdp_storage_tracking(tracker):
+    return FsdpStorageTracking(tracker)
+
+
+def init_data_parallel(device):
+    """This rank's device and process group, from torchrun's environment: NCCL and
+    ``cuda:LOCAL_RANK`` on GPUs, gloo on CPU. Torch only: the exported script embeds it."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
 
 
 def python_for_ranks() -> str:

@@ -89,3 +89,28 @@ def test_torchrun_rank_peak_matches_both_estimates(model, gpus, kw):
         assert r["param_shard_bytes"] == rm.weights
         if kw.get("offload") != "optimizer":
             assert r["optimizer_shard_bytes"] == rm.states
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_exported_script_runs_under_torchrun_with_two_cpu_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from engine.export import export_script
+
+    profile = _p(model="tiny-llama", gpus=2, shard="fsdp2")
+    script = tmp_path / "train.py"
+    script.write_text(export_script(profile))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script stands alone
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", str(script), "--device", "cpu", "--steps", "2"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1] and {r["world_size"] for r in rows} == {2}
+    est = estimate(profile, method="analytic").peak_allocated_bytes
+    for r in rows:
+        assert r["peak_allocated_bytes"] == pytest.approx(est, rel=0.03)

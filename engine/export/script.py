@@ -716,6 +716,7 @@ def _step_args(hooks, scaler: bool) -> list[str]:
 
 def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> None:
     train = profile.is_training
+    dp = profile.shard != "none"  # data parallel (engine.techniques.sharding): runs under torchrun
     scaler = profile.precision == "fp16-amp" and train
     if train and profile.optimizer != "adamw":
         import inspect
@@ -741,6 +742,8 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         "    args = parse_args()",
         "    started = time.perf_counter()",
         "    device = torch.device(args.device)",
+        *(["    device = init_data_parallel(device)  # one rank of torchrun --nproc-per-node GPUS"]
+          if dp else []),
         "    steps = 1 if args.dry_run else args.steps",
         "",
         "    tokenizer = load_tokenizer()",
@@ -758,11 +761,18 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         "    torch.manual_seed(SEED)",
         "    model = build_model(device)",
     ]
+    if dp:
+        lines.append("    model = wrap_data_parallel(model, SHARD, device, bucket_cap_mb=BUCKET_CAP_MB, "
+                     "reshard_after_forward=RESHARD_AFTER_FORWARD, offload=OFFLOAD, "
+                     "param_dtype=MP_PARAM_DTYPE, reduce_dtype=MP_REDUCE_DTYPE)")
     extras = [name for h in hooks for name in h.extra_models]
     for name in extras:
         lines.append(f"    {name} = build_{name}(device)  # after the student: the random stream of measure")
     if train:
-        if profile.optimizer == "adamw":
+        if dp and profile.offload == "optimizer":
+            lines.append(f"    optimizer = CpuOffloadedOptimizer(model.parameters(), "
+                         f"{profile.optimizer!r})  # state and step on the CPU")
+        elif profile.optimizer == "adamw":
             lines.append("    optimizer = torch.optim.AdamW(model.parameters())  # torch's defaults "
                          "for the device")
         else:
@@ -772,6 +782,8 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
             lines.append("    scaler = torch.amp.GradScaler(device.type)  # fp16 gradients need loss scaling")
     lines += [
         f"    memory.start({', '.join(['model', *extras])})",
+        *(["    resizes = FsdpStorageTracking(memory.tracker).__enter__()  # FSDP2's gathers, on CPU"]
+          if dp and profile.shard == "fsdp2" else []),
         "    step_times, losses = [], []" if train else "    step_times = []",
         "    for batch in batches:",
         "        memory.sync()",
@@ -785,6 +797,7 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         "        memory.sync()",
         "        step_times.append(time.perf_counter() - begin)",
         "    memory.stop()",
+        *(["    resizes.__exit__(None, None, None)"] if dp and profile.shard == "fsdp2" else []),
         "",
         "    timed = slice(1, None) if steps > 1 else slice(None)  # the first step is warm-up",
         "    seconds = sum(step_times[timed])",
@@ -816,4 +829,14 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         "        model.save_pretrained(args.output_dir, safe_serialization=True)",
         "    print(json.dumps(result))",
     ]
+    if dp:  # every rank prints its own line; FSDP2's shards are not saved whole here
+        at = lines.index('        "profile": HEADROOM_PROFILE,  # the settings (non-defaults): Headroom checks them on import')
+        lines[at:at] = ['        "rank": torch.distributed.get_rank(),',
+                        '        "world_size": torch.distributed.get_world_size(),']
+        at = lines.index("    if args.output_dir:")
+        lines[at:at + 2] = [
+            "    if args.output_dir and torch.distributed.get_rank() == 0 and SHARD == \"ddp\":",
+            "        model.module.save_pretrained(args.output_dir, safe_serialization=True)",
+            "    # FSDP2's shards are saved with torch.distributed.checkpoint, not here"]
+        lines += ["    torch.distributed.destroy_process_group()"]
     s.add("main", parse + "\n\n\n" + "\n".join(lines))

@@ -89,6 +89,15 @@ def check(prepared) -> list[str]:
     return notes
 
 
+def _export_source() -> list:
+    """What the exported script embeds: the rank's setup, the wrapping, the offloaded optimizer and
+    the tracker's view of FSDP2's storage resizes (``engine.distributed``, torch only)."""
+    from engine import distributed
+
+    return [distributed.init_data_parallel, distributed.wrap_data_parallel,
+            distributed.CpuOffloadedOptimizer, distributed.FsdpStorageTracking]
+
+
 def _shard_changes(values: dict) -> dict:
     return {"shard": values["shard"]}
 
@@ -158,6 +167,15 @@ TECHNIQUE = Technique(
         "distributed": lambda p: p.shard != "none",
     },
     active=lambda p: p.shard != "none",
+    export_source=lambda: _export_source(),
+    export_constants=lambda p: [
+        ("SHARD", p.shard, "data parallel: ddp | fsdp2 (the script runs under torchrun)"),
+        ("GPUS", p.gpus, "ranks: torchrun --nproc-per-node GPUS"),
+        ("BUCKET_CAP_MB", p.bucket_cap_mb, "DDP gradient bucket size"),
+        ("RESHARD_AFTER_FORWARD", p.reshard_after_forward == "on", "FSDP2"),
+        ("OFFLOAD", p.offload, "FSDP2: none | optimizer | params"),
+        ("MP_PARAM_DTYPE", None if p.mp_param_dtype == "off" else p.mp_param_dtype, "FSDP2"),
+        ("MP_REDUCE_DTYPE", None if p.mp_reduce_dtype == "off" else p.mp_reduce_dtype, "FSDP2")],
     validate=validate,
     check=check,
 )
