@@ -5,7 +5,8 @@
     rows = which_gpu(profile)                            # every catalog GPU: fits?, tokens/s
 
 ``fastest`` tries precision (fp32, the GPU's AMP dtype, pure bf16 where the GPU has it),
-gradient checkpointing (off, every block, every other block), and for each the largest batch that
+gradient checkpointing (off, every block; the profile's every-k too), with LoRA on the ranks 8, 16
+and 64 for the best of those, and for each the largest batch that
 fits (``engine.plan.plan``'s search) and the profile's own batch split into the fewest
 micro-batches that fit; each point is the analytic estimate (memory and speed, milliseconds), so
 the whole search is a few hundred estimates. Settings that change numerics (pure bf16) are marked.
@@ -214,6 +215,19 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
                     break
                 m *= 2
     found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.tokens_per_s)
+    # LoRA on: other ranks for the best setting (a smaller rank frees memory for a larger batch)
+    rank = getattr(profile, "lora", 0)
+    if found and rank and "lora" in FIELDS_BY_NAME:
+        best = found[0]
+        for r in sorted({8, 16, 64} - {rank}):
+            check_stop()
+            alt = best.profile.replace(lora=r)
+            b, n = _largest_batch(alt, budget_bytes, estimate, should_stop)
+            searched += n
+            if b:
+                consider(alt.replace(**_resized(alt, b)), {**best.changes, "lora": r, "batch": b},
+                         best.notes)
+        found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.tokens_per_s)
     notes = []
     if not found:
         notes.append("nothing searched fits the budget (batch 1 with every setting tried)")

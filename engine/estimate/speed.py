@@ -321,13 +321,18 @@ def analytic_costs(profile, arch, shape: tuple[int, int]) -> StepCosts:
     if training:
         # checkpointed blocks run their forward again in backward
         share = 1.0 / setup.checkpoint_every if setup.checkpoint_every else 0.0
-        one_pass("backward", 2.0, 2.5, 2.0, n_fwd * cal.bwd_ops_ratio)
+        # backward: the inputs' gradients always, the weights' only where they train (LoRA:
+        # the frozen base matrices get none)
+        trainable = arch.trainable_params if arch.trainable_tensors else arch.params
+        share_trained = min(1.0, trainable / max(1, arch.params))
+        one_pass("backward", 1.0 + share_trained, 2.5, 1.0 + share_trained,
+                 n_fwd * cal.bwd_ops_ratio)
         if share:
             one_pass("recompute", share, share, share, n_fwd * share)
         # optimizer: foreach over the parameters, memory-bound
-        n_tensors = len(arch.param_tensors)
+        n_tensors = len(arch.trainable_tensors or arch.param_tensors)
         words = 4 if profile.optimizer == "adamw" else 2  # fp32 words kept per parameter
-        opt_bytes = arch.params * 4 * 4 * words  # reads and writes of p, g, states, temporaries
+        opt_bytes = trainable * 4 * 4 * words  # reads and writes of p, g, states, temporaries
         foreach_ops = 12 if profile.optimizer == "adamw" else 4
         kernels = max(1, math.ceil(n_tensors / FOREACH_TENSORS_PER_KERNEL))
         c = costs.ops.setdefault("optimizer", Counter())
