@@ -82,6 +82,9 @@ def load_rows(extra_dirs=()) -> list[dict]:
                           "optimizer": d.get("optimizer", "adamw")}
                 if d.get("task") not in (None, "auto"):
                     fields["task"] = d["task"]
+                for extra in ("micro_batches",):  # bench/gpu_speed.py rows name them
+                    if d.get(extra) is not None:
+                        fields[extra] = d[extra]
                 step = d["step_time_s"]
                 label = d.get("label") or d["model"]
                 padded = d.get("data", "builtin") == "builtin" and row_kind != "bare"
