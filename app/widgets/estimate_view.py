@@ -264,6 +264,7 @@ class EstimateView(QWidget):
         self._not_measured.setPos(1, top / scale * 0.12)
         if meas is not None and getattr(meas, "oom", False):
             labels[1] = "Measured (OOM)"
+        labels = self._per_rank_labels(labels, meas)
         item.getAxis("bottom").setTicks([[(0, labels[0]), (1, labels[1])]])
 
         status = fit_status(totals[0], capacity) if est is not None else ""
@@ -289,6 +290,21 @@ class EstimateView(QWidget):
         if has_layers != self.layers_button.isEnabled():
             self.layers_button.setEnabled(has_layers)
             self.layers_button_enabled_changed.emit(has_layers)
+
+    def _per_rank_labels(self, labels: list[str], meas) -> list[str]:
+        """Data parallel (engine.techniques.sharding): both bars are one rank's memory; the
+        measured one is the worst rank's, named, with every rank's peak."""
+        profile = self._state.profile
+        if profile.shard == "none":
+            return labels
+        labels = [f"{labels[0]}\nper rank, {profile.gpus} GPUs ({profile.shard})", labels[1]]
+        ranks = (getattr(meas, "extra", None) or {}).get("ranks") if meas is not None else None
+        if ranks:
+            worst = meas.extra.get("worst_rank", 0)
+            peaks = ", ".join(f"r{r['rank']} {format_bytes(r['peak_allocated_bytes'])}"
+                              for r in ranks[:8])
+            labels[1] = f"{labels[1]}\nworst rank {worst} of {len(ranks)}\n{peaks}"
+        return labels
 
     def estimate_label(self, est) -> str:
         """The estimate bar's label: which estimator the number comes from."""

@@ -99,7 +99,26 @@ def _export_source() -> list:
 
 
 def _shard_changes(values: dict) -> dict:
-    return {"shard": values["shard"]}
+    """Back to one GPU: one rank and the FSDP2/DDP options at their defaults (they need a shard);
+    DDP: the FSDP2 options at their defaults."""
+    shard = values["shard"]
+    out = {"shard": shard}
+    if shard != "fsdp2":
+        out.update(reshard_after_forward="on", offload="none", mp_param_dtype="off",
+                   mp_reduce_dtype="off", nodes=1)
+    if shard != "ddp":
+        out["bucket_cap_mb"] = DDP_BUCKET_MB
+    if shard == "none":
+        out["gpus"] = 1
+    return out
+
+
+def _gpus_changes(values: dict) -> dict:
+    """More than one GPU needs a data-parallel engine: FSDP2 unless one is chosen."""
+    out = {"gpus": values["gpus"]}
+    if values["gpus"] > 1 and values.get("shard", "none") == "none":
+        out["shard"] = "fsdp2"
+    return out
 
 
 TECHNIQUE = Technique(
@@ -131,6 +150,7 @@ TECHNIQUE = Technique(
     ),
     controls=(
         Control("gpus", "spin", "GPUs (ranks)", field="gpus", low=1, high=1024,
+                write=_gpus_changes,
                 enabled_when=lambda p: p.mode == "train",
                 tooltip="Each rank runs the batch: the global batch is batch x GPUs. "
                         "Memory bars are per rank (the worst rank)."),
