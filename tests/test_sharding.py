@@ -114,3 +114,18 @@ def test_exported_script_runs_under_torchrun_with_two_cpu_ranks(tmp_path):
     est = estimate(profile, method="analytic").peak_allocated_bytes
     for r in rows:
         assert r["peak_allocated_bytes"] == pytest.approx(est, rel=0.03)
+
+
+def test_plan_finds_the_fewest_gpus_and_ranks_the_fitting_options():
+    from engine.plan_gpus import plan_gpus
+
+    base = validate(Profile(model="tiny-llama", seq=64, batch=2, padding="fixed", gpu="H100-SXM"))
+    two = estimate(base.replace(gpus=2, shard="fsdp2"), method="analytic").device_used_bytes
+    one = estimate(base, method="analytic").device_used_bytes
+    assert two < one
+    result = plan_gpus(base, budget_bytes=two, max_gpus=8)
+    assert result.gpus == 2 and "fsdp2" in result.fitting and "ddp" not in result.fitting
+    assert result.fastest in result.fitting
+    assert all(row[4] > 0 and row[3] > 0 for row in result.speed)
+    with pytest.raises(BadInput):
+        plan_gpus(base, budget_bytes=two, max_gpus=0)

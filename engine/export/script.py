@@ -121,6 +121,9 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     from engine.prepare import prepare
 
     notes = list(prepare(profile).notes)  # the same one-line BadInput as estimate and measure
+    if profile.nodes > 1:
+        raise BadInput(f"HSDP over {profile.nodes} nodes is planned on paper: the exported script "
+                       f"runs one node (set nodes = 1)")
     model = model_facts(profile)
     data = data_facts(profile)
     port = Port()

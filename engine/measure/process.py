@@ -94,6 +94,9 @@ class MeasureProcess:
         from engine import profile as profile_mod
 
         self.profile = profile_mod.validate(profile)
+        if self.profile.nodes > 1:  # refused before torchrun starts N ranks to say the same
+            raise BadInput(f"HSDP over {self.profile.nodes} nodes is planned on paper: a measured "
+                           f"run uses one node (set nodes = 1)")
         self.snapshot = snapshot
         self.python = python or sys.executable
         self.returncode: int | None = None

@@ -124,6 +124,9 @@ def run_measure(profile, progress: Progress | None = None,
     if profile.distributed:  # one rank of a torchrun launch (engine.distributed)
         from engine import distributed
 
+        if profile.nodes > 1:
+            raise BadInput(f"HSDP over {profile.nodes} nodes is planned on paper: a measured run uses "
+                           f"one node (set nodes = 1)")
         if not distributed.in_rank_process():
             raise BadInput(f"--shard {profile.shard} runs one process per rank under torchrun: "
                            f"use `headroom measure` (it launches them) or measure_in_child")
