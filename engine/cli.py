@@ -248,7 +248,8 @@ def _human_fastest(d: dict[str, Any]) -> str:
              f"({d['searched']} estimates, {d['elapsed_s']:.2f} s):"]
     for i, c in enumerate(d["candidates"], 1):
         changes = ", ".join(f"{k}={v}" for k, v in c["changes"].items())
-        lines.append(f"{i}. {c['tokens_per_s']:>12,.0f} tokens/s  {c['step_s'] * 1000:8.1f} ms/step  "
+        useful = f" ({c['useful_tokens_per_s']:,.0f} real)" if c.get("useful_tokens_per_s") else ""
+        lines.append(f"{i}. {c['tokens_per_s']:>12,.0f} tokens/s{useful}  {c['step_s'] * 1000:8.1f} ms/step  "
                      f"{format_bytes(c['device_used_bytes']):>10} used, "
                      f"{format_bytes(c['margin_bytes'])} margin  [{changes}]")
     lines += [f"note: {n}" for n in d["notes"]]

@@ -6,7 +6,8 @@
 
 ``fastest`` tries precision (fp32, the GPU's AMP dtype, pure bf16 where the GPU has it),
 gradient checkpointing (off, every block; the profile's every-k too), with LoRA on the ranks 8, 16
-and 64 for the best of those, and for each the largest batch that
+and 64 for the best of those, the dataset in token budgets or length buckets for the best (ranked
+by real, non-pad tokens per second), and for each the largest batch that
 fits (``engine.plan.plan``'s search) and the profile's own batch split into the fewest
 micro-batches that fit; each point is the analytic estimate (memory and speed, milliseconds), so
 the whole search is a few hundred estimates. Settings that change numerics (pure bf16) are marked.
@@ -36,11 +37,18 @@ class Candidate:
     step_s: float
     margin_bytes: int  # budget - device used
     notes: tuple[str, ...] = ()
+    useful_tokens_per_s: float = 0.0  # real (non-pad) tokens per second over the dataset's plan
+
+    @property
+    def score(self) -> float:
+        """What the search ranks by: real tokens/s where the dataset says, else tokens/s."""
+        return self.useful_tokens_per_s or self.tokens_per_s
 
     def to_dict(self) -> dict[str, Any]:
         return {"changes": dict(self.changes), "profile": self.profile.to_dict(),
                 "device_used_bytes": self.device_used_bytes, "tokens_per_s": self.tokens_per_s,
-                "step_s": self.step_s, "margin_bytes": self.margin_bytes, "notes": list(self.notes)}
+                "step_s": self.step_s, "margin_bytes": self.margin_bytes, "notes": list(self.notes),
+                "useful_tokens_per_s": self.useful_tokens_per_s}
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,9 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
             return
         seen[key] = Candidate(changes=changes, profile=p, device_used_bytes=r.device_used_bytes,
                               tokens_per_s=r.tokens_per_s, step_s=r.step_s,
-                              margin_bytes=budget_bytes - r.device_used_bytes, notes=notes)
+                              margin_bytes=budget_bytes - r.device_used_bytes, notes=notes,
+                              useful_tokens_per_s=float(r.extra.get("speed", {}).get(
+                                  "useful_tokens_per_s", 0.0)))
 
     for i, change in enumerate(variants):
         check_stop()
@@ -214,7 +224,23 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
                 if c is not None:
                     break
                 m *= 2
-    found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.tokens_per_s)
+    found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.score)
+    # padding: for the best setting, the dataset in token budgets and in length buckets (the
+    # same tokens a step at most, so about the same peak), ranked by real tokens per second
+    if found and profile.mode == "train" and {"padding", "max_tokens"} <= set(FIELDS_BY_NAME):
+        best = found[0]
+        bp = best.profile
+        tries = [{"padding": "token-budget", "max_tokens": bp.batch * bp.seq}, {"padding": "bucketed"}]
+        for change in tries:
+            check_stop()
+            if bp.padding == change["padding"]:
+                continue
+            try:
+                alt = bp.replace(**change)
+                consider(alt, {**best.changes, **change}, best.notes)
+            except BadInput:
+                continue
+        found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.score)
     # LoRA on: other ranks for the best setting (a smaller rank frees memory for a larger batch)
     rank = getattr(profile, "lora", 0)
     if found and rank and "lora" in FIELDS_BY_NAME:
@@ -227,7 +253,7 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
             if b:
                 consider(alt.replace(**_resized(alt, b)), {**best.changes, "lora": r, "batch": b},
                          best.notes)
-        found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.tokens_per_s)
+        found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.score)
     notes = []
     if not found:
         notes.append("nothing searched fits the budget (batch 1 with every setting tried)")

@@ -220,12 +220,33 @@ def _speed(profile: Profile, shape: tuple[int, int], costs=None, plan_order: boo
         extra.update(step_s=step_s, tokens_per_s=tps, plan_steps=len(seq),
                      distinct_shapes=len(times),
                      first_pass_s=speed.calibration().first_shape_s * len(times))
+    useful = _useful_tokens_per_s(profile, arch, est.step_s if not plan_order else None, step_s)
+    if useful:
+        extra["useful_tokens_per_s"] = useful  # real (non-pad) tokens: what padding strategies trade
     fields = {"gpu": est.gpu, "step_s": step_s, "tokens_per_s": tps,
               "speed_error": est.median_error}
     note = speed.SpeedEstimate(**{**est.to_dict(), "step_s": step_s, "tokens_per_s": tps}).note()
     if plan_order and extra.get("distinct_shapes", 1) > 1:
         note += f"; the first pass adds ~{extra['first_pass_s']:.1f} s for {extra['distinct_shapes']} shapes"
     return fields, extra, note
+
+
+def _useful_tokens_per_s(profile: Profile, arch, fixed_step_s, mean_step_s) -> float:
+    """Real (non-pad) tokens per second over one pass of the dataset's plan: its texts' tokens
+    (cut at seq) over the plan's steps at the estimated step time. 0 where it cannot be known."""
+    try:
+        from engine.estimate.fragmentation import plan_of
+
+        lengths = _dataset_lengths(profile.dataset, profile.text_column, profile.model,
+                                   profile.trust_remote_code)
+        plan = plan_of(profile, lengths)
+    except (BadInput, OSError, ValueError):
+        return 0.0
+    if not plan:
+        return 0.0
+    real = sum(min(lengths[i], profile.seq) for idx, _t in plan for i in idx)
+    step = fixed_step_s if fixed_step_s is not None else mean_step_s
+    return real / (len(plan) * step) if step else 0.0
 
 
 def _gpu_notes(profile: Profile) -> list[str]:
