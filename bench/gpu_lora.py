@@ -163,7 +163,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="output folder (rows.jsonl, summary.txt)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="tiny presets, one short sequence")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--wheel", help="bitsandbytes wheel to install when it is missing")
     parser.add_argument("--estimators", type=int, default=6, help="estimate processes at once")
     args = parser.parse_args()

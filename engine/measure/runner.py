@@ -240,6 +240,11 @@ def _checked(profile, snapshot, notes: list[str]):
     from engine.optimizers import unavailable
 
     why = unavailable(profile.optimizer) if profile.is_training else ""
+    if not why and profile.quant != "none":
+        from engine.optimizers import bitsandbytes_missing
+
+        missing = bitsandbytes_missing()
+        why = f"{profile.quant} base weights need bitsandbytes: {missing}" if missing else ""
     if why:
         raise BadInput(f"cannot measure here: {why} (the estimate still works)")
     # the allocator note is configure_process's
