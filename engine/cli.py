@@ -177,6 +177,10 @@ def _human_memory(d: dict[str, Any]) -> str:
         lines.append(f"  {cat:<13} {format_bytes(n)}")
     if d.get("tokens_per_s"):
         lines.append(f"tokens/s        {d['tokens_per_s']:,.0f}")
+    if d.get("trainable_params") and d.get("params") and d["trainable_params"] != d["params"]:
+        # LoRA: only the adapters have gradients and optimizer state
+        lines.append(f"trainable       {d['trainable_params']:,} of {d['params']:,} parameters "
+                     f"({100 * d['trainable_params'] / d['params']:.2f}%)")
     if d.get("oom"):
         lines.insert(0, f"OUT OF MEMORY at step {d.get('oom_step')} ({d.get('oom_phase')})")
     for note in d.get("notes", ()):

@@ -72,16 +72,17 @@ def test_quantized_base_measured_against_both_estimates(name):
     assert measured.breakdown["weights"] < estimate(full, method="traced").breakdown["weights"]
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
-def test_trainable_count_is_peft_s_own(model):
+@pytest.mark.parametrize("model,save", [("tiny-llama", ""), ("tiny-gpt2", ""), ("tiny-bert", ""),
+                                        ("tiny-llama", "lm_head")])
+def test_trainable_count_is_peft_s_own(model, save):
     """Our build's trainable count equals peft's get_nb_trainable_parameters() on a PeftModel made
-    independently from the same base with the same LoraConfig."""
+    independently from the same base with the same LoraConfig (modules_to_save too)."""
     from peft import get_peft_model
 
     from engine.models import build_model, count_parameters
     from engine.techniques import lora
 
-    profile = Profile(model=model, lora=8, target="cpu")
+    profile = Profile(model=model, lora=8, target="cpu", lora_modules_to_save=save)
     ours = build_model(profile, "meta")
     base = build_model(profile, "meta", apply_techniques=False)
     peft_model = get_peft_model(base, lora.lora_config(profile, base.config.model_type))
