@@ -136,6 +136,7 @@ def main() -> int:
     parser.add_argument("--row-timeout-s", type=float, default=120.0)
     parser.add_argument("--gpu", default="h200", help="catalog GPU of the speed estimate")
     parser.add_argument("--quick", action="store_true", help="the first 3 rows only")
+    parser.add_argument("--models", default="", help="comma list of row labels: only these models")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--target", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke test
     args = parser.parse_args()
@@ -150,6 +151,8 @@ def main() -> int:
     results, skipped = [], []
     with (out_dir / "generate.jsonl").open("a", encoding="utf-8") as fh:
         for row in rows(args.quick):
+            if args.models and row["label"] not in args.models.split(","):
+                continue
             left = args.budget_s - (time.perf_counter() - started)
             if left < 20:
                 skipped.append(row)

@@ -166,13 +166,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--wheel", help="bitsandbytes wheel to install when it is missing")
     parser.add_argument("--estimators", type=int, default=6, help="estimate processes at once")
+    parser.add_argument("--models", default="", help="comma list: only these models' rows")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     no_bnb = ensure_bitsandbytes(args.wheel)
     print(f"bitsandbytes: {'ok' if not no_bnb else no_bnb}", flush=True)
-    todo = rows(args.quick, args.device)
+    todo = [r for r in rows(args.quick, args.device)
+            if not args.models or r["model"] in args.models.split(",")]
     done: list[dict] = []
     with ThreadPoolExecutor(max(1, args.estimators)) as pool, (out / "rows.jsonl").open("w") as fh:
         futures = {}

@@ -7,7 +7,7 @@
 #   bash bench/gpu_verify.sh 4     # A/B of the engine's per-step bookkeeping (host-bound steps), export again
 #   bash bench/gpu_verify.sh 5     # after the fix (quiet repeated shapes, GC freeze): 1's checks again
 #   bash bench/gpu_verify.sh 6     # LoRA / QLoRA / 8-bit AdamW vs full, generation, calibrate
-#   bash bench/gpu_verify.sh 7     # the estimator matrix again (accuracy fixes), overhead A/B with medians
+#   bash bench/gpu_verify.sh 7     # what 6 left out: Llama/sliding-window generation, Llama LoRA, calibrate
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
 set -u
 part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7}"
@@ -111,6 +111,20 @@ case "$part" in
     > "$OUT/generate.log" 2>&1
   timeout 50 $PY -m engine calibrate --json --output "$OUT/calibrate_h200.json" > "$OUT/calibrate.log" 2>&1
   tail -20 "$OUT/lora.log"; tail -12 "$OUT/generate.log"; tail -c 600 "$OUT/calibrate.log"
+  ;;
+7)
+  gpu_facts
+  # 5, continued: what 6 left out. Generation and LoRA run side by side (peaks are per process;
+  # their tokens/s are then indicative only), the calibration alone after them (it reads
+  # device-wide used memory).
+  WHEEL=$(ls .whl/bitsandbytes-*.whl 2>/dev/null | head -1)
+  timeout 330 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 270 --gpu h200 \
+    --models Llama-3.2-1B,gemma-3-270m-like > "$OUT/generate.log" 2>&1 &
+  timeout 330 $PY bench/gpu_lora.py --out "$OUT/lora" --models Llama-3.2-1B ${WHEEL:+--wheel "$WHEEL"} \
+    > "$OUT/lora.log" 2>&1 &
+  wait
+  timeout 130 $PY -m engine calibrate --json --output "$OUT/calibrate_h200.json" > "$OUT/calibrate.log" 2>&1
+  tail -12 "$OUT/lora.log"; tail -14 "$OUT/generate.log"; tail -c 800 "$OUT/calibrate.log"
   ;;
 *) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7"; exit 2 ;;
 esac
