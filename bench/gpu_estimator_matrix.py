@@ -1,4 +1,5 @@
-"""The estimator matrix: `headroom measure` over 11 architectures x 6 settings, one process per row.
+"""The estimator matrix: `headroom measure` over 11 architectures x 6 settings plus the fp32
+grouped-query rows (SGD padded, LoRA on full masks), one process per row: 74 rows.
 
 Rows are what the estimators are scored against (bench/score_estimator_matrix.py compares them with
 both estimates on any machine, no GPU needed). Architectures: the bert-base, gpt2, Qwen2.5-0.5B and
@@ -6,8 +7,11 @@ Llama-3.2-1B presets, plus configs written for this matrix under bench/configs/ 
 projected embeddings, Pythia-410m-like GPT-NeoX, Phi-1.5-like, Qwen3-0.6B-like, Gemma-3-270m-like
 with sliding layers and a 262k vocabulary, ModernBERT-base-like with local layers, SmolLM-360m-like
 Llama), bert-base as a sequence classifier. Settings per architecture (SETTINGS below): fp32 and
-bf16-amp training with AdamW, bf16-amp with checkpointing at seq 1024, fp32 SGD (the peak in
-backward, where optimizer state is small), bf16-amp and fp32 inference.
+bf16-amp training with AdamW, bf16-amp with checkpointing at seq 1024, fp32 SGD on full masks (the
+peak in backward, where optimizer state is small), bf16-amp and fp32 inference. The grouped-query
+models (GQA_MODELS) add fp32 SGD on the padded corpus and (LORA_MODELS) fp32 LoRA r=16 on full
+masks, run first: the SDPA kernel differs between the two (issue 15). 74 rows took ~7.5 minutes
+at -j 4 by the H200 timing of 2026-12-01 (61 rows in 347 s).
 
 Data: rows alternate between generated long texts (every batch full, an all-ones mask: the same
 texts on every machine, from a fixed seed) and the built-in corpus with fixed padding (real masks).
@@ -16,7 +20,7 @@ Several rows run at once (-j): max_memory_allocated/reserved are per process, so
 device-used and tokens/s of a parallel sweep are not comparable and are not scored. Run solo
 (-j 1) for those.
 
-    PYTHONPATH=. python3 bench/gpu_estimator_matrix.py --out $OUT/matrix.jsonl -j 4 --budget-s 420
+    PYTHONPATH=. python3 bench/gpu_estimator_matrix.py --out $OUT/matrix.jsonl -j 4   # ~7.5 min
     .venv/bin/python bench/gpu_estimator_matrix.py --target cpu --smoke --out /tmp/m.jsonl   # local check
 """
 
@@ -57,10 +61,21 @@ SETTINGS = (
     ("train", "fp32", False, "adamw", 4, 512, "long"),
     ("train", "bf16-amp", False, "adamw", 8, 512, "builtin"),
     ("train", "bf16-amp", True, "adamw", 8, 1024, "long"),
-    ("train", "fp32", False, "sgd", 4, 512, "builtin"),
+    ("train", "fp32", False, "sgd", 4, 512, "long"),  # full masks: fp32 GQA runs SDPA math
     ("infer", "bf16-amp", False, "adamw", 16, 512, "long"),
     ("infer", "fp32", False, "adamw", 8, 1024, "builtin"),
 )
+#: Grouped-query models: fp32 with the peak in backward (SGD, LoRA) on full masks, where
+#: transformers passes enable_gqa and CUDA's SDPA falls back to math (T x T probabilities), beside
+#: SGD on the padded corpus (repeat_kv + the efficient kernel). Run first: the issue-15 hole.
+GQA_MODELS = ("Qwen2.5-0.5B", "Llama-3.2-1B", "qwen3-0_6b-like", "gemma-3-270m-like",
+              "smollm-360m-like")
+#: (mode, precision, checkpointing, optimizer, batch, seq, data, LoRA rank)
+GQA_SETTINGS = (
+    ("train", "fp32", False, "sgd", 4, 512, "builtin", 0),
+    ("train", "fp32", False, "adamw", 4, 512, "long", 16),
+)
+LORA_MODELS = ("Qwen2.5-0.5B", "Llama-3.2-1B", "qwen3-0_6b-like")
 SMOKE_MODELS = (("tiny-gpt2", "tiny-gpt2", "auto"), ("tiny-llama", "tiny-llama", "auto"),
                 ("tiny-bert-cls", "tiny-bert", "classification"))
 ENCODER_MAX_SEQ = 512  # bert-base's positions; longer settings are clamped for it
@@ -71,16 +86,20 @@ def model_arg(model: str) -> str:
 
 
 def rows_for(models, smoke: bool) -> list[dict]:
-    rows = []
-    for label, model, task in models:
-        for mode, precision, ckpt, optimizer, batch, seq, data in SETTINGS:
-            if smoke:
-                batch, seq = min(batch, 2), min(seq, 64)
-            if model.startswith("bert") and seq > ENCODER_MAX_SEQ:
-                seq = ENCODER_MAX_SEQ
-            rows.append({"label": label, "model": model, "task": task, "mode": mode,
-                         "precision": precision, "checkpointing": ckpt, "optimizer": optimizer,
-                         "batch": batch, "seq": seq, "data": data})
+    """The hole rows of the grouped-query models first, then every model's SETTINGS."""
+    def row(label, model, task, mode, precision, ckpt, optimizer, batch, seq, data, lora=0):
+        if smoke:
+            batch, seq = min(batch, 2), min(seq, 64)
+        if model.startswith("bert") and seq > ENCODER_MAX_SEQ:
+            seq = ENCODER_MAX_SEQ
+        return {"label": label, "model": model, "task": task, "mode": mode,
+                "precision": precision, "checkpointing": ckpt, "optimizer": optimizer,
+                "batch": batch, "seq": seq, "data": data, "lora": lora}
+
+    gqa = [m for m in models if m[0] in GQA_MODELS or (smoke and m[0] == "tiny-llama")]
+    rows = [row(*m, *setting) for setting in GQA_SETTINGS for m in gqa
+            if setting[-1] == 0 or m[0] in LORA_MODELS or smoke]
+    rows += [row(*m, *setting) for m in models for setting in SETTINGS]
     return rows
 
 
@@ -94,6 +113,8 @@ def command(row: dict, dataset_long: Path, steps: int, target: str) -> list[str]
         cmd += ["--task", row["task"]]
     if row["checkpointing"]:
         cmd.append("--checkpointing")
+    if row.get("lora"):
+        cmd += ["--lora", str(row["lora"])]
     return cmd
 
 
@@ -102,7 +123,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="JSON lines output file")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("-j", "--jobs", type=int, default=4, help="rows run at once")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="start no row after this")
+    ap.add_argument("--budget-s", type=float, default=430.0, help="start no row after this")
     ap.add_argument("--timeout-s", type=float, default=150.0, help="per row")
     ap.add_argument("--only", default="", help="comma list of model labels")
     ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
@@ -125,7 +146,8 @@ def main() -> int:
     with out_path.open("w", encoding="utf-8") as fh:
         record = recorder(fh, done, started, lambda r: (
             f"{r['label']:<21} {r['mode']:<5} {r['precision']:<8} ckpt={int(r['checkpointing'])} "
-            f"{r['optimizer']:<5} {r['batch']}x{r['seq']} {r['data']:<7}"), "tokens_per_s", "tok/s")
+            f"{r['optimizer']:<5} lora={r.get('lora', 0):<2} {r['batch']}x{r['seq']} {r['data']:<7}"),
+            "tokens_per_s", "tok/s")
 
         def one(row: dict) -> None:
             row = dict(row, steps=args.steps, jobs=args.jobs, target=args.target)
