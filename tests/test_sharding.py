@@ -61,6 +61,7 @@ def test_offload_moves_state_off_a_cuda_device_only():
 CASES = [
     ("tiny-llama", 2, dict(shard="fsdp2")),
     ("tiny-llama", 2, dict(shard="fsdp2", reshard_after_forward="off", offload="optimizer")),
+    ("tiny-llama", 2, dict(shard="fsdp2", offload="params")),  # CPUOffloadPolicy(pin_memory=False)
     ("tiny-llama", 2, dict(shard="ddp")),
     ("tiny-gpt2", 2, dict(shard="ddp")),
     ("tiny-gpt2", 2, dict(shard="fsdp2")),  # tied embeddings: the gradient sum in the root's backward
