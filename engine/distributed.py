@@ -28,11 +28,14 @@ def in_rank_process() -> bool:
 
 
 def launch_command(python: str, profile_path: str, gpus: int, extra: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m engine measure ...``:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N --no-python python -P -m
+    engine measure ...``:
     the engine's measure once per rank (``--standalone``: a free local rendezvous port, so runs in
     parallel do not collide)."""
+    # --no-python: each rank is ``python -P -m engine``, so a folder named engine in the working
+    # directory is not imported (torchrun's own ``-m`` would put the cwd on the ranks' sys.path)
     return [python, "-P", "-c", _TORCHRUN, "--standalone", f"--nproc-per-node={gpus}",
-            "-m", "engine", "measure", profile_path, *extra]
+            "--no-python", python, "-P", "-m", "engine", "measure", profile_path, *extra]
 
 
 #: torchrun with the measure child's guard (``child_guard``): torchrun leads the child's process
