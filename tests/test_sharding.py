@@ -62,6 +62,7 @@ CASES = [
     ("tiny-llama", 2, dict(shard="fsdp2")),
     ("tiny-llama", 2, dict(shard="fsdp2", reshard_after_forward="off", offload="optimizer")),
     ("tiny-llama", 2, dict(shard="fsdp2", offload="params")),  # CPUOffloadPolicy(pin_memory=False)
+    ("tiny-llama", 2, dict(shard="fsdp2", mp_param_dtype="bf16", mp_reduce_dtype="fp32")),
     ("tiny-llama", 2, dict(shard="ddp")),
     ("tiny-gpt2", 2, dict(shard="ddp")),
     ("tiny-gpt2", 2, dict(shard="fsdp2")),  # tied embeddings: the gradient sum in the root's backward
