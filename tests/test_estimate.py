@@ -530,3 +530,26 @@ def test_autocast_copies_are_the_linear_layers_only():
     a = estimate(p, "analytic").peak_allocated_bytes
     t = estimate(p, "traced").peak_allocated_bytes
     assert abs(a - t) / t < 0.05, (a, t)
+
+
+def test_head_dim_over_256_repeats_kv_and_skips_flash(tmp_path):
+    # transformers passes enable_gqa only for head dims <= 256 (use_gqa_in_sdpa); beyond, it
+    # repeats k/v, and flash (head dim <= 256 in sdp_utils.cpp) is out: the efficient kernel runs
+    # even in bf16 without a mask. The analytic model follows the same rule.
+    cfg = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=320, num_hidden_layers=2, vocab_size=512,
+               max_position_embeddings=512)
+    wide = Profile(model=_tiny_config(tmp_path, "wide", **cfg), batch=2, seq=128,
+                   precision="bf16-amp")
+    narrow = Profile(model=_tiny_config(tmp_path, "narrow", **dict(cfg, head_dim=64)), batch=2,
+                     seq=128, precision="bf16-amp")
+    assert estimate_shape(wide, (2, 128), False, "traced").extra["sdpa_backends"] == ["efficient"]
+    assert estimate_shape(narrow, (2, 128), False, "traced").extra["sdpa_backends"] == ["flash"]
+    for p in (wide, narrow):
+        a = estimate_shape(p, (2, 128), False, "analytic")
+        t = estimate_shape(p, (2, 128), False, "traced")
+        blocks_a = [x.activation_bytes for x in a.layers[1:3]]
+        copies = [n * 2 for n in analytic.arch_of(p).layer_params]
+        blocks_t = [x.activation_bytes - c for x, c in zip(t.layers[1:3], copies)]
+        for x, y in zip(blocks_a, blocks_t):
+            assert abs(x - y) / y < 0.10, (p.model, x, y)

@@ -267,7 +267,9 @@ def _attention(arch: Arch, b: int, t: int, e: int, cuda: bool, attn: str, padded
     drop = arch.attn_dropout if training else 0.0
     saved: list[int] = []
     eager = attn == "eager" or (not cuda and drop > 0)  # CPU SDPA with dropout -> math
-    kv_rep = k != a and (padded or eager)  # repeat_kv copies (mask or eager path)
+    # repeat_kv copies: with a mask, on the eager path, or (transformers' use_gqa_in_sdpa) a head
+    # dim over 256, where flash is not eligible either
+    kv_rep = k != a and (padded or eager or d > 256)
     if kv_rep:
         saved += [E * a * d * e, E * a * d * e]  # expanded k, v
     if window and cuda:
@@ -285,7 +287,7 @@ def _attention(arch: Arch, b: int, t: int, e: int, cuda: bool, attn: str, padded
         bwd = probs * 4 * 2
         return saved, fwd, bwd
     # fused kernels
-    flash = cuda and half and not padded
+    flash = cuda and half and not padded and d <= 256  # sdp_utils.cpp: flash head dim <= 256
     if cuda and not flash and k != a and not kv_rep and not window:
         # transformers passes enable_gqa (no repeat_kv) when there is no mask, but CUDA's
         # efficient kernel rejects grouped-query heads: the math path runs (sdp_utils.cpp,
@@ -348,8 +350,8 @@ def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str
             return out
         saved += rms() + lin_in(3)
         saved.append(E * hq * e)  # q (RoPE)
-        if not (k != a and (padded or attn == "eager" or (not cuda and arch.attn_dropout
-                                                          and training))):
+        if not (k != a and (padded or attn == "eager" or d > 256
+                            or (not cuda and arch.attn_dropout and training))):
             saved += [E * hk * e, E * hk * e]  # k (RoPE), v; repeat_kv's copies are saved instead
         if arch.qk_norm:
             # per-head RMSNorm of q and k: its fp32 input and normalized output (fp32), or under
