@@ -307,7 +307,10 @@ def _constants(s: _Script, profile: Profile, model: ModelFacts, data: DataFacts,
     s.const("STEPS", profile.steps)
     s.const("SEED", profile.seed)
     # the run's settings, printed with its result: an import into Headroom checks them (non-defaults)
-    settings = {k: v for k, v in profile.non_defaults().items() if k != "name"}
+    # (trust_remote_code stays out: the script never runs a model folder's code, and an import
+    # does not compare it)
+    settings = {k: v for k, v in profile.non_defaults().items()
+                if k not in ("name", "trust_remote_code")}
     block = dict_block("HEADROOM_PROFILE", settings) if settings else "HEADROOM_PROFILE = {}"
     s.const("HEADROOM_PROFILE", None, "", raw=block[len("HEADROOM_PROFILE = "):])
     if profile.mode == "generate":
