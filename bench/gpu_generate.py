@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+# The same child runner as the measure matrix (own process group, whole group killed on timeout).
+from bench.gpu_measure_matrix import run
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = (("Qwen2.5-0.5B", "Qwen2.5-0.5B"), ("Llama-3.2-1B", "Llama-3.2-1B"),
@@ -76,24 +76,6 @@ def child(row: dict, gpu: str, target: str = "cuda") -> dict:
         "device_name": m.device_name, "notes": list(m.notes),
         "elapsed_s": time.perf_counter() - started}
     return out
-
-
-def run(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
-    """Run in its own process group; on timeout kill the whole group."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        rc, err = 124, (err or "") + f"\ntimed out after {timeout:.0f} s"
-    return rc, out, err, time.perf_counter() - started
 
 
 def _pct(est, meas) -> str:
