@@ -64,18 +64,7 @@ def read_measurement(path: str | Path) -> tuple[MeasureResult, dict[str, Any] | 
     """(the run as a MeasureResult, its profile settings or None when the file has none)."""
     path = Path(path)
     label = f"measurement {path.name}"
-    try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise BadInput(f"{label} is {size:,} bytes; a measurement is at most {MAX_BYTES:,}")
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise BadInput(f"{label} is not UTF-8 text") from None
-    except IsADirectoryError:
-        raise BadInput(f"{label} is a folder, not a JSON file") from None
-    except OSError as exc:
-        raise BadInput(f"cannot read {label}: {exc.strerror or exc}") from None
-    data = _last_object(text, label)
+    data = _last_object(safe_json.read_text(path, label, MAX_BYTES, kind="a measurement"), label)
     return from_json(data, label), _settings_of(data, label)
 
 

@@ -94,15 +94,20 @@ def load_file(path: str | os.PathLike, what: str | None = None, max_bytes: int =
     """Read a UTF-8 JSON file; BadInput (one line) for a missing, unreadable, huge or bad file."""
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
+    return loads(read_text(path, label, max_bytes), label, max_depth)
+
+
+def read_text(path: Path, label: str, max_bytes: int, kind: str = "a JSON file here") -> str:
+    """A JSON file's text (BOM dropped); BadInput (one line, naming ``label``) when it is too big
+    (more than ``max_bytes``; ``kind`` names what the limit is for), a folder, unreadable or not UTF-8."""
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise BadInput(f"{label} is {size:,} bytes; a JSON file here is at most {max_bytes:,}")
-        text = path.read_text(encoding="utf-8-sig")
+            raise BadInput(f"{label} is {size:,} bytes; {kind} is at most {max_bytes:,}")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise BadInput(f"{label} is not UTF-8 text") from None
     except IsADirectoryError:
         raise BadInput(f"{label} is a folder, not a JSON file") from None
     except OSError as exc:
         raise BadInput(f"cannot read {label}: {exc.strerror or exc}") from None
-    return loads(text, label, max_depth)
