@@ -35,3 +35,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def window(qtbot):
+    """The shown main window on the tiny CPU profile (tests/app_helpers.py), no slow-run question;
+    shut down after the test. A module that wants another window defines its own ``window``."""
+    from app_helpers import tiny_main_window
+
+    w = tiny_main_window(qtbot, ask_before_slow_runs=False)
+    yield w
+    w.shutdown()

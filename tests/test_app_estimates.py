@@ -10,16 +10,9 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
-from app_helpers import tiny_main_window, wait_idle  # noqa: E402
+from app_helpers import wait_idle  # noqa: E402
 
 pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
-
-
-@pytest.fixture
-def window(qtbot):
-    w = tiny_main_window(qtbot, ask_before_slow_runs=False)
-    yield w
-    w.shutdown()
 
 
 def test_headline_switches_from_analytic_to_traced_without_a_click(qtbot, window):

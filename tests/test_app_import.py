@@ -15,7 +15,7 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl  # noqa: E402
 from PySide6.QtGui import QDropEvent  # noqa: E402
 
 from _cli import run_cli  # noqa: E402
-from app_helpers import tiny_main_window, wait_idle  # noqa: E402
+from app_helpers import wait_idle  # noqa: E402
 
 pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
 
@@ -29,13 +29,6 @@ def measured_json(tmp_path_factory):
     assert code == 0, err
     path.write_text(out)
     return path
-
-
-@pytest.fixture
-def window(qtbot):
-    w = tiny_main_window(qtbot, ask_before_slow_runs=False)
-    yield w
-    w.shutdown()
 
 
 def test_imported_measurement_lands_on_its_profile_and_survives_a_restart(qtbot, window, measured_json):

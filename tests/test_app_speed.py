@@ -2,17 +2,8 @@
 
 import pytest
 
-from tests.app_helpers import tiny_main_window
-
 pytest.importorskip("PySide6")
 pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
-
-
-@pytest.fixture
-def window(qtbot):
-    w = tiny_main_window(qtbot, ask_before_slow_runs=False)
-    yield w
-    w.shutdown()
 
 
 def test_which_gpu_dialog_lists_the_catalog_and_plans_for_a_row(qtbot, window):
