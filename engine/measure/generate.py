@@ -114,14 +114,7 @@ def run_generate(profile, progress=None, should_stop=None, snapshot=None) -> Mea
     started = time.perf_counter()
     notes: list[str] = []
     runner.configure_process(profile, notes)
-
-    def report(fraction: float, message: str) -> None:
-        if progress is not None:
-            progress(min(1.0, max(0.0, fraction)), message)
-
-    def check_stop() -> None:
-        if should_stop is not None and should_stop():
-            raise Cancelled("measure cancelled")
+    report, check_stop = runner._callbacks(progress, should_stop)
 
     config, _task = runner._checked(profile, snapshot, notes)
     report(0.0, "loading prompts")

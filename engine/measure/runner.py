@@ -95,6 +95,21 @@ def configure_process(profile, notes: list[str]) -> None:
             hooks.configure(profile, notes)
 
 
+def _callbacks(progress: Progress | None, should_stop: Callable[[], bool] | None):
+    """A run's ``report(fraction, message)`` (fraction kept in 0..1; nothing without ``progress``)
+    and ``check_stop()`` (Cancelled once ``should_stop()`` turns True); training and generation share them."""
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(min(1.0, max(0.0, fraction)), message)
+
+    def check_stop() -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled("measure cancelled")
+
+    return report, check_stop
+
+
 # ----- the run ---------------------------------------------------------------------------------
 def run_measure(profile, progress: Progress | None = None,
                 should_stop: Callable[[], bool] | None = None, snapshot: str | None = None):
@@ -110,14 +125,7 @@ def run_measure(profile, progress: Progress | None = None,
     started = time.perf_counter()
     notes: list[str] = []
     configure_process(profile, notes)  # before anything touches CUDA
-
-    def report(fraction: float, message: str) -> None:
-        if progress is not None:
-            progress(min(1.0, max(0.0, fraction)), message)
-
-    def check_stop() -> None:
-        if should_stop is not None and should_stop():
-            raise Cancelled("measure cancelled")
+    report, check_stop = _callbacks(progress, should_stop)
 
     device = profile.target
     config, task = _checked(profile, snapshot, notes)
