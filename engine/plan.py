@@ -134,13 +134,7 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
             lo = limit
         else:
             hi = limit
-    # Binary phase.
-    while hi and hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+    lo, hi = _bisect(lo, hi, fits)  # binary phase
     notes: list[str] = []
     used_method = "analytic"
     if method in ("traced", "auto") and lo:
@@ -153,15 +147,7 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
             return r.device_used_bytes <= budget_bytes
 
         if not fits_exact(lo):
-            hi = lo
-            low = 0
-            while hi - low > 1:
-                mid = (low + hi) // 2
-                if fits_exact(mid):
-                    low = mid
-                else:
-                    hi = mid
-            lo = low
+            lo, hi = _bisect(0, lo, fits_exact)
         elif hi and fits_exact(hi) and profile.mode == "generate":
             lo, hi = _search_up(hi, limit, fits_exact)  # the boundary is the exact estimator's
         elif hi and fits_exact(hi):
@@ -197,6 +183,12 @@ def _search_up(lo: int, limit: int, fits: Callable[[int], bool]) -> tuple[int, i
         else:
             hi = value
             break
+    return _bisect(lo, hi, fits)
+
+
+def _bisect(lo: int, hi: int, fits: Callable[[int], bool]) -> tuple[int, int]:
+    """(largest fit, smallest miss) between a known fit ``lo`` (0: none) and a known miss ``hi``
+    (0: none, then nothing to search)."""
     while hi and hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
