@@ -55,6 +55,14 @@ class _SearchDialog(QDialog):
         self._runner.result_ready.connect(self._on_result)
         self._runner.failed.connect(lambda m: self.status.setText(f"Search failed: {m}"))
 
+    def _row_button(self, text: str, slot):
+        """An accept-role button that runs ``slot``, enabled only while a table row is selected."""
+        button = self.buttons.addButton(text, QDialogButtonBox.ButtonRole.AcceptRole)
+        button.setEnabled(False)
+        button.clicked.connect(slot)
+        self.table.itemSelectionChanged.connect(lambda: button.setEnabled(bool(self.table.selectedItems())))
+        return button
+
     def start(self, job) -> None:
         self._runner.start(job)
 
@@ -73,12 +81,7 @@ class WhichGpuDialog(_SearchDialog):
 
     def __init__(self, state: AppState, parent=None) -> None:
         super().__init__(state, f"Which GPU? — {state.profile.name}", parent)
-        self.use_button = self.buttons.addButton("Plan for this GPU",
-                                                 QDialogButtonBox.ButtonRole.AcceptRole)
-        self.use_button.setEnabled(False)
-        self.use_button.clicked.connect(self._use)
-        self.table.itemSelectionChanged.connect(
-            lambda: self.use_button.setEnabled(bool(self.table.selectedItems())))
+        self.use_button = self._row_button("Plan for this GPU", self._use)
         profile = state.profile.replace(target="cuda")
         from engine.plan_search import which_gpu
 
@@ -128,12 +131,7 @@ class BestSettingsDialog(_SearchDialog):
         budget = state.capacity_bytes
         super().__init__(state, f"Best settings for {format_bytes(budget)} — {state.profile.name}",
                          parent)
-        self.new_button = self.buttons.addButton("New profile from the selected row",
-                                                 QDialogButtonBox.ButtonRole.AcceptRole)
-        self.new_button.setEnabled(False)
-        self.new_button.clicked.connect(self._new_profile)
-        self.table.itemSelectionChanged.connect(
-            lambda: self.new_button.setEnabled(bool(self.table.selectedItems())))
+        self.new_button = self._row_button("New profile from the selected row", self._new_profile)
         self.created: int | None = None
         profile = state.profile.replace(target="cuda")
         from engine.plan_search import fastest
