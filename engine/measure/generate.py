@@ -268,12 +268,7 @@ def _result(profile, gens, oom, notes, *, dev, device_name, device_used, params,
     }
     if precision != profile.precision:
         extra["precision_ran"] = precision
-    if rss is not None:
-        extra["rss_start_bytes"] = rss.start_bytes
-        extra["rss_peak_bytes"] = rss.peak_bytes
-    if oom is not None:
-        extra["oom_message"] = oom[2]
-        notes.append(f"out of memory at token {oom[0]} ({oom[1]}): {oom[2]}")
+    runner._rss_and_oom(extra, notes, rss, oom, "token")
     step_time = decode_s / (n - 1) if decode_s and n > 1 else ttft
     completed = [g for g in gens if g.ended and g.step + 1 == n]
     return MeasureResult(

@@ -407,6 +407,17 @@ def _sharding_extra(profile, built: _Built) -> dict[str, Any]:
     return out
 
 
+def _rss_and_oom(extra: dict[str, Any], notes: list[str], rss, oom, unit: str) -> None:
+    """Adds the process RSS (when tracked) and an out-of-memory's message, (index, phase, message)
+    at that ``unit`` ("step" or "token"), to a result's extra and notes."""
+    if rss is not None:
+        extra["rss_start_bytes"] = rss.start_bytes
+        extra["rss_peak_bytes"] = rss.peak_bytes
+    if oom is not None:
+        extra["oom_message"] = oom[2]
+        notes.append(f"out of memory at {unit} {oom[0]} ({oom[1]}): {oom[2]}")
+
+
 def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, task, precision,
             device, device_name, device_used, params, started, trainable=0):
     """The MeasureResult of a finished (or out-of-memory) run."""
@@ -441,12 +452,7 @@ def _result(profile, steps, n_plan, run, probe, rss, times, oom_info, notes, *, 
         "passes": loop.pass_report(steps, ([times.first_step_s] if completed else []) + times.step_times,
                                    n_plan),
     })
-    if rss is not None:
-        extra["rss_start_bytes"] = rss.start_bytes
-        extra["rss_peak_bytes"] = rss.peak_bytes
-    if oom_info is not None:
-        extra["oom_message"] = oom_info[2]
-        notes.append(f"out of memory at step {oom_info[0]} ({oom_info[1]}): {oom_info[2]}")
+    _rss_and_oom(extra, notes, rss, oom_info, "step")
     return MeasureResult(
         device=device,
         device_name=device_name,
