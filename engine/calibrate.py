@@ -162,7 +162,7 @@ def _context_runs(progress) -> dict[str, int]:
     out = {}
     for i, (mode, precision) in enumerate(CONTEXT_RUNS):
         if progress:
-            progress(0.3 + 0.65 * i / len(CONTEXT_RUNS), f"measured run: {PROBE_MODEL} {mode} {precision}")
+            progress(0.05 + 0.75 * i / len(CONTEXT_RUNS), f"measured run: {PROBE_MODEL} {mode} {precision}")
         profile = Profile(name="calibrate", model=PROBE_MODEL, target="cuda", mode=mode,
                           precision=precision, batch=2, seq=64, steps=2)
         result = measure_in_child(profile)
@@ -181,12 +181,16 @@ def calibrate(name: str = "", progress: Callable[[float, str], None] | None = No
         raise BadInput("calibrate needs PyTorch with CUDA; torch is not installed") from None
     if not torch.cuda.is_available():
         raise BadInput("calibrate needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    # The measured runs first, before this process makes a CUDA context of its own: each child's
+    # device_used is read with mem_get_info, which counts the whole device, so a context (and
+    # allocator cache) held here would be counted in every run's context (H200, 2026-12-02: +832 MiB
+    # in all four modes when the probes ran first).
+    runs = _context_runs(progress)
     dev = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(dev)
     if progress:
-        progress(0.05, f"probes on {props.name}")
+        progress(0.85, f"probes on {props.name}")
     probes = _probes(torch, dev)
-    runs = _context_runs(progress)
     base = runs["infer_fp32"]
     train_extra = runs["train_fp32"] - base
     half_infer = runs["infer_bf16-amp"] - base  # one handle (forward)
