@@ -410,7 +410,10 @@ def decode_step_s(gpu, weight_bytes: int, kv_cache_bytes: int, layers: int, batc
     ops = ops_per_layer * layers + cal.ops_fixed_fwd
     gpu_s = max(gpu_s, ops * cal.kernel_floor_s)
     host_s = ops * cal.host_op_s
-    return max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + cal.step_fixed_s
+    # A decode step is a forward under no_grad: the inference step's fixed cost, not the training
+    # step's (26 ms there: zero_grad, the optimizer's Python; the H200 decode steps of Qwen2.5-0.5B
+    # and Llama-3.2-1B took 17-30 ms in all, 2026-12-02, and were estimated at 49-60 ms with it).
+    return max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + cal.step_fixed_infer_s
 
 
 __all__ = ["Calibration", "SpeedEstimate", "StepCosts", "analytic_costs", "calibration",
