@@ -18,7 +18,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
 from app.state import AppState  # noqa: E402
 from app.widgets.common import stacked_parts  # noqa: E402
 from engine.profile import Profile  # noqa: E402
-from app_helpers import tiny_main_window, wait_idle  # noqa: E402
+from app_helpers import wait_idle  # noqa: E402
 from engine.results import EstimateResult, LayerBytes, MeasureResult, TimelinePoint  # noqa: E402
 
 # The offscreen platform says this once per shown window; it is not a problem of the app.
@@ -50,13 +50,6 @@ def fake_measured(total_gib: float = 10.5, oom: bool = False) -> MeasureResult:
                          real_tokens=800, padded_tokens=1000, steps=3, params=1_000_000, oom=oom,
                          oom_step=1 if oom else -1, oom_phase="backward" if oom else "",
                          timeline=(TimelinePoint(0, "forward", b // 2, b), TimelinePoint(0, "backward", b, b)))
-
-
-@pytest.fixture
-def window(qtbot):
-    w = tiny_main_window(qtbot, ask_before_slow_runs=False)
-    yield w
-    w.shutdown()
 
 
 # ----- the worker -------------------------------------------------------------------------------
