@@ -98,6 +98,7 @@ class Arch:
     proj_dim: int = 0  # OPT's word_embed_proj_dim when it differs from hidden (project_in/out)
     matmul_tensors: tuple[tuple[int, int], ...] = ()  # (numel, bytes) of linear layers' params
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3, Gemma-3, OLMo-2)
+    lora_names: tuple[str, ...] = ()  # paths inside the first block of its LoRA-adapted layers
     block_norms: int = 2  # norms on the residual path per block (Gemma's sandwich: 4)
 
 
@@ -202,10 +203,11 @@ def _arch(key: tuple) -> Arch:
             trainable.append((tuple(p.shape), p.element_size()))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     layer_params = tuple(sum(p.numel() for p in blk.parameters()) for blk in layers)
-    lora_linears, quantized = [], []
-    for mod in layers[0].modules():
+    lora_linears, quantized, lora_names = [], [], []
+    for mod_name, mod in layers[0].named_modules():
         lora_a = getattr(mod, "lora_A", None)
         if lora_a is not None and "default" in lora_a:
+            lora_names.append(mod_name)
             lora_linears.append((int(lora_a["default"].in_features),
                                  int(mod.lora_B["default"].out_features)))
         elif hasattr(mod, "quant_absmax") or hasattr(mod, "quant_scb") or hasattr(mod, "quant_state"):
@@ -238,6 +240,7 @@ def _arch(key: tuple) -> Arch:
                 largest_param=max(n for n, _ in tensors), head_params=head_params,
                 trainable_tensors=tuple(trainable), layer_trainable_bytes=layer_trainable,
                 lora_linears=tuple(lora_linears), quantized_linears=tuple(quantized),
+                lora_names=tuple(lora_names),
                 matmul_tensors=tuple(matmul), qk_norm=qk_norm, block_norms=block_norms or 2,
                 proj_dim=proj if proj != h else 0)
 
@@ -320,7 +323,7 @@ def _attention(arch: Arch, b: int, t: int, e: int, cuda: bool, attn: str, padded
 
 
 def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str, padded: bool,
-               training: bool, window: int = 0) -> LayerCost:
+               training: bool, window: int = 0, lora_dropout: float = 0.0) -> LayerCost:
     """Bytes one transformer block saves for backward (train) and its transients."""
     amp = precision in ("bf16-amp", "fp16-amp")
     half = precision != "fp32"
@@ -342,7 +345,59 @@ def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str
 
     attn_saved, attn_fwd, attn_bwd = _attention(arch, b, t, e, cuda, attn, padded, training,
                                                window, half)
-    if arch.family == "llama":
+    # LoRA (llama and gpt2 families): the base weights are frozen, and y = x W^T needs only W for
+    # grad_x, so a frozen Linear (or Conv1D) saves nothing of its input, nor a frozen norm weight
+    # its normalised input. An adapted layer's lora_A saves its input for A's weight gradient:
+    # the one shared tensor once, under autocast each adapter's own bf16 cast, and with dropout
+    # each adapter's dropout output and mask instead (engine/techniques/lora.py counts those and
+    # lora_B's saved A output).
+    # Checked against the traced estimate for fp32 and autocast only: a half-precision base with
+    # fp32 adapters promotes the adapted outputs to fp32, and a quantized base has its own saved
+    # tensors, so those keep the full fine-tuning layer model (which over-counts them).
+    frozen = training and bool(arch.lora_names) and arch.family in ("llama", "gpt2") \
+        and precision in ("fp32", "bf16-amp", "fp16-amp") and not arch.quantized_linears
+
+    def adapted(*suffixes: str) -> int:
+        return sum(1 for n in arch.lora_names for s in suffixes if n == s or n.endswith("." + s))
+
+    def adapter_in(n_adapted: int, width: int = h, in_bytes: int = r) -> list[int]:
+        return lin_in(n_adapted, width, in_bytes) if n_adapted and not lora_dropout else []
+
+    if arch.family == "llama" and frozen:
+        # pow and the rsqrt product save the fp32 input (or its fp32 upcast), nothing else
+        saved += [E * h * 4] + adapter_in(adapted("q_proj", "k_proj", "v_proj"))
+        saved.append(E * hq * e)
+        if not (k != a and (padded or attn == "eager" or d > 256
+                            or (not cuda and arch.attn_dropout and training))):
+            saved += [E * hk * e, E * hk * e]
+        if arch.qk_norm:  # per-head RMSNorm: its fp32 input (or upcast) only, as above
+            saved.append((E * hq + E * hk) * 4)
+        saved += attn_saved
+        saved += [E * h * 4] + adapter_in(adapted("gate_proj", "up_proj"), width=h)
+        saved += [E * h * 4] * max(0, arch.block_norms - 2)
+        # gate, up, act(gate) (the product's operands); the product only for an adapted down_proj
+        saved += [E * f * e] * (3 if arch.gated else 1) + adapter_in(adapted("down_proj"), f, e)
+    elif arch.family == "gpt2" and frozen:
+        saved += [E * h * r] + adapter_in(adapted("c_attn"))  # ln_1 input (LayerNorm saves it)
+        saved.append(E * 3 * h * e)
+        saved += attn_saved
+        if drop:
+            saved.append(E * h * mask_b)
+        saved += [E * h * r] + adapter_in(adapted("mlp.c_fc"))
+        fc2_in = adapter_in(adapted("mlp.c_proj"), f, e)
+        if arch.gated:
+            saved += [E * f * e] * 3 + fc2_in
+        elif arch.act == "gelu_new":  # its five intermediates, the last one being fc2's input
+            per = {4: 20, 2: 10}[e] if not amp else 18
+            saved.append(E * f * (per - e))
+            saved += fc2_in
+        elif arch.act == "relu":  # ReLU's output is fc2's input and ReLU saves it
+            saved.append(E * f * e)
+        else:
+            saved += [E * f * e] + fc2_in
+        if drop:
+            saved.append(E * h * mask_b)
+    elif arch.family == "llama":
         def rms() -> list[int]:
             out = [E * h * r, E * h * 4]  # input, normalised fp32
             if r != 4:
@@ -563,7 +618,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
         autocast_copies = sum(_r(n * 2, cuda) for n, s in arch.matmul_tensors if s == 4)
 
     # ----- per layer ---------------------------------------------------------------------
-    cost = layer_cost(arch, b, t, precision, cuda, attn, padded, training, window)
+    cost = layer_cost(arch, b, t, precision, cuda, attn, padded, training, window,
+                      profile.lora_dropout if arch.lora_names else 0.0)
     # what the techniques add inside every block (LoRA's adapter tensors, a dequantized weight)
     cost.saved += [x.layer_saved for x in terms if x.layer_saved and training]
     cost.fwd_transient += sum(x.layer_transient for x in terms)
