@@ -24,14 +24,9 @@ from engine.profile import Profile
 
 GiB = 1024**3
 
-#: Common GPUs and their memory (what the target panel offers when none is detected).
-COMMON_GPUS: tuple[tuple[str, int], ...] = (
-    ("RTX 3090 (24 GiB)", 24 * GiB), ("RTX 4090 (24 GiB)", 24 * GiB), ("A10 (24 GiB)", 24 * GiB),
-    ("L4 (24 GiB)", 24 * GiB), ("A100 40GB", 40 * GiB), ("A100 80GB", 80 * GiB),
-    ("H100 80GB", 80 * GiB), ("H200 (141 GiB)", 141 * GiB), ("T4 (16 GiB)", 16 * GiB),
-    ("V100 16GB", 16 * GiB), ("V100 32GB", 32 * GiB),
-)
 DEFAULT_CAPACITY = 24 * GiB
+#: The target panel's GPU before any is chosen or detected (a catalog key, engine.gpus).
+DEFAULT_GPU = "rtx4090"
 MAX_RECENT_FILES = 10
 
 
@@ -108,7 +103,7 @@ class AppState(QObject):
             if e.profile.name == last:
                 self._current = i
         self._capacity = int(self._settings.value("target/capacity_bytes", DEFAULT_CAPACITY))
-        self._gpu_name = str(self._settings.value("target/gpu_name", "RTX 4090 (24 GiB)"))
+        self._gpu_name = str(self._settings.value("target/gpu_name", ""))
 
     # ----- reading ------------------------------------------------------------------------
     @property

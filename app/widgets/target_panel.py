@@ -14,7 +14,7 @@ import subprocess
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel
 
-from app.state import AppState, system_memory_bytes
+from app.state import DEFAULT_GPU, AppState, system_memory_bytes
 from app.widgets.common import ByteSizeSpinBox, note_label
 from app.worker import TaskRunner
 from engine import gpus
@@ -129,7 +129,11 @@ class TargetPanel(QGroupBox):
         form.addRow(self.cpu_cap_label, self.cpu_cap)
         form.addRow(self.detect_note)
 
-        i = self.gpu.findText(state.gpu_name)
+        # the GPU chosen last time (its label), else the default catalog GPU; the capacity and the
+        # profile's gpu follow the choice (the speed estimate is for that GPU, not for a default)
+        i = self.gpu.findText(state.gpu_name) if state.gpu_name else -1
+        if i < 0 and state.gpu_name != _CUSTOM:
+            i = self._index_of(DEFAULT_GPU)
         self.gpu.setCurrentIndex(i if i >= 0 else self.gpu.findText(_CUSTOM))
         self.capacity.setValue(state.capacity_bytes / GiB)
         self.capacity.setEnabled(self.gpu.currentText() == _CUSTOM)
@@ -139,6 +143,8 @@ class TargetPanel(QGroupBox):
         self.capacity.valueChanged.connect(self._on_capacity_edited)
         self.cpu_cap.valueChanged.connect(self._on_cpu_cap_edited)
         state.profile_changed.connect(self._on_profile_changed)
+        if not state.profile.gpu and self.gpu.currentText() != _CUSTOM:
+            self._on_gpu_chosen(self.gpu.currentIndex())  # a profile with no GPU gets the shown one
         self._on_profile_changed(state.profile)
 
         self._runner = TaskRunner("gpu-detect", self)
@@ -151,6 +157,13 @@ class TargetPanel(QGroupBox):
 
     def shutdown(self) -> None:
         self._runner.shutdown()
+
+    def _index_of(self, key: str) -> int:
+        """The combo row of catalog GPU ``key`` (-1: none)."""
+        for i in range(self.gpu.count()):
+            if (self.gpu.itemData(i) or ("",))[0] == key:
+                return i
+        return -1
 
     # ----- handlers -------------------------------------------------------------------------
     def _on_detected(self, found) -> None:
