@@ -652,7 +652,7 @@ def test_target_panel_gpu_list_detection_and_cpu_capacity(qtbot, window):
 
     # the list is the engine's catalog, with the memory the driver reports
     assert len(names) == len(gpus.CATALOG) and names[-1] == "Custom…"
-    assert "H200 (141 GB) · 140.4 GiB" in names and any(n.startswith("T4") for n in names)
+    assert "H200 · 140.4 GiB" in names and any(n.startswith("T4") for n in names)
     state.update(target="cuda")
     a100 = next(n for n in names if n.startswith("A100 80GB SXM"))
     panel.gpu.setCurrentIndex(panel.gpu.findText(a100))

@@ -70,8 +70,13 @@ def _torch_cuda() -> tuple[str, int] | None:
 
 
 def catalog_label(gpu) -> str:
-    """The list's text for a catalog GPU: its name and the memory the driver reports."""
-    return f"{gpu.name} · {gpu.memory_mib / 1024:.1f} GiB"
+    """The list's text for a catalog GPU: its name and the memory the driver reports. The
+    marketing size in the name ("(24 GB)") and the "GeForce" brand are left out: the chosen item
+    sets the combo's width (common.fit_current_text), and the column must stay narrow."""
+    import re
+
+    name = re.sub(r"\s*\(\d+ GB\)", "", gpu.name).replace("GeForce ", "")
+    return f"{name} · {gpu.memory_mib / 1024:.1f} GiB"
 
 
 def detect_gpu() -> tuple[str, int, str] | None:
