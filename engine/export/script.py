@@ -132,7 +132,7 @@ def export_script(profile: Profile, estimate: Any = None, measured: Any = None) 
     _embed_technique_sources(port, profile)
     s = _Script()
     s.imports |= {"import argparse", "import gc", "import json", "import os", "import statistics",
-                  "import time", "import torch", "import transformers",
+                  "import sys", "import time", "import torch", "import transformers",
                   "import weakref", "from torch.utils._python_dispatch import TorchDispatchMode"}
     s.imports |= port.imports
     _constants(s, profile, model, data, port, hooks, tools)
@@ -833,7 +833,10 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         "    }",
         "    if args.output_dir:",
         "        model.save_pretrained(args.output_dir, safe_serialization=True)",
-        "    print(json.dumps(result))",
+        # earlier output first, then the JSON line in one write: torchrun's ranks share one pipe
+        # (a line of at most PIPE_BUF bytes written at once is never interleaved with another's)
+        "    sys.stdout.flush()",
+        "    print(json.dumps(result), flush=True)",
     ]
     if dp:  # every rank prints its own line; FSDP2's shards are not saved whole here
         at = lines.index('        "profile": HEADROOM_PROFILE,  # the settings (non-defaults): Headroom checks them on import')
