@@ -23,6 +23,45 @@ def _isolated_settings(tmp_path, monkeypatch):
     yield
 
 
+def _process_state() -> dict:
+    """Process-wide torch/transformers state that no test (or thread it leaves running) may change:
+    a change here would alter every later test's numbers in ways that look like unrelated bugs."""
+    if "torch" not in sys.modules:
+        return {}
+    import torch
+
+    def name(f):
+        return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', f)}"
+
+    state = {
+        "default dtype": torch.get_default_dtype(),
+        "grad enabled": torch.is_grad_enabled(),
+        "fp32 matmul precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "torch.nn.init": tuple(name(getattr(torch.nn.init, f)) for f in
+                               ("kaiming_uniform_", "normal_", "uniform_", "zeros_", "ones_")),
+    }
+    if "transformers.modeling_utils" in sys.modules:
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import PreTrainedModel
+
+        state["init_weights"] = name(PreTrainedModel.init_weights)
+        local = AttentionInterface._global_mapping.get("headroom_local")
+        state["headroom_local"] = name(local) if local is not None else None
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _process_state_unchanged():
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = {k: (before[k], after[k]) for k in before if k in after and before[k] != after[k]}
+    if before.get("headroom_local") is None:
+        changed.pop("headroom_local", None)  # the first registration is not a change
+    assert not changed, f"this test left process-wide state changed (before, after): {changed}"
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
