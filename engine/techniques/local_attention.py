@@ -138,15 +138,21 @@ def blocked_local_attention(q, k, v, window: int, causal: bool = True, scale=Non
     right = 0 if causal else window - 1
     span = bs + left + right  # keys seen by one query block
     # Key position of every (block, slot). The windows are gathered from the zero-padded keys into
-    # their own contiguous (B, H, nb, span, D) tensors: overlapping views (unfold) handed to
-    # matmul/copy kernels gave wrong, memory-dependent results on some CPUs (CI, torch 2.13).
+    # their own contiguous (B, H, nb, span, D) tensors, and the padding is concatenated zeros: the
+    # earlier overlapping unfold views and F.pad gave wrong, memory-dependent outputs on CI's CPU
+    # (torch 2.13; never on the development VM), so only the most common kernels are used here.
     k_pos = (torch.arange(nb, device=q.device)[:, None] * bs - left
              + torch.arange(span, device=q.device)[None, :])  # (nb, span)
     inside = (k_pos >= 0) & (k_pos < t)
     index = k_pos + left  # into the padded keys
-    qb = F.pad(q, (0, 0, 0, tp - t)).reshape(b, h, nb, bs, d)  # (B, H, nb, bs, D)
-    kb = F.pad(k, (0, 0, left, right + tp - t))[:, :, index]  # (B, H, nb, span, D)
-    vb = F.pad(v, (0, 0, left, right + tp - t))[:, :, index]
+    def padded(x, before, after):  # zeros before and after the T positions
+        parts = [x.new_zeros(b, h, before, d)] if before else []
+        parts += [x] + ([x.new_zeros(b, h, after, d)] if after else [])
+        return torch.cat(parts, dim=2) if len(parts) > 1 else x
+
+    qb = padded(q, 0, tp - t).reshape(b, h, nb, bs, d)  # (B, H, nb, bs, D)
+    kb = padded(k, left, right + tp - t)[:, :, index]  # (B, H, nb, span, D)
+    vb = padded(v, left, right + tp - t)[:, :, index]
     scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (B, H, nb, bs, span)
     r = torch.arange(bs, device=q.device)[:, None]
     c = torch.arange(span, device=q.device)[None, :]
