@@ -116,6 +116,25 @@ def test_blocked_local_attention_equals_dense_band(causal):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("t, window, causal", [(40, 1000, False), (40, 1000, True), (64, 16, True),
+                                                (150, 24, False)])
+def test_blocked_local_attention_reads_no_stale_memory(t, window, causal):
+    """Freed memory filled with NaN first: a kernel that reads a buffer it did not write (CI's CPU
+    once gave NaN logits and memory-dependent losses) shows here as NaN or a wrong output."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, t, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, t, dtype=torch.bool)
+    keep[1, -6:] = False
+    ref = local_attention.dense_masked_attention(q, k, v, window, causal, attention_mask=keep)
+    for _ in range(3):
+        for n in (10**5, 10**6, 10**7):
+            stale = torch.full((n,), float("nan"))
+            del stale
+        out = local_attention.blocked_local_attention(q, k, v, window, causal, attention_mask=keep)
+        torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[1, :, :t - 6], ref[1, :, :t - 6], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model_name", FAMILIES)
 def test_local_attention_in_models(model_name):
     ids = torch.randint(0, 8000, (2, 40), generator=torch.Generator().manual_seed(2))
