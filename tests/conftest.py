@@ -52,14 +52,21 @@ def _process_state() -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _process_state_unchanged():
+def _process_state_unchanged(request):
+    """Warn (in the run's warnings summary) when a test leaves process-wide state changed: later
+    tests would fail for reasons that look unrelated (CI once saw memory-dependent local-attention
+    results that never showed on the development VM)."""
     before = _process_state()
     yield
     after = _process_state()
     changed = {k: (before[k], after[k]) for k in before if k in after and before[k] != after[k]}
     if before.get("headroom_local") is None:
         changed.pop("headroom_local", None)  # the first registration is not a change
-    assert not changed, f"this test left process-wide state changed (before, after): {changed}"
+    if changed:
+        import warnings
+
+        warnings.warn(f"{request.node.nodeid} left process-wide state changed (before, after): "
+                      f"{changed}", stacklevel=1)
 
 
 def pytest_collection_modifyitems(config, items):
