@@ -132,6 +132,7 @@ def features(rows: list[dict], refresh: bool = False) -> dict[str, dict]:
 #: push one constant to absorb another's time.
 RANGES = {"e_matmul_half": (0.3, 0.85), "e_matmul_fp32": (0.4, 0.95), "e_attention": (0.15, 0.7),
           "e_memory": (0.4, 0.9), "kernel_floor_s": (1e-6, 8e-6), "host_op_s": (5e-6, 60e-6),
+          "host_op_infer_s": (5e-6, 60e-6),
           "host_op_bwd_s": (2e-6, 30e-6), "step_fixed_s": (0.0, 0.03),
           "step_fixed_infer_s": (0.0, 0.01), "serial_share": (0.0, 1.0)}
 PARAMS = tuple(RANGES)
@@ -167,7 +168,7 @@ def _fast_step(arr, gpu, cal) -> float:
     t = np.maximum(np.maximum(flops / rate, nbytes / (gpu.bandwidth * cal.e_memory)),
                    cal.kernel_floor_s * kernels)
     gpu_s = float((t * n).sum())
-    host_s = host_py * cal.host_op_s + host_bwd * cal.host_op_bwd_s
+    host_s = host_py * (cal.host_op_s if training else cal.host_op_infer_s) + host_bwd * cal.host_op_bwd_s
     fixed = cal.step_fixed_s if training else cal.step_fixed_infer_s
     return max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + fixed
 
@@ -211,7 +212,8 @@ def errors(rows, preds) -> list[float]:
     return [p / r["tokens_per_s"] - 1 for r, p in zip(rows, preds)]
 
 
-def fit(rows, feats, start):
+def fit(rows, feats, start, params=PARAMS):
+    """Fit ``params`` (default: all of RANGES), the others kept at ``start``'s values."""
     import numpy as np
     from scipy.optimize import minimize
 
@@ -224,11 +226,11 @@ def fit(rows, feats, start):
         u = min(max((v - lo) / (hi - lo), 1e-3), 1 - 1e-3)
         return math.log(u / (1 - u))
 
-    x0 = np.array([to_x(k, getattr(start, k)) for k in PARAMS])
+    x0 = np.array([to_x(k, getattr(start, k)) for k in params])
 
     def cal_of(x):
         vals = {}
-        for k, v in zip(PARAMS, x):
+        for k, v in zip(params, x):
             lo, hi = RANGES[k]
             vals[k] = lo + (hi - lo) / (1 + math.exp(-max(-30.0, min(30.0, v))))
         return replace(start, **vals)
@@ -247,8 +249,52 @@ def fit(rows, feats, start):
     return cal_of(best.x), best.fun
 
 
+def fit_host_ops(rows, feats) -> dict:
+    """The closed form's host-op model: per phase, non-negative ops per block feature
+    (``speed.host_op_features``: Linear, norm, dropout modules, rotary positions, autocast casts)
+    and a fixed count, least squares against the traced counts of every distinct row."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from engine.estimate import speed
+    from engine.estimate.analytic import arch_of
+    from engine.profile import Profile
+
+    data: dict[str, list] = {"infer_forward": [], "train_forward": [], "backward": []}
+    seen = set()
+    for r in rows:
+        f = r["fields"]
+        key = json.dumps([f, r["padded"]], sort_keys=True)
+        if key in seen or f.get("checkpointing") or int(f.get("micro_batches") or 1) > 1:
+            continue  # recompute and micro-batches are scaled from these in the closed form
+        seen.add(key)
+        p = Profile(target="cuda", padding="fixed", gpu=r["gpu"], **f)
+        arch = arch_of(p)
+        x = speed.host_op_features(arch, p.precision != "fp32")
+        row = [arch.layers * x[k] for k in speed.HOST_OP_FEATURES] + [1.0]
+        host = speed.StepCosts.from_json(feats[r["id"]]["traced"]).host_ops
+        if p.mode == "train":
+            data["train_forward"].append((row, host.get("forward", 0.0)))
+            data["backward"].append((row, host.get("backward", 0.0)))
+        else:
+            data["infer_forward"].append((row, host.get("forward", 0.0) + host.get("start", 0.0)))
+    model = {}
+    for phase, items in data.items():
+        if len(items) < len(speed.HOST_OP_FEATURES) + 1:
+            continue
+        a = np.array([r for r, _ in items])
+        y = np.array([v for _, v in items])
+        coef, _ = nnls(a / y[:, None], np.ones(len(y)))  # relative error: small and large models alike
+        model[phase] = {k: float(c) for k, c in zip((*speed.HOST_OP_FEATURES, "fixed"), coef)}
+        fit = a @ coef
+        worst = float(np.max(np.abs(fit / y - 1)))
+        print(f"host ops {phase}: {len(y)} rows, worst {worst:.0%}", file=sys.stderr)
+    return model
+
+
 def fit_closed_form(rows, feats, cal):
-    """Closed-form constants matched to the traced counts: host ops and memory bytes."""
+    """Closed-form constants matched to the traced counts: host ops (by block modules) and the
+    memory bytes."""
     from dataclasses import replace
 
     import numpy as np
@@ -258,6 +304,7 @@ def fit_closed_form(rows, feats, cal):
     from engine.estimate.analytic import arch_of
     from engine.profile import Profile
 
+    cal = replace(cal, host_ops_model=fit_host_ops(rows, feats))
     seen, items = set(), []
     for r in rows:
         key = json.dumps([r["fields"], r["padded"]], sort_keys=True)
@@ -266,7 +313,7 @@ def fit_closed_form(rows, feats, cal):
         seen.add(key)
         p = Profile(target="cuda", padding="fixed", gpu=r["gpu"], **r["fields"])
         items.append((p, arch_of(p), speed.StepCosts.from_json(feats[r["id"]]["traced"]), r["gpu"]))
-    names = ("act_bytes_per_token_hidden", "ops_per_layer_fwd", "ops_fixed_fwd", "bwd_ops_ratio")
+    names = ("act_bytes_per_token_hidden",)
     from engine import gpus
 
     def loss(x):
@@ -280,7 +327,7 @@ def fit_closed_form(rows, feats, cal):
         return total / len(items)
 
     x0 = np.array([math.log(getattr(cal, k)) for k in names])
-    best = minimize(loss, x0, method="Nelder-Mead", options={"maxiter": 1500})
+    best = minimize(loss, x0, method="Nelder-Mead", options={"maxiter": 400})
     return replace(cal, **{k: math.exp(v) for k, v in zip(names, best.x)})
 
 
@@ -359,6 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--refresh", action="store_true", help="re-trace every row")
     ap.add_argument("--extra", nargs="*", default=[], help="folders of bench/gpu_speed.py JSON lines")
     ap.add_argument("--md", default="", help="write the score tables here")
+    ap.add_argument("--only", nargs="*", default=None, metavar="CONSTANT",
+                    help="refit only these constants, the others kept at the committed values")
     args = ap.parse_args(argv)
     from dataclasses import asdict, replace
 
@@ -374,7 +423,10 @@ def main(argv=None) -> int:
     fast = _fast_step(_arrays(r0["id"], feats[r0["id"]]), gpus.get(r0["gpu"]), cal)
     assert abs(slow["step_s"] - fast) < 1e-9 * max(1.0, fast), (slow, fast)
     if not args.no_write:
-        cal, val = fit(rows, feats, speed.Calibration())  # from the defaults, not the last fit
+        if args.only:  # from the committed constants, only these move
+            cal, val = fit(rows, feats, cal, tuple(args.only))
+        else:
+            cal, val = fit(rows, feats, speed.Calibration())  # from the defaults, not the last fit
         firsts = [r["first_step_s"] - r["step_s"] for r in rows if r["fit"] and r["first_step_s"]]
         cal = replace(cal, first_shape_s=statistics.median(firsts) if firsts else cal.first_shape_s)
         cal = fit_closed_form(rows, feats, cal)

@@ -104,6 +104,46 @@ def test_speed_is_deterministic_and_monotonic():
     assert estimate(base.replace(target="cpu"), "analytic").tokens_per_s == 0  # no GPU, no claim
 
 
+def test_closed_form_host_ops_follow_the_block_modules():
+    """The committed host-op model counts a block by its modules: a Qwen3-like block (four
+    RMSNorms) issues more ops than a Llama block (two), autocast adds casts, and both land near
+    the traced count of the same step."""
+    from engine.estimate import speed
+    from engine.estimate.analytic import arch_of
+
+    cal = speed.calibration()
+    assert set(cal.host_ops_model) == {"infer_forward", "train_forward", "backward"}
+    llama = arch_of(Profile(model="tiny-llama"))
+    assert dict(llama.block_modules)["rmsnorm"] == 2 and llama.rotary
+    four = llama.__class__(**{**llama.__dict__, "block_modules": tuple(
+        (k, 4 if k == "rmsnorm" else n) for k, n in llama.block_modules)})
+    for phase in cal.host_ops_model:
+        assert speed.analytic_host_ops(four, phase, False, cal) > speed.analytic_host_ops(llama, phase, False, cal)
+        assert speed.analytic_host_ops(llama, phase, True, cal) >= speed.analytic_host_ops(llama, phase, False, cal)
+    p = Profile(model="tiny-llama", batch=2, seq=32, precision="bf16-amp", gpu="h100-sxm")
+    traced = estimate(p, "traced").extra["speed"]
+    closed = speed.analytic_costs(p, arch_of(p), (2, 32))
+    host_s = speed.step_time(closed, gpus.get("h100-sxm"), cal)["host_s"]
+    assert 0.6 < host_s / traced["host_s"] < 1.6
+    bare = llama.__class__(**{**llama.__dict__, "block_modules": ()})  # no census: the old constants
+    assert speed.analytic_host_ops(bare, "train_forward", False, cal) is None
+
+
+def test_an_inference_op_costs_the_host_its_no_grad_time():
+    from engine.estimate import speed
+
+    cal = speed.calibration()
+    infer = speed.StepCosts()
+    infer.add("forward", speed.MEMORY, False, 0.0, 1.0, host=100.0)
+    train = speed.StepCosts()
+    train.add("forward", speed.MEMORY, False, 0.0, 1.0, host=100.0)
+    train.add("optimizer", speed.MEMORY, False, 0.0, 1.0, host=0.0)
+    gpu = gpus.get("h100-sxm")
+    assert speed.step_time(infer, gpu, cal)["host_s"] == pytest.approx(100 * cal.host_op_infer_s)
+    assert speed.step_time(train, gpu, cal)["host_s"] == pytest.approx(100 * cal.host_op_s)
+    assert cal.host_op_infer_s < cal.host_op_s  # no autograd graph to record
+
+
 def test_traced_speed_counts_flops_and_recompute():
     p = Profile(model="tiny-gpt2", batch=2, seq=64, precision="bf16-amp")
     r = estimate(p, "traced")

@@ -42,6 +42,7 @@ as blocked O(T·2W) on CPU; transformers versions before 4.48 copied shifted log
 from __future__ import annotations
 
 import functools
+from collections import Counter
 import math
 from dataclasses import dataclass
 
@@ -100,6 +101,26 @@ class Arch:
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3, Gemma-3, OLMo-2)
     lora_names: tuple[str, ...] = ()  # paths inside the first block of its LoRA-adapted layers
     block_norms: int = 2  # norms on the residual path per block (Gemma's sandwich: 4)
+    #: leaf modules of the first block by kind (linear, rmsnorm, layernorm, dropout, other) and
+    #: whether positions are rotary: what the speed estimate's host-op count is made of
+    block_modules: tuple[tuple[str, int], ...] = ()
+    rotary: bool = False
+
+
+def module_kind(module) -> str:
+    """A leaf module's kind for the host-op count: each kind issues a typical number of ops."""
+    name = type(module).__name__
+    if name in ("Linear", "Conv1D") or hasattr(module, "in_features"):
+        return "linear"
+    if "RMSNorm" in name:
+        return "rmsnorm"
+    if "LayerNorm" in name or "GroupNorm" in name:
+        return "layernorm"
+    if "Dropout" in name:
+        return "dropout"
+    if name == "Identity":
+        return "identity"
+    return "other"
 
 
 def _family(model_type: str, config) -> str:
@@ -232,6 +253,9 @@ def _arch(key: tuple) -> Arch:
                 if id(p) not in seen_mm:
                     seen_mm.add(id(p))
                     matmul.append((p.numel(), p.element_size()))
+    kinds = Counter(module_kind(m) for m in layers[0].modules() if not list(m.children()))
+    kinds.pop("identity", None)
+    rotary = any("rotary" in n.lower() for n, _m in model.named_modules())
     return Arch(family=fam, task=task, layers=len(layers), hidden=h, heads=heads, kv_heads=kv,
                 head_dim=d, ffn=ffn, gated=gated, act=act, vocab=vocab, attn_dropout=attn_drop,
                 resid_dropout=resid_drop, params=count_parameters(model),
@@ -242,7 +266,8 @@ def _arch(key: tuple) -> Arch:
                 lora_linears=tuple(lora_linears), quantized_linears=tuple(quantized),
                 lora_names=tuple(lora_names),
                 matmul_tensors=tuple(matmul), qk_norm=qk_norm, block_norms=block_norms or 2,
-                proj_dim=proj if proj != h else 0)
+                proj_dim=proj if proj != h else 0, block_modules=tuple(sorted(kinds.items())),
+                rotary=rotary)
 
 
 def arch_of(profile: Profile) -> Arch:

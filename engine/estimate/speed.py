@@ -45,6 +45,8 @@ class Calibration:
     e_memory: float = 0.60  # achieved / peak memory bandwidth, memory-bound ops
     kernel_floor_s: float = 4e-6  # shortest kernel (launch + tail)
     host_op_s: float = 22e-6  # host time to issue one op from Python (modules, the optimizer)
+    host_op_infer_s: float = 22e-6  # ... with grad mode off (inference, decoding): no autograd
+    #                                 graph to record, no tensors to save
     host_op_bwd_s: float = 8e-6  # ... from autograd's C++ engine (backward, grad mode off)
     step_fixed_s: float = 1.5e-3  # per training step: host work outside ops (zero_grad, loss.item)
     step_fixed_infer_s: float = 0.5e-3  # per inference step
@@ -61,6 +63,37 @@ class Calibration:
     ops_per_layer_fwd: float = 40.0
     ops_fixed_fwd: float = 30.0
     bwd_ops_ratio: float = 1.8
+    #: host ops per phase ("infer_forward", "train_forward", "backward") from the block's modules:
+    #: {feature: ops} with the features of ``host_op_features`` per block, and "fixed" once
+    host_ops_model: dict = field(default_factory=dict, hash=False)
+
+
+#: What a block is made of, for its host-op count (``analytic.Arch.block_modules``).
+HOST_OP_FEATURES = ("block", "linear", "rmsnorm", "layernorm", "dropout", "other", "rotary",
+                    "half_linear", "half_norm")
+
+
+def host_op_features(arch, half: bool) -> dict[str, float]:
+    """Per-block counts that the host's ops follow: each Linear, norm and dropout module issues a
+    few ATen ops (an RMSNorm about six, a LayerNorm one), rotary positions a dozen, and autocast a
+    cast per Linear input and norm output."""
+    k = dict(arch.block_modules)
+    norms = k.get("rmsnorm", 0) + k.get("layernorm", 0)
+    return {"block": 1.0, "linear": float(k.get("linear", 0)), "rmsnorm": float(k.get("rmsnorm", 0)),
+            "layernorm": float(k.get("layernorm", 0)), "dropout": float(k.get("dropout", 0)),
+            "other": float(k.get("other", 0)), "rotary": float(bool(arch.rotary)),
+            "half_linear": float(half) * k.get("linear", 0), "half_norm": float(half) * norms}
+
+
+def analytic_host_ops(arch, phase: str, half: bool, cal: "Calibration") -> float | None:
+    """Host ops of one pass (``phase``: infer_forward, train_forward or backward) from the block's
+    modules, or None without a fitted model (the per-layer constants apply)."""
+    model = (cal.host_ops_model or {}).get(phase)
+    if not model or not arch.block_modules:
+        return None
+    x = host_op_features(arch, half)
+    per_block = sum(model.get(k, 0.0) * v for k, v in x.items())
+    return max(1.0, arch.layers * per_block + model.get("fixed", 0.0))
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,9 +171,10 @@ def step_time(costs: StepCosts, gpu, cal: Calibration | None = None) -> dict[str
             t = max(flops / rate if flops else 0.0, nbytes / bw, cal.kernel_floor_s * kernels)
             gpu_s += t * n
             by_class[cls] += t * n
-    host_s = sum(n * (cal.host_op_bwd_s if phase == "backward" else cal.host_op_s)
-                 for phase, n in costs.host_ops.items())
     training = "backward" in costs.ops or "optimizer" in costs.ops
+    per_op = cal.host_op_s if training else cal.host_op_infer_s  # no_grad: nothing recorded
+    host_s = sum(n * (cal.host_op_bwd_s if phase == "backward" else per_op)
+                 for phase, n in costs.host_ops.items())
     fixed = cal.step_fixed_s if training else cal.step_fixed_infer_s
     step = max(gpu_s, host_s) + cal.serial_share * min(gpu_s, host_s) + fixed
     return {"step_s": step, "gpu_s": gpu_s, "host_s": host_s, **{f"{k}_s": v for k, v in by_class.items()}}
@@ -301,7 +335,12 @@ def analytic_costs(profile, arch, shape: tuple[int, int]) -> StepCosts:
     attn_io = 4.0 * tokens * h * elt
     act_bytes = cal.act_bytes_per_token_hidden * tokens * h * layers * elt / 2
     weight_bytes = arch.params * elt
-    n_fwd = cal.ops_per_layer_fwd * layers + cal.ops_fixed_fwd
+    n_fwd = analytic_host_ops(arch, "train_forward" if training else "infer_forward", half, cal)
+    if n_fwd is None:
+        n_fwd = cal.ops_per_layer_fwd * layers + cal.ops_fixed_fwd
+    n_bwd = analytic_host_ops(arch, "backward", half, cal)
+    if n_bwd is None:
+        n_bwd = n_fwd * cal.bwd_ops_ratio
     costs = StepCosts()
 
     def put(phase, cls, flops, nbytes, count, host, kernels=1):
@@ -325,8 +364,7 @@ def analytic_costs(profile, arch, shape: tuple[int, int]) -> StepCosts:
         # the frozen base matrices get none)
         trainable = arch.trainable_params if arch.trainable_tensors else arch.params
         share_trained = min(1.0, trainable / max(1, arch.params))
-        one_pass("backward", 1.0 + share_trained, 2.5, 1.0 + share_trained,
-                 n_fwd * cal.bwd_ops_ratio)
+        one_pass("backward", 1.0 + share_trained, 2.5, 1.0 + share_trained, n_bwd)
         if share:
             one_pass("recompute", share, share, share, n_fwd * share)
         # optimizer: foreach over the parameters, memory-bound
@@ -403,13 +441,13 @@ def estimate_speed(profile, shape: tuple[int, int], costs: StepCosts | None = No
 def decode_step_s(gpu, weight_bytes: int, kv_cache_bytes: int, layers: int, batch: int = 1,
                   ops_per_layer: float = 25.0) -> float:
     """One greedy decode step (generate mode): bytes-bound, every weight and the whole KV cache
-    read once, against the host's time to issue the step's small kernels.
+    read once, against the host's time to issue the step's small kernels (under no_grad).
     ``gpu``: an ``engine.gpus.GPU`` (``gpus.get(name)``)."""
     cal = calibration()
     gpu_s = (weight_bytes + kv_cache_bytes) / (gpu.bandwidth * cal.e_memory)
     ops = ops_per_layer * layers + cal.ops_fixed_fwd
     gpu_s = max(gpu_s, ops * cal.kernel_floor_s)
-    host_s = ops * cal.host_op_s
+    host_s = ops * cal.host_op_infer_s
     # A decode step is a forward under no_grad: the inference step's fixed cost, not the training
     # step's (26 ms there: zero_grad, the optimizer's Python; the H200 decode steps of Qwen2.5-0.5B
     # and Llama-3.2-1B took 17-30 ms in all, 2026-12-02, and were estimated at 49-60 ms with it).
