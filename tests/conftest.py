@@ -48,14 +48,16 @@ def _process_state() -> dict:
         state["init_weights"] = name(PreTrainedModel.init_weights)
         local = AttentionInterface._global_mapping.get("headroom_local")
         state["headroom_local"] = name(local) if local is not None else None
+    if "engine.techniques.local_attention" in sys.modules:  # once swapped by the CUDA emulation
+        state["local_attention"] = name(sys.modules["engine.techniques.local_attention"].local_attention)
     return state
 
 
 @pytest.fixture(autouse=True)
 def _process_state_unchanged(request):
     """Warn (in the run's warnings summary) when a test leaves process-wide state changed: later
-    tests would fail for reasons that look unrelated (CI once saw memory-dependent local-attention
-    results that never showed on the development VM)."""
+    tests would fail for reasons that look unrelated (two traced estimates at once once left local
+    attention swapped for its CUDA emulation: NaN logits three test files later)."""
     before = _process_state()
     yield
     after = _process_state()

@@ -119,8 +119,8 @@ def test_blocked_local_attention_equals_dense_band(causal):
 @pytest.mark.parametrize("t, window, causal", [(40, 1000, False), (40, 1000, True), (64, 16, True),
                                                 (150, 24, False)])
 def test_blocked_local_attention_reads_no_stale_memory(t, window, causal):
-    """Freed memory filled with NaN first: a kernel that reads a buffer it did not write (CI's CPU
-    once gave NaN logits and memory-dependent losses) shows here as NaN or a wrong output."""
+    """Freed memory filled with NaN first: a kernel of the blocked path that read a buffer it did
+    not write (pads, overlapping windows) would show here as NaN or a wrong output."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, t, 8, generator=g) for _ in range(3))
     keep = torch.ones(2, t, dtype=torch.bool)
@@ -154,6 +154,32 @@ def test_local_attention_in_models(model_name):
     narrow.train()
     _train_step(narrow)
     build_model(Profile(model=model_name, attn="local:4"), "meta")
+
+
+def test_cuda_emulation_switches_only_the_traced_model():
+    """A traced CUDA estimate (an app estimate in a background thread) sends only its own model's
+    local attention to the FlexAttention emulation: another model's real attention, computed
+    meanwhile, is unchanged, and nothing stays switched afterwards. (It used to swap the module's
+    ``local_attention`` for every thread: real models then got ``torch.empty`` outputs.)"""
+    from engine.estimate.cuda_emulation import EMULATED_LOCAL, cuda_local_attention
+
+    original = local_attention.local_attention
+    ids = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(4))
+    traced = _build("tiny-llama", attn="local:8")
+    other = _build("tiny-llama", attn="local:8").eval()
+    with torch.no_grad():
+        ref = other(input_ids=ids).logits
+    first, second = cuda_local_attention(traced), cuda_local_attention(traced)
+    first.__enter__()
+    assert traced.config._attn_implementation == EMULATED_LOCAL
+    assert other.config._attn_implementation == "headroom_local"
+    with torch.no_grad():
+        torch.testing.assert_close(other(input_ids=ids).logits, ref, atol=0, rtol=0)
+    second.__enter__()  # interleaved: entered again, left in the other order
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert traced.config._attn_implementation == "headroom_local"
+    assert local_attention.local_attention is original
 
 
 def test_local_attention_peak_grows_linearly():

@@ -430,25 +430,62 @@ def _flex_local_attention(q, k, v, window: int, causal: bool = True, scale=None,
                                       training)
 
 
+#: The attention implementation a traced model's local attention is switched to on CUDA targets.
+EMULATED_LOCAL = "headroom_local_cuda_emulated"
+
+
+def _emulated_local_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            **kwargs):
+    """AttentionInterface function of ``EMULATED_LOCAL``: ``headroom_local_forward`` on its CUDA
+    path (``_flex_local_attention``)."""
+    from engine.techniques import local_attention as la
+
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    out = _flex_local_attention(query, key, value, la._window_of(module), bool(causal), scaling,
+                                attention_mask, dropout, getattr(module, "training", False))
+    return out.transpose(1, 2).contiguous(), None
+
+
 class cuda_local_attention:  # noqa: N801 - used as a context manager
-    """While active, local attention (``--attn local:W``) takes its CUDA path (FlexAttention),
-    not the CPU fallback that meta tensors would select (``flex_available`` needs a CUDA device).
+    """While active, the given models' local attention (``--attn local:W``) takes its CUDA path
+    (FlexAttention), not the CPU fallback that meta tensors would select (``flex_available``
+    needs a CUDA device).
+
+    Only these models change: they are switched to ``EMULATED_LOCAL`` and back. An earlier
+    version swapped ``local_attention`` in its module for every thread; an app estimate tracing
+    in the background then sent other models' real attention to the emulation (``torch.empty``
+    outputs), and two traces at once could leave it swapped for good (CI: NaN logits, losses off).
     """
+
+    def __init__(self, *models):
+        self.models = [m for m in models if m is not None]
+        self.switched: list = []
 
     def __enter__(self):
         try:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface
+
             from engine.techniques import local_attention as la
         except ImportError:
-            self.module = None
             return self
-        self.module = la
-        self.saved = la.local_attention
-        la.local_attention = _flex_local_attention
+        AttentionInterface.register(EMULATED_LOCAL, _emulated_local_forward)
+        AttentionMaskInterface.register(EMULATED_LOCAL, la._pass_through_mask)
+        for model in self.models:
+            if getattr(getattr(model, "config", None), "_attn_implementation", None) == "headroom_local":
+                la._set_implementation(model, EMULATED_LOCAL)
+                self.switched.append(model)
         return self
 
     def __exit__(self, *exc):
-        if self.module is not None:
-            self.module.local_attention = self.saved
+        if self.switched:
+            from engine.techniques import local_attention as la
+
+            for model in self.switched:
+                la._set_implementation(model, "headroom_local")
+        self.switched = []
         return False
 
 

@@ -345,13 +345,13 @@ def trace_generate(profile: Profile, should_stop=None, model=None, fake: bool = 
 
     jump = n > TRACED_FULL_STEPS
     with contextlib.ExitStack() as stack:
-        for m in (emu, tracker):
-            if m is not None:
-                stack.enter_context(m)
         if emu is not None and cuda:
             from engine.estimate.cuda_emulation import cuda_local_attention
 
-            stack.enter_context(cuda_local_attention())
+            stack.enter_context(cuda_local_attention(model))
+        for m in (emu, tracker):
+            if m is not None:
+                stack.enter_context(m)
         tracker.mark("prefill")
         ids, mask = to_device(ids_cpu, device), to_device(mask_cpu, device)
         state["cache"] = decode.make_cache(model, profile.cache, p + n)

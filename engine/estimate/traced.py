@@ -231,12 +231,12 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         # below the tracker (it sees the ops the tracker lets through), above the emulation
         modes = [m for m in (emu, sdpa_counter, op_counter, tracker) if m is not None]
     with contextlib.ExitStack() as stack:
-        for m in modes:
-            stack.enter_context(m)
         if emu is not None and cuda:
             from engine.estimate.cuda_emulation import cuda_local_attention
 
-            stack.enter_context(cuda_local_attention())
+            stack.enter_context(cuda_local_attention(model, *extras))
+        for m in modes:
+            stack.enter_context(m)
         if training:
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]

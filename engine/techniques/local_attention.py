@@ -10,9 +10,8 @@ Implementations (all take q (B, H, Tq, D), k/v (B, Hkv, Tk, D) and return (B, H,
   grow with T·W.
 * ``blocked_local_attention``: anywhere (CPU, or when flex is unavailable). Queries in blocks of
   ``bs = max(W, 16)``; each block attends to the keys of its own block plus W - 1 before (and
-  after, for encoders), gathered into contiguous windows, masked to the exact window, softmax per
-  block. Plain tensor ops (autograd works); scores are (B, H, T/bs, bs, bs + 2W) - memory O(T·W),
-  not O(T²).
+  after, for encoders), masked to the exact window, softmax per block. Plain tensor ops (autograd
+  works); scores are (B, H, T/bs, bs, bs + 2W) - memory O(T·W), not O(T²).
 * ``dense_masked_attention``: a full (Tq, Tk) boolean band mask given to SDPA. Same result,
   O(T²) memory and time: the honest "local attention that saves nothing", for the benchmark.
 
@@ -137,36 +136,26 @@ def blocked_local_attention(q, k, v, window: int, causal: bool = True, scale=Non
     left = window - 1
     right = 0 if causal else window - 1
     span = bs + left + right  # keys seen by one query block
-    # Key position of every (block, slot). The windows are gathered from the zero-padded keys into
-    # their own contiguous (B, H, nb, span, D) tensors, and the padding is concatenated zeros: the
-    # earlier overlapping unfold views and F.pad gave wrong, memory-dependent outputs on CI's CPU
-    # (torch 2.13; never on the development VM), so only the most common kernels are used here.
-    k_pos = (torch.arange(nb, device=q.device)[:, None] * bs - left
-             + torch.arange(span, device=q.device)[None, :])  # (nb, span)
-    inside = (k_pos >= 0) & (k_pos < t)
-    index = k_pos + left  # into the padded keys
-    def padded(x, before, after):  # zeros before and after the T positions
-        parts = [x.new_zeros(b, h, before, d)] if before else []
-        parts += [x] + ([x.new_zeros(b, h, after, d)] if after else [])
-        return torch.cat(parts, dim=2) if len(parts) > 1 else x
-
-    qb = padded(q, 0, tp - t).reshape(b, h, nb, bs, d)  # (B, H, nb, bs, D)
-    kb = padded(k, left, right + tp - t)[:, :, index]  # (B, H, nb, span, D)
-    vb = padded(v, left, right + tp - t)[:, :, index]
-    scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (B, H, nb, bs, span)
+    qb = F.pad(q, (0, 0, 0, tp - t)).reshape(b, h, nb, bs, d)  # (B, H, nb, bs, D)
+    kb = F.pad(k, (0, 0, left, right + tp - t)).unfold(2, span, bs)  # (B, H, nb, D, span)
+    vb = F.pad(v, (0, 0, left, right + tp - t)).unfold(2, span, bs)  # (B, H, nb, D, span)
+    scores = torch.matmul(qb, kb) * scale  # (B, H, nb, bs, span)
     r = torch.arange(bs, device=q.device)[:, None]
     c = torch.arange(span, device=q.device)[None, :]
     diff = r - c + left  # query pos - key pos, same for every block
     band = (diff >= 0) & (diff < window) if causal else diff.abs() < window  # (bs, span)
-    allowed = band[None] & inside[:, None, :]  # (nb, bs, span)
+    k_pos = (torch.arange(nb, device=q.device)[:, None] * bs - left
+             + torch.arange(span, device=q.device)[None, :])  # (nb, span)
+    allowed = band[None] & ((k_pos >= 0) & (k_pos < t))[:, None, :]  # (nb, bs, span)
     if keep is not None:
-        kp = keep[:, k_pos.clamp(0, t - 1)] & inside  # (B, nb, span)
-        allowed = (allowed[None] & kp[:, :, None, :])[:, None]  # (B, 1, nb, bs, span)
+        kp = F.pad(keep, (left, right + tp - t), value=False).unfold(1, span, bs)  # (B, nb, span)
+        allowed = allowed[None] & kp[:, :, None, :]  # (B, nb, bs, span)
+        allowed = allowed[:, None]  # (B, 1, nb, bs, span)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     if dropout and training:
         probs = F.dropout(probs, p=dropout)
-    out = torch.matmul(probs, vb)  # (B, H, nb, bs, D)
+    out = torch.matmul(probs, vb.transpose(-1, -2))  # (B, H, nb, bs, D)
     return out.reshape(b, h, tp, d)[:, :, :t]
 
 
