@@ -36,6 +36,8 @@ is approximated by one fp32 (B, T, H, D) accumulator for half inputs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -434,20 +436,6 @@ def _flex_local_attention(q, k, v, window: int, causal: bool = True, scale=None,
 EMULATED_LOCAL = "headroom_local_cuda_emulated"
 
 
-def _emulated_local_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            **kwargs):
-    """AttentionInterface function of ``EMULATED_LOCAL``: ``headroom_local_forward`` on its CUDA
-    path (``_flex_local_attention``)."""
-    from engine.techniques import local_attention as la
-
-    causal = kwargs.get("is_causal")
-    if causal is None:
-        causal = getattr(module, "is_causal", True)
-    out = _flex_local_attention(query, key, value, la._window_of(module), bool(causal), scaling,
-                                attention_mask, dropout, getattr(module, "training", False))
-    return out.transpose(1, 2).contiguous(), None
-
-
 class cuda_local_attention:  # noqa: N801 - used as a context manager
     """While active, the given models' local attention (``--attn local:W``) takes its CUDA path
     (FlexAttention), not the CPU fallback that meta tensors would select (``flex_available``
@@ -471,7 +459,9 @@ class cuda_local_attention:  # noqa: N801 - used as a context manager
             from engine.techniques import local_attention as la
         except ImportError:
             return self
-        AttentionInterface.register(EMULATED_LOCAL, _emulated_local_forward)
+        # the engine's own AttentionInterface function, on the CUDA path
+        AttentionInterface.register(EMULATED_LOCAL, functools.partial(la.headroom_local_forward,
+                                                                      attend=_flex_local_attention))
         AttentionMaskInterface.register(EMULATED_LOCAL, la._pass_through_mask)
         for model in self.models:
             if getattr(getattr(model, "config", None), "_attn_implementation", None) == "headroom_local":

@@ -276,13 +276,15 @@ def _window_of(module) -> int:
 
 
 def headroom_local_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                           **kwargs):
-    """AttentionInterface function: (B, H, T, D) inputs -> ((B, T, H, D) output, None)."""
+                           attend=None, **kwargs):
+    """AttentionInterface function: (B, H, T, D) inputs -> ((B, T, H, D) output, None).
+    ``attend``: the attention itself (default ``local_attention``; the traced estimate's CUDA
+    emulation passes its own)."""
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", True)
-    out = local_attention(query, key, value, _window_of(module), bool(causal), scaling,
-                          attention_mask, dropout, getattr(module, "training", False))
+    out = (attend or local_attention)(query, key, value, _window_of(module), bool(causal), scaling,
+                                      attention_mask, dropout, getattr(module, "training", False))
     return out.transpose(1, 2).contiguous(), None
 
 
