@@ -1,6 +1,7 @@
 """Generation (issue 17) on a GPU: estimate vs measured peak, and measured prefill/decode tokens/s.
 
     PYTHONPATH=. python3 bench/gpu_generate.py --out DIR [--budget-s 330] [--gpu h200] [--quick]
+        [--models A,B] [--prompts 4096]
 
 Rows: Qwen2.5-0.5B and Llama-3.2-1B (presets, random weights) and gemma-3-270m-like (18 layers,
 15 of them sliding-window layers of 512 tokens; bench/configs) x B in {1, 8, 32} x P in {512, 4096},
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--gpu", default="h200", help="catalog GPU of the speed estimate")
     parser.add_argument("--quick", action="store_true", help="the first 3 rows only")
     parser.add_argument("--models", default="", help="comma list of row labels: only these models")
+    parser.add_argument("--prompts", default="", help="comma list of prompt lengths: only these")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--target", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke test
     args = parser.parse_args()
@@ -134,6 +136,8 @@ def main() -> int:
     with (out_dir / "generate.jsonl").open("a", encoding="utf-8") as fh:
         for row in rows(args.quick):
             if args.models and row["label"] not in args.models.split(","):
+                continue
+            if args.prompts and str(row["prompt_len"]) not in args.prompts.split(","):
                 continue
             left = args.budget_s - (time.perf_counter() - started)
             if left < 20:

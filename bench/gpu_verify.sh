@@ -8,9 +8,13 @@
 #   bash bench/gpu_verify.sh 5     # after the fix (quiet repeated shapes, GC freeze): 1's checks again
 #   bash bench/gpu_verify.sh 6     # LoRA / QLoRA / 8-bit AdamW vs full, generation, calibrate
 #   bash bench/gpu_verify.sh 7     # what 6 left out: Llama/sliding-window generation, Llama LoRA, calibrate
+#   bash bench/gpu_verify.sh 8     # still left (2026-12-02): speed rows alone (then refit here with
+#                                  #   bench/fit_speed.py --extra $OUT/speed), calibrate after its fix,
+#                                  #   a longer interleaved overhead A/B
+#   bash bench/gpu_verify.sh 9     # the matrix rows not reached, generation at P = 4096
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
 set -u
-part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7}"
+part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7|8|9}"
 : "${OUT:?set OUT to an output folder}"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
@@ -126,5 +130,27 @@ case "$part" in
   timeout 130 $PY -m engine calibrate --json --output "$OUT/calibrate_h200.json" > "$OUT/calibrate.log" 2>&1
   tail -12 "$OUT/lora.log"; tail -14 "$OUT/generate.log"; tail -c 800 "$OUT/calibrate.log"
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7"; exit 2 ;;
+8)
+  gpu_facts
+  # Speed rows one at a time (their tokens/s are the refit's data), the calibration alone
+  # (device-wide used memory), then the interleaved overhead A/B. About 9.5 minutes.
+  timeout 240 $PY bench/gpu_speed.py "$OUT/speed" --budget-s 220 > "$OUT/speed.log" 2>&1
+  timeout 130 $PY -m engine calibrate --json --output "$OUT/calibrate_h200.json" > "$OUT/calibrate.log" 2>&1
+  timeout 190 $PY bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp --steps 24 \
+    --repeat 4 > "$OUT/diag_repeat.log" 2>&1
+  tail -5 "$OUT/speed.log"; tail -c 800 "$OUT/calibrate.log"; tail -12 "$OUT/diag_repeat.log"
+  ;;
+9)
+  gpu_facts
+  # The matrix rows not reached on 2026-12-02 and generation at P = 4096, side by side (peaks are
+  # per process; their tokens/s are then indicative only).
+  timeout 330 $PY bench/gpu_estimator_matrix.py --out "$OUT/estimator_matrix.jsonl" -j 3 --steps 4 \
+    --budget-s 280 --timeout-s 120 --only gpt2,bert-base-cls,Qwen2.5-0.5B,Llama-3.2-1B \
+    > "$OUT/estimator_matrix.log" 2>&1 &
+  timeout 330 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 280 --gpu h200 --prompts 4096 \
+    > "$OUT/generate.log" 2>&1 &
+  wait
+  tail -5 "$OUT/estimator_matrix.log"; tail -8 "$OUT/generate.log"
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7|8|9"; exit 2 ;;
 esac
