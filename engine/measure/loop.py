@@ -176,12 +176,11 @@ def run_steps(loop: StepLoop, steps: list[StepData], probe, times: StepTimes,
     was already run instrumented at step >= 1 (the optimizer's states exist from there on) runs
     quiet (``PeakAttribution.begin_quiet``): its time is the step's own, not the bookkeeping's."""
     run = loop.attribution
-    measured: dict[tuple, int] = {}  # batch shape -> the step that measured it in full
+    templates: dict[tuple, object] = {}  # batch shape -> the record of the step that measured it
     for s, data in enumerate(steps):
         loop.check_stop()
         report(s / len(steps), f"step {s + 1}/{len(steps)}")
-        template = run.step_record(measured[data.shape]) if quiet_repeats and data.shape in measured \
-            else None
+        template = templates.get(data.shape) if quiet_repeats else None
         probe.sync()
         t0 = time.perf_counter()
         if template is not None:
@@ -191,8 +190,10 @@ def run_steps(loop: StepLoop, steps: list[StepData], probe, times: StepTimes,
         elapsed = time.perf_counter() - t0
         if template is not None:
             run.end_quiet()
-        elif s >= 1:
-            measured.setdefault(data.shape, s)
+        elif s >= 1 and quiet_repeats and data.shape not in templates:
+            record = run.step_record(s)  # looked up once per shape, not once per quiet step
+            if record is not None:
+                templates[data.shape] = record
         if s == 0:
             times.first_step_s = elapsed
         else:
