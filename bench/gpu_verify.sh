@@ -12,9 +12,14 @@
 #                                  #   bench/fit_speed.py --extra $OUT/speed), calibrate after its fix,
 #                                  #   a longer interleaved overhead A/B
 #   bash bench/gpu_verify.sh 9     # the matrix rows not reached, generation at P = 4096
+#   bash bench/gpu_verify.sh 10    # (2026-12-02, third) 8 and 9 as they should have been: the 30
+#                                  #   matrix rows call 8 did not reach (9's --only named the wrong
+#                                  #   models) with the bert masked-LM rows, calibrate, speed rows alone
+#   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
+#                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
 set -u
-part="${1:?usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7|8|9}"
+part="${1:?usage: bash bench/gpu_verify.sh 1|2|...|11}"
 : "${OUT:?set OUT to an output folder}"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
@@ -152,5 +157,32 @@ case "$part" in
   wait
   tail -5 "$OUT/estimator_matrix.log"; tail -8 "$OUT/generate.log"
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|3|4|5|6|7|8|9"; exit 2 ;;
+10)
+  gpu_facts
+  end=$((SECONDS + 565))  # one call: the matrix, then calibrate alone, then speed rows alone
+  CALL8=bench/results/verify_h200_2026-12-02/call8
+  timeout 250 $PY bench/gpu_estimator_matrix.py --out "$OUT/estimator_matrix.jsonl" -j 4 --steps 4 \
+    --budget-s 170 --timeout-s 110 --skip-done $CALL8/estimator_matrix_a.jsonl $CALL8/estimator_matrix_b.jsonl \
+    > "$OUT/estimator_matrix.log" 2>&1
+  timeout 105 $PY -m engine calibrate --json --output "$OUT/calibrate_h200.json" > "$OUT/calibrate.log" 2>&1
+  left=$((end - SECONDS))
+  timeout $((left > 40 ? left : 40)) $PY bench/gpu_speed.py "$OUT/speed" --budget-s $((left > 70 ? left - 35 : 35)) \
+    > "$OUT/speed.log" 2>&1
+  tail -3 "$OUT/estimator_matrix.log"; tail -c 600 "$OUT/calibrate.log"; tail -22 "$OUT/speed.log"
+  ;;
+11)
+  gpu_facts
+  CALL8=bench/results/verify_h200_2026-12-02/call8
+  timeout 230 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 190 --gpu h200 --prompts 4096 \
+    > "$OUT/generate.log" 2>&1
+  timeout 190 $PY bench/diag_step_overhead.py --model bert-base-uncased --precision bf16-amp --steps 24 \
+    --repeat 4 > "$OUT/diag_repeat.log" 2>&1
+  if [ -n "${MATRIX_DONE:-}" ]; then
+    timeout 150 $PY bench/gpu_estimator_matrix.py --out "$OUT/estimator_matrix.jsonl" -j 4 --steps 4 \
+      --budget-s 100 --timeout-s 110 --skip-done $CALL8/estimator_matrix_a.jsonl $CALL8/estimator_matrix_b.jsonl \
+      $MATRIX_DONE > "$OUT/estimator_matrix.log" 2>&1
+  fi
+  tail -8 "$OUT/generate.log"; tail -12 "$OUT/diag_repeat.log"; tail -3 "$OUT/estimator_matrix.log" 2>/dev/null
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|11"; exit 2 ;;
 esac
