@@ -131,7 +131,7 @@ def child(args) -> dict:
     batches = [(s.input_ids, s.attention_mask, s.labels) for s in steps]
     if args.variant == "random-data":
         g = torch.Generator().manual_seed(0)
-        vocab = int(config.vocab_size)
+        vocab = int(prepared.config.vocab_size)
         rnd = []
         for ids, mask, labels in batches:
             new = torch.randint(0, vocab, ids.shape, generator=g)

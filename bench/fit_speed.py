@@ -36,7 +36,12 @@ OUT = ROOT / "engine" / "resources" / "speed_calibration.json"
 SOURCES = [  # (file, GPU key, kind, fitted)
     ("call3_h100_2026-11-25/cross.jsonl", "h100-sxm", "engine", True),
     ("verify_h200_2026-12-01/call1/cross.jsonl", "h200", "engine", True),
-    ("verify_h200_2026-12-01/call3/estimator_matrix.jsonl", "h200", "engine", True),
+    # Rows measured one at a time (bench/gpu_speed.py, 2026-12-02): 8 and 20 steps per row.
+    ("verify_h200_2026-12-02/call9/speed/gpu_speed.jsonl", "h200", "engine", True),
+    ("verify_h200_2026-12-02/call10/speed20/gpu_speed.jsonl", "h200", "engine", True),
+    # The matrix ran 4 rows at once: its peaks are per process, its tokens/s are not (bert's fp32
+    # classifier inference read 80k tok/s there and 183k alone). Scored, not fitted.
+    ("verify_h200_2026-12-01/call3/estimator_matrix.jsonl", "h200", "engine-parallel", False),
     ("measure_h100_2026-11-25/matrix.jsonl", "h100-sxm", "engine-prefix", False),
     ("call3_h100_2026-11-25/techniques.jsonl", "h100-sxm", "technique", False),
     ("call4_h100_2026-11-25/techniques2.jsonl", "h100-sxm", "technique", False),

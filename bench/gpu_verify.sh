@@ -15,6 +15,8 @@
 #   bash bench/gpu_verify.sh 10    # (2026-12-02, third) 8 and 9 as they should have been: the 30
 #                                  #   matrix rows call 8 did not reach (9's --only named the wrong
 #                                  #   models) with the bert masked-LM rows, calibrate, speed rows alone
+#   bash bench/gpu_verify.sh 12    # memory snapshots of the two holes 10 found again: bert masked-LM
+#                                  #   under bf16 autocast, Gemma-3-like reserved (bench/diag_snapshot.py)
 #   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
 #                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
@@ -184,5 +186,26 @@ case "$part" in
   fi
   tail -8 "$OUT/generate.log"; tail -12 "$OUT/diag_repeat.log"; tail -3 "$OUT/estimator_matrix.log" 2>/dev/null
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|...|11"; exit 2 ;;
+12)
+  gpu_facts
+  $PY -c 'import sys; sys.path.insert(0, "bench"); from pathlib import Path
+from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' "$OUT/long.jsonl"
+  snap() {  # name, measure arguments: one run with a snapshot, then its peaks
+    local name=$1; shift
+    timeout 100 $PY -m engine measure "$@" --steps 3 --target cuda --padding fixed --json \
+      --snapshot "/tmp/$name.pickle" > "$OUT/$name.json" 2> "$OUT/$name.log"
+    timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" > "$OUT/${name}_peaks.json" 2>> "$OUT/$name.log"
+  }
+  snap bert_mlm_ckpt --model bert-base-uncased --mode train --precision bf16-amp --checkpointing \
+    --batch 8 --seq 512 --dataset "$OUT/long.jsonl"
+  snap bert_mlm --model bert-base-uncased --mode train --precision bf16-amp --batch 8 --seq 512 --dataset builtin
+  snap bert_cls_ckpt --model bert-base-uncased --task classification --mode train --precision bf16-amp \
+    --checkpointing --batch 8 --seq 512 --dataset "$OUT/long.jsonl"
+  snap gemma_bf16 --model bench/configs/gemma-3-270m-like --mode train --precision bf16-amp --batch 8 --seq 512 \
+    --dataset builtin
+  snap bert_mlm_fp32 --model bert-base-uncased --mode train --precision fp32 --batch 4 --seq 512 \
+    --dataset "$OUT/long.jsonl"
+  for f in "$OUT"/*_peaks.json; do echo "$f"; head -c 1500 "$f"; echo; done
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|12"; exit 2 ;;
 esac
