@@ -69,6 +69,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("snapshot")
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--compact", action="store_true", help="sizes in MiB and the first frame only")
     args = ap.parse_args()
     with open(args.snapshot, "rb") as fh:
         snap = pickle.load(fh)  # noqa: S301 - our own measure --snapshot output (docstring)
@@ -76,7 +77,17 @@ def main() -> int:
     if not traces:
         print(json.dumps({"error": "the snapshot holds no allocator trace"}))
         return 1
-    print(json.dumps(peaks(traces[0], args.top), indent=1))
+    out = peaks(traces[0], args.top)
+    if args.compact:
+        mib = 2 ** 20
+        a, r = out["peak_allocated"], out["peak_reserved"]
+        a["largest"] = [f"{b['size'] / mib:.0f} {(b['frames'] or ['(backward)'])[0]}" for b in a["largest"]]
+        r["segments"] = [round(s / mib) for s in r["segments"]]
+        if r.get("made_by"):
+            r["made_by"] = f"{r['made_by']['size'] / mib:.0f} {' < '.join(r['made_by']['frames'][:4])}"
+        print(json.dumps(out))
+    else:
+        print(json.dumps(out, indent=1))
     return 0
 
 

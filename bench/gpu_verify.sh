@@ -207,5 +207,20 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' "$OUT/
     --dataset "$OUT/long.jsonl"
   for f in "$OUT"/*_peaks.json; do echo "$f"; head -c 1500 "$f"; echo; done
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|...|12"; exit 2 ;;
+13)
+  # 12 again with fewer files (the device returns 8): compact peaks on stdout, and the cross-entropy
+  # op by op under autocast.
+  timeout 60 $PY bench/diag_cross_entropy.py 2>&1 | tee "$OUT/cross_entropy.log"
+  timeout 60 $PY bench/diag_cross_entropy.py --v 262144 2>&1 | tee -a "$OUT/cross_entropy.log"
+  $PY -c 'import sys; sys.path.insert(0, "bench"); from pathlib import Path
+from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/long.jsonl
+  for spec in "bert_mlm|--model bert-base-uncased --batch 8 --dataset builtin" \
+              "gemma_bf16|--model bench/configs/gemma-3-270m-like --batch 8 --dataset builtin"; do
+    name=${spec%%|*}
+    timeout 100 $PY -m engine measure ${spec#*|} --mode train --precision bf16-amp --seq 512 --steps 3 \
+      --target cuda --padding fixed --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 | cut -c1-400
+    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 10)" | tee -a "$OUT/peaks.log"
+  done
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|13"; exit 2 ;;
 esac
