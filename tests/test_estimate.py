@@ -553,3 +553,39 @@ def test_head_dim_over_256_repeats_kv_and_skips_flash(tmp_path):
         blocks_t = [x.activation_bytes - c for x, c in zip(t.layers[1:3], copies)]
         for x, y in zip(blocks_a, blocks_t):
             assert abs(x - y) / y < 0.10, (p.model, x, y)
+
+
+@pytest.mark.parametrize("upcast, kept, fwd_peak, bwd_peak", [
+    (False, 1.5, 1.5, 2.5),  # F.cross_entropy on half logits (BertForMaskedLM)
+    (True, 1.0, 2.0, 3.0),   # logits.float() first (transformers' ForCausalLMLoss)
+])
+def test_cross_entropy_under_cuda_autocast_matches_the_h200(upcast, kept, fwd_peak, bwd_peak):
+    # bench/diag_cross_entropy.py on an H200 (results/verify_h200_2026-12-02/call12), in units of
+    # one fp32 (N, V) tensor, beside the logits: bert masked-LM bf16 rows were 4-8% high because
+    # the emulation ran the whole cross-entropy in fp32.
+    import torch
+    import torch.nn.functional as F
+
+    from engine.estimate.cuda_emulation import CudaEmulation
+    from engine.measure.probes import LiveBytesTracker
+
+    n, v = 64, 1000
+    unit = n * v * 4
+    emu = CudaEmulation(autocast_dtype=torch.bfloat16, target="cuda")
+    tracker = LiveBytesTracker()
+    with torch.device("meta"):
+        logits = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, v, (n,))
+    with emu, tracker:
+        base = tracker.live_bytes
+        emu.set_autocast(True)
+        x = logits.float() if upcast else logits
+        loss = F.cross_entropy(x, labels, ignore_index=-100)
+        del x
+        emu.set_autocast(False)
+        assert (tracker.live_bytes - base) / unit == pytest.approx(kept, abs=0.01)
+        assert (tracker.peak_bytes - base) / unit == pytest.approx(fwd_peak, abs=0.01)
+        tracker.reset_peak()
+        emu.backward(loss)
+        assert (tracker.peak_bytes - base) / unit == pytest.approx(bwd_peak, abs=0.01)
+        assert logits.grad.dtype == torch.bfloat16
