@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("snapshot")
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--compact", action="store_true", help="sizes in MiB and the first frame only")
+    ap.add_argument("--events-out", metavar="JSON_GZ",
+                    help="also write the trace's allocations and frees, [action, addr, size] in order "
+                         "(gzip JSON), for replaying through engine.estimate.allocator elsewhere")
     args = ap.parse_args()
     with open(args.snapshot, "rb") as fh:
         snap = pickle.load(fh)  # noqa: S301 - our own measure --snapshot output (docstring)
@@ -78,6 +81,13 @@ def main() -> int:
         print(json.dumps({"error": "the snapshot holds no allocator trace"}))
         return 1
     out = peaks(traces[0], args.top)
+    if args.events_out:
+        import gzip
+
+        keep = ("alloc", "free_completed", "segment_alloc", "segment_free")
+        rows = [[ev["action"], ev["addr"], int(ev["size"])] for ev in traces[0] if ev.get("action") in keep]
+        with gzip.open(args.events_out, "wt", encoding="utf-8") as fh:
+            json.dump(rows, fh)
     if args.compact:
         mib = 2 ** 20
         a, r = out["peak_allocated"], out["peak_reserved"]

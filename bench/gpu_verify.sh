@@ -17,6 +17,8 @@
 #                                  #   models) with the bert masked-LM rows, calibrate, speed rows alone
 #   bash bench/gpu_verify.sh 12    # memory snapshots of the two holes 10 found again: bert masked-LM
 #                                  #   under bf16 autocast, Gemma-3-like reserved (bench/diag_snapshot.py)
+#   bash bench/gpu_verify.sh 14    # the allocator traces of the rows whose reserved the estimate misses
+#                                  #   most (gemma-3-like bf16-amp, Llama fp32 inference, Qwen bf16-amp)
 #   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
 #                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
@@ -222,5 +224,16 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
     echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 10)" | tee -a "$OUT/peaks.log"
   done
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|...|13"; exit 2 ;;
+14)
+  for spec in "gemma_bf16|--model bench/configs/gemma-3-270m-like --mode train --precision bf16-amp --batch 8 --seq 512" \
+              "llama_infer_fp32|--model Llama-3.2-1B --mode infer --precision fp32 --batch 8 --seq 1024" \
+              "qwen_bf16|--model Qwen2.5-0.5B --mode train --precision bf16-amp --batch 8 --seq 512"; do
+    name=${spec%%|*}
+    timeout 100 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed --dataset builtin \
+      --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
+    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 8 \
+      --events-out "$OUT/${name}_events.json.gz")" | tee -a "$OUT/peaks.log"
+  done
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|14"; exit 2 ;;
 esac
