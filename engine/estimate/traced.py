@@ -66,6 +66,8 @@ class TraceOutcome:
     phase_points: tuple = ()
     trainable_params: int = 0  # parameters with gradients (training)
     optimizer_state_bytes: int = 0  # the optimizer's state after its first step
+    #: the weight storages tracked before the step, in order: (allocation id, bytes, floating)
+    weights: tuple[tuple[int, int, bool], ...] = ()
 
 
 C = MemoryCategory
@@ -155,11 +157,12 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     # Storages rounded to the CUDA caching allocator's 512-byte blocks (kMinBlockSize) on CUDA.
     tracker = LiveBytesTracker(block_bytes=512 if cuda else 0, labels=_LABELS,
                                layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
-    for p in list(model.parameters()) + list(model.buffers()):
+    weights = []
+    for p in [t for m in (model, *extras) for t in (*m.parameters(), *m.buffers())]:
+        uid = tracker._next_id  # extras: frozen models beside the student (a distillation teacher)
         tracker.track(p, C.WEIGHTS.value)
-    for extra in extras:  # frozen models beside the student (a distillation teacher)
-        for p in list(extra.parameters()) + list(extra.buffers()):
-            tracker.track(p, C.WEIGHTS.value)
+        if tracker._next_id > uid:
+            weights.append((uid, tracker.sizes[uid], p.is_floating_point()))
     tracker.mark("start")
 
     # Per-block activation accounting (first forward only).
@@ -323,6 +326,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         phase_points=points,
         trainable_params=trainable_params,
         optimizer_state_bytes=state_bytes,
+        weights=tuple(weights),
     )
     tracker.detach()
     return outcome
