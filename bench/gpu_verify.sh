@@ -19,6 +19,9 @@
 #                                  #   under bf16 autocast, Gemma-3-like reserved (bench/diag_snapshot.py)
 #   bash bench/gpu_verify.sh 14    # the allocator traces of the rows whose reserved the estimate misses
 #                                  #   most (gemma-3-like bf16-amp, Llama fp32 inference, Qwen bf16-amp)
+#   bash bench/gpu_verify.sh 15    # not run (no machine at the time): does autograd sum a tied weight's
+#                                  #   gradients in place on CUDA (diag_grad_accumulate.py), and the
+#                                  #   Gemma-3-like rows left out of generation at P = 4096
 #   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
 #                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
@@ -235,5 +238,12 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
       --events-out "$OUT/${name}_events.json.gz")" | tee -a "$OUT/peaks.log"
   done
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|...|14"; exit 2 ;;
+15)
+  gpu_facts
+  timeout 60 $PY bench/diag_grad_accumulate.py 2>&1 | tee "$OUT/grad_accumulate.log"
+  timeout 300 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 260 --gpu h200 --prompts 4096 \
+    --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
+  tail -6 "$OUT/generate.log"
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|15"; exit 2 ;;
 esac

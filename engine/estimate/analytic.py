@@ -583,17 +583,16 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
         # encoders call CrossEntropyLoss on the logits directly: no upcast outside autocast
         ls = x1
         fwd = x1 + ls
+        bwd = 3 * ls  # saved log-softmax, nll grad, log-softmax grad
     elif arch.family == "bert" and cuda:
         # BertForMaskedLM's CrossEntropyLoss on half logits under CUDA autocast: a half
         # log-softmax and nll_loss's fp32 copy of it, kept for backward; at the backward's peak
         # those and the fp32 nll gradient (cuda_emulation._cross_entropy, measured on an H200)
         fwd = x1 + x1 + x32
         bwd = x1 + 2 * x32
-        return [_r(x, cuda) for x in saved], fwd, bwd
     else:
-        ls = x32
         fwd = x1 + (x32 if logits_e != 4 else 0) + x32  # logits, fp32 upcast, log-softmax
-    bwd = 3 * ls  # saved log-softmax, nll grad, log-softmax grad
+        bwd = 3 * x32  # saved log-softmax, nll grad, log-softmax grad
     saved = [_r(x, cuda) for x in saved]
     return saved, fwd, bwd
 

@@ -159,9 +159,9 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
                                layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
     weights = []
     for p in [t for m in (model, *extras) for t in (*m.parameters(), *m.buffers())]:
-        uid = tracker._next_id  # extras: frozen models beside the student (a distillation teacher)
+        uid = len(tracker.sizes)  # extras: frozen models beside the student (a distillation teacher)
         tracker.track(p, C.WEIGHTS.value)
-        if tracker._next_id > uid:
+        if len(tracker.sizes) > uid:  # a new storage (tied weights are tracked once)
             weights.append((uid, tracker.sizes[uid], p.is_floating_point()))
     tracker.mark("start")
 
