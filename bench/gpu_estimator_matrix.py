@@ -79,6 +79,16 @@ GQA_SETTINGS = (
     ("train", "fp32", False, "adamw", 4, 512, "long", 16),
 )
 LORA_MODELS = ("Qwen2.5-0.5B", "Llama-3.2-1B", "qwen3-0_6b-like")
+#: ``--settings heldout``: shapes, batch sizes, optimizers and data no estimator change was tuned
+#: on (2026-12-02, fourth session), every architecture; seq is cut to the model's positions.
+HELDOUT_SETTINGS = (
+    ("train", "bf16-amp", False, "adamw", 4, 1024, "long"),
+    ("train", "fp32", False, "adamw", 8, 256, "builtin"),
+    ("train", "bf16-amp", True, "adamw", 16, 512, "builtin"),
+    ("train", "bf16-amp", False, "sgd", 16, 256, "long"),
+    ("infer", "bf16-amp", False, "adamw", 32, 256, "builtin"),
+    ("infer", "fp32", False, "adamw", 4, 1536, "long"),
+)
 SMOKE_MODELS = (("tiny-gpt2", "tiny-gpt2", "auto"), ("tiny-llama", "tiny-llama", "auto"),
                 ("tiny-bert-cls", "tiny-bert", "classification"))
 ENCODER_MAX_SEQ = 512  # bert-base's positions; longer settings are clamped for it
@@ -88,17 +98,30 @@ def model_arg(model: str) -> str:
     return str(CONFIGS.parent / model) if model.startswith("configs/") else model
 
 
-def rows_for(models, smoke: bool) -> list[dict]:
-    """The hole rows of the grouped-query models first, then every model's SETTINGS."""
+def _positions(model: str) -> int:
+    from engine.models import load_config, max_positions
+
+    try:
+        return max_positions(load_config(model_arg(model), False)) or 1 << 30
+    except Exception:  # noqa: BLE001 - a smoke model without a config: no limit here
+        return 1 << 30
+
+
+def rows_for(models, smoke: bool, settings: str = "main") -> list[dict]:
+    """The hole rows of the grouped-query models first, then every model's SETTINGS (or, for
+    ``settings="heldout"``, every model's HELDOUT_SETTINGS only)."""
     def row(label, model, task, mode, precision, ckpt, optimizer, batch, seq, data, lora=0):
         if smoke:
             batch, seq = min(batch, 2), min(seq, 64)
         if model.startswith("bert") and seq > ENCODER_MAX_SEQ:
             seq = ENCODER_MAX_SEQ
+        seq = min(seq, _positions(model))
         return {"label": label, "model": model, "task": task, "mode": mode,
                 "precision": precision, "checkpointing": ckpt, "optimizer": optimizer,
                 "batch": batch, "seq": seq, "data": data, "lora": lora}
 
+    if settings == "heldout":
+        return [row(*m, *setting) for m in models for setting in HELDOUT_SETTINGS]
     gqa = [m for m in models if m[0] in GQA_MODELS or (smoke and m[0] == "tiny-llama")]
     rows = [row(*m, *setting) for setting in GQA_SETTINGS for m in gqa
             if setting[-1] == 0 or m[0] in LORA_MODELS or smoke]
@@ -143,6 +166,8 @@ def main() -> int:
                     help="skip rows that ran (exit 0) in these earlier outputs: finish a matrix")
     ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny models and shapes (with --target cpu)")
+    ap.add_argument("--settings", choices=("main", "heldout"), default="main",
+                    help="heldout: the HELDOUT_SETTINGS shapes only (a check on rows nothing was tuned on)")
     args = ap.parse_args()
 
     started = time.perf_counter()
@@ -153,7 +178,7 @@ def main() -> int:
     if args.only:
         wanted = set(args.only.split(","))
         models = tuple(m for m in models if m[0] in wanted)
-    rows = rows_for(models, args.smoke)
+    rows = rows_for(models, args.smoke, args.settings)
     done_keys = {row_key(r) for f in args.skip_done for r in read_rows(Path(f)) if r.get("rc") == 0}
     if done_keys:
         before = len(rows)

@@ -22,6 +22,11 @@
 #   bash bench/gpu_verify.sh 15    # not run (no machine at the time): does autograd sum a tied weight's
 #                                  #   gradients in place on CUDA (diag_grad_accumulate.py), and the
 #                                  #   Gemma-3-like rows left out of generation at P = 4096
+#   bash bench/gpu_verify.sh 16    # (2026-12-02, fourth) held-out estimator rows, one process at a
+#                                  #   time (clean reserved, device-used and tokens/s): shapes and
+#                                  #   optimizers nothing was tuned on, 12 architectures x 6
+#   bash bench/gpu_verify.sh 17    # the held-out rows 16 did not reach, 16's long-text traces
+#   bash bench/gpu_verify.sh 18    # 15's runs
 #   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
 #                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
@@ -30,6 +35,8 @@ part="${1:?usage: bash bench/gpu_verify.sh 1|2|...|11}"
 : "${OUT:?set OUT to an output folder}"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
+# More than 8 files come back from the device only packed: pack NAME tars what $OUT holds into NAME.tgz
+pack() { (cd "$OUT" && files=$(ls | grep -v '\.tgz$') && tar czf "$1.tgz" $files && rm -rf $files); }
 has_flag() { $PY -m engine "$1" --help 2>/dev/null | grep -q -- "$2"; }
 
 gpu_facts() {
@@ -245,5 +252,53 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
     --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
   tail -6 "$OUT/generate.log"
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|...|15"; exit 2 ;;
+16)
+  gpu_facts
+  # allocator traces of the rows whose reserved the 2026-12-02 (fourth) build/workspace replay
+  # moved most (Qwen LoRA +0.3 -> +10.6%, Llama SGD -4.5%, qwen3 inference -4.7%, bert-cls -3.4%)
+  (cd bench && $PY -c 'from gpu_measure_matrix import long_texts; from pathlib import Path; long_texts(Path("/tmp/long.jsonl"))')
+  for spec in "qwen_lora_fp32|--model Qwen2.5-0.5B --precision fp32 --lora 16 --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
+              "llama_sgd_fp32|--model Llama-3.2-1B --precision fp32 --optimizer sgd --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
+              "qwen3_infer_bf16|--model bench/configs/qwen3-0_6b-like --mode infer --precision bf16-amp --batch 16 --seq 512 --dataset /tmp/long.jsonl" \
+              "bertcls_bf16|--model bert-base-uncased --task classification --precision bf16-amp --batch 8 --seq 512 --dataset builtin"; do
+    name=${spec%%|*}
+    timeout 90 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed \
+      --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
+    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 6 \
+      --events-out "$OUT/${name}_events.json.gz")" >> "$OUT/peaks.log"
+  done
+  timeout 450 $PY bench/gpu_estimator_matrix.py --settings heldout -j 1 --steps 4 --budget-s 380 \
+    --timeout-s 60 --out "$OUT/heldout_a.jsonl" > "$OUT/heldout_a.log" 2>&1
+  tail -4 "$OUT/heldout_a.log"; cat "$OUT/peaks.log" | cut -c1-300
+  pack part16
+  ;;
+17)
+  gpu_facts
+  # 16's traces of the long-text rows (its text file was not written), then the held-out rows it
+  # did not reach (HELDOUT_DONE: its output, in the tree)
+  (cd bench && $PY -c 'from gpu_measure_matrix import long_texts; from pathlib import Path; long_texts(Path("/tmp/long.jsonl"))')
+  for spec in "qwen_lora_fp32|--model Qwen2.5-0.5B --precision fp32 --lora 16 --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
+              "llama_sgd_fp32|--model Llama-3.2-1B --precision fp32 --optimizer sgd --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
+              "qwen3_infer_bf16|--model bench/configs/qwen3-0_6b-like --mode infer --precision bf16-amp --batch 16 --seq 512 --dataset /tmp/long.jsonl"; do
+    name=${spec%%|*}
+    timeout 90 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed \
+      --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
+    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 6 \
+      --events-out "$OUT/${name}_events.json.gz")" >> "$OUT/peaks.log"
+  done
+  timeout 470 $PY bench/gpu_estimator_matrix.py --settings heldout -j 1 --steps 4 --budget-s 440 \
+    --timeout-s 60 --skip-done ${HELDOUT_DONE:-} --out "$OUT/heldout_b.jsonl" > "$OUT/heldout_b.log" 2>&1
+  tail -3 "$OUT/heldout_b.log"; cut -c1-200 "$OUT/peaks.log"
+  pack part17
+  ;;
+18)
+  gpu_facts
+  # 15's runs: in-place tied-gradient sums on CUDA, Gemma-3-like generation at P = 4096
+  timeout 60 $PY bench/diag_grad_accumulate.py 2>&1 | tee "$OUT/grad_accumulate.log"
+  timeout 150 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 130 --gpu h200 --prompts 4096 \
+    --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
+  tail -6 "$OUT/generate.log"
+  pack part18
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|18"; exit 2 ;;
 esac
