@@ -310,21 +310,6 @@ def dtype_of(profile: "Profile") -> "torch.dtype":
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(profile.precision, torch.float32)
 
 
-def build_dtype(profile: "Profile", config) -> "torch.dtype | None":
-    """The dtype ``build_model`` first makes the weights in on a device when that is not the
-    profile's (the config's ``dtype``: bf16 for the Qwen/Llama configs), else None; the weights
-    are then converted tensor by tensor, and the first copies' blocks stay in the allocator's
-    cache."""
-    import torch
-
-    built = getattr(config, "dtype", None)
-    if isinstance(built, str):
-        built = getattr(torch, built, None)
-    if not isinstance(built, torch.dtype) or not built.is_floating_point:
-        return None
-    return None if built == dtype_of(profile) else built
-
-
 def _auto_class(task: str):
     import transformers
 

@@ -142,28 +142,40 @@ def _analytic(profile: Profile, shapes, should_stop) -> tuple:
     return best
 
 
-def _built_then_converted(profile: Profile, outcome) -> list:
-    """The traced allocations, on a CUDA target preceded by the model's build as ``build_model``
-    does it: weights made in the config's dtype, then converted one by one (each new copy, then
-    the old one freed). The first copies' segments stay cached and count in the run's reserved:
-    on an H200, Llama-3.2-1B fp32 inference 8x1024 and Qwen2.5-0.5B bf16-amp training 8x512
-    were 10.3% and 8.5% low without them (their allocator traces replayed through
-    ``allocator.simulate``: results/verify_h200_2026-12-02/call13)."""
-    from engine.models import build_dtype, dtype_of, load_config
+def _device_events(profile: Profile, outcome, workspace: int) -> list:
+    """The traced allocations in the order a CUDA run makes them, for the allocator model.
 
+    * The model's build (``TraceOutcome.build_events``) replaces the weights: ``build_model``
+      first makes the weights in the config's dtype and converts them one by one, and a tied LM
+      head's own weight is made and dropped; those blocks stay cached. Without them, on an
+      H200: Llama-3.2-1B fp32 inference 8x1024 and Qwen2.5-0.5B bf16-amp training 8x512 were
+      10.3% and 8.5% low.
+    * The cuBLAS workspaces (``workspace`` bytes: half each for forward and backward in
+      training) come where step 1 first calls cuBLAS in each (``TraceOutcome.workspace_at``),
+      not first: the backward's lands in whatever block is free after the loss, which on
+      Gemma-3-like bf16-amp 8x512 is a 4 GiB logits segment that step 2 then cannot reuse
+      (a fourth one: reserved was 16.5% low).
+
+    Allocator traces of those runs replayed through ``allocator.simulate`` with the real segment
+    addresses give the measured reserved exactly (results/verify_h200_2026-12-02/call13)."""
     events = list(outcome.events)
-    weights = outcome.weights
-    if profile.target != "cuda" or profile.quant != "none" or not weights:
+    if profile.target != "cuda":
         return events
-    built = build_dtype(profile, load_config(profile.model, profile.trust_remote_code))
-    if built is None or events[:len(weights)] != [(u, n) for u, n, _ in weights]:
-        return events
-    ratio = built.itemsize / dtype_of(profile).itemsize
-    # integer buffers are not converted: built once, under their own id
-    first = [(("__built__", u), int(n * ratio)) if floating else (u, n) for u, n, floating in weights]
-    converted = [e for u, n, floating in weights if floating
-                 for e in ((u, n), (("__built__", u), -1))]
-    return first + converted + events[len(weights):]
+    weights = [(u, n) for u, n, _ in outcome.weights]
+    build = list(outcome.build_events)
+    shift = 0
+    if build and profile.quant == "none" and events[:len(weights)] == weights:
+        events = build + events[len(weights):]
+        shift = len(build) - len(weights)
+    if workspace:
+        parts = [workspace // 2, workspace - workspace // 2] if profile.mode == "train" \
+            else [workspace]
+        at = [i + shift for i in outcome.workspace_at]
+        if len(at) != len(parts):  # no cuBLAS call seen: the workspaces first, as before
+            at = [0] * len(parts)
+        for k in reversed(range(len(parts))):
+            events.insert(at[k], (f"__ws{k}__", parts[k]))
+    return events
 
 
 def _traced_reserved(profile: Profile, events) -> int:
@@ -347,12 +359,7 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
                                 count_speed=profile.target == "cuda")
     _check_stop(should_stop)
     _progress(progress, 0.9, "allocator model")
-    events = _built_then_converted(profile, outcome)
-    if workspace:
-        # cuBLAS workspaces: allocated at the first matmul of forward and of backward, kept.
-        events = [("__ws0__", workspace // 2 if profile.mode == "train" else workspace)] + events
-        if profile.mode == "train":
-            events.insert(1, ("__ws1__", workspace - workspace // 2))
+    events = _device_events(profile, outcome, workspace)
     # CPU: no caching allocator to model (measure reports RSS growth there); reserved = allocated.
     reserved = _traced_reserved(profile, events) if profile.target == "cuda" else 0
     frag = {}

@@ -68,6 +68,13 @@ class TraceOutcome:
     optimizer_state_bytes: int = 0  # the optimizer's state after its first step
     #: the weight storages tracked before the step, in order: (allocation id, bytes, floating)
     weights: tuple[tuple[int, int, bool], ...] = ()
+    #: the model's build as it allocates on a device (``_cached_meta_model``): (id, +/-bytes)
+    #: with the surviving storages under their ids in ``events``, the rest under
+    #: ("__build__", n); empty where it does not apply (quantized, extra models)
+    build_events: tuple[tuple[object, int], ...] = ()
+    #: indices into ``events`` just after step 1's first cuBLAS call of the forward and, in
+    #: training, of the backward (each allocates its cuBLAS workspace there: ``_Tracker``)
+    workspace_at: tuple[int, ...] = ()
 
 
 C = MemoryCategory
@@ -75,14 +82,35 @@ C = MemoryCategory
 _LABELS = tuple(c.value for c in ALLOCATED_CATEGORIES)
 
 @functools.lru_cache(maxsize=8)
-def _cached_meta_model(key: tuple) -> torch.nn.Module:
+def _cached_meta_model(key: tuple) -> tuple[torch.nn.Module, tuple]:
+    """The model built on ``meta`` and its build's allocations, recorded as on a device.
+
+    ``build_model`` allocates more than the weights it returns: a tied LM head's own weight is
+    made and dropped when ``tie_weights`` replaces it, and a config whose ``dtype`` is not the
+    profile's is built in that dtype and then converted tensor by tensor. Those blocks stay in
+    the caching allocator and count in the run's reserved (Gemma-3-like: a 640 MiB segment). The
+    build's events come in allocation order; the surviving storages are named by their index in
+    the weights' order (parameters, then buffers, each storage once), the rest ("__build__", n).
+    """
     from engine.models import build_model
 
-    return build_model(Profile(**dict(key)), "meta")
+    tracker = LiveBytesTracker(device="meta", block_bytes=512, record=True)
+    with tracker:
+        model = build_model(Profile(**dict(key)), "meta")
+    tracker.detach()
+    final: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        entry = tracker._live.get(id(t.untyped_storage()))
+        if entry is not None and entry[0] not in final:
+            final[entry[0]] = len(final)
+    events = tuple((("__weight__", final[u]) if u in final else ("__build__", u), d)
+                   for u, d in tracker.events)
+    return model, events
 
 
-def _meta_model(profile: Profile) -> torch.nn.Module:
-    """A fresh copy of the profile's model on ``meta``.
+def _meta_model(profile: Profile, with_build: bool = False):
+    """A fresh copy of the profile's model on ``meta`` (and, ``with_build``, its build's events:
+    ``_cached_meta_model``; none for a quantized model).
 
     The built model is cached per architecture (the fields that change its structure); each
     trace gets a deep copy (tens of milliseconds) because a step attaches grads and hooks.
@@ -97,12 +125,48 @@ def _meta_model(profile: Profile) -> torch.nn.Module:
         # a fresh build on meta instead (allocates nothing)
         from engine.models import build_model
 
-        model = build_model(profile, "meta")
+        model, build = build_model(profile, "meta"), ()
     else:
-        model = copy.deepcopy(_cached_meta_model(key))
+        cached, build = _cached_meta_model(key)
+        model = copy.deepcopy(cached)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # as measure: a scoring forward returns no KV cache
-    return model
+    return (model, build) if with_build else model
+
+
+#: ATen ops that call cuBLAS on CUDA: the first one on a thread creates that thread's cuBLAS
+#: handle and its workspace (``getCurrentCUDABlasHandle``); the backward runs on autograd's
+#: device thread, so it makes a second one. On an H200 both land just after the first GEMM's
+#: output (allocator traces, results/verify_h200_2026-12-02/call13).
+_CUBLAS_OPS = frozenset(getattr(torch.ops.aten, n) for n in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "_addmm_activation", "mv", "addmv", "dot",
+    "vdot", "_scaled_mm", "_int_mm") if hasattr(torch.ops.aten, n))
+
+
+class _Tracker(LiveBytesTracker):
+    """The live-bytes tracker that also notes, per phase mark, the event index after the phase's
+    first cuBLAS call (``_CUBLAS_OPS``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_cublas: dict[int, int] = {}  # index in phase_marks -> index in events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if func.overloadpacket in _CUBLAS_OPS:
+            self.first_cublas.setdefault(len(self.phase_marks) - 1, len(self.events))
+        return out
+
+    def workspace_at(self, training: bool) -> tuple[int, ...]:
+        """Event indices of step 1's first cuBLAS call in forward (and backward, training)."""
+        names = [p for _i, p in self.phase_marks]
+        out = []
+        for phase in ("forward", "backward") if training else ("forward",):
+            if phase in names:
+                at = self.first_cublas.get(names.index(phase))
+                if at is not None:
+                    out.append(at)
+        return tuple(out)
 
 
 class _Scalars:
@@ -136,8 +200,9 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
     config = load_config(profile.model, profile.trust_remote_code)
     task = resolve_task(profile, config)
     device = "meta" if fake else "cpu"
+    build: tuple = ()
     if model is None:
-        model = _meta_model(profile)
+        model, build = _meta_model(profile, with_build=True)
     hooks_on = techniques.loop_hooks(profile)  # the techniques' training-step changes
     extras = [m for h in hooks_on if h.extra_models for m in h.extra_models(profile, device, target)]
     loss_hook = next((h.loss for h in hooks_on if h.loss is not None), None)
@@ -155,8 +220,8 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         emu = CudaEmulation(autocast_dtype=amp, target=target,
                             flash=gpus.for_profile(profile).flash_attention)
     # Storages rounded to the CUDA caching allocator's 512-byte blocks (kMinBlockSize) on CUDA.
-    tracker = LiveBytesTracker(block_bytes=512 if cuda else 0, labels=_LABELS,
-                               layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
+    tracker = _Tracker(block_bytes=512 if cuda else 0, labels=_LABELS,
+                       layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
     weights = []
     for p in [t for m in (model, *extras) for t in (*m.parameters(), *m.buffers())]:
         uid = len(tracker.sizes)  # extras: frozen models beside the student (a distillation teacher)
@@ -327,9 +392,21 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         trainable_params=trainable_params,
         optimizer_state_bytes=state_bytes,
         weights=tuple(weights),
+        build_events=_build_events(build, weights) if not extras else (),
+        workspace_at=tracker.workspace_at(training) if cuda else (),
     )
     tracker.detach()
     return outcome
+
+
+def _build_events(build: tuple, weights: list) -> tuple:
+    """The cached build's events with the surviving storages under this trace's weight ids;
+    empty when the two disagree (a model given by the caller, a different storage count)."""
+    n = sum(1 for u, d in build if d > 0 and u[0] == "__weight__")
+    if not build or n != len(weights):
+        return ()
+    ids = [u for u, _n, _f in weights]
+    return tuple((ids[u[1]] if u[0] == "__weight__" else u, d) for u, d in build)
 
 
 def autocast_context(amp, emu):
