@@ -26,7 +26,8 @@
 #                                  #   time (clean reserved, device-used and tokens/s): shapes and
 #                                  #   optimizers nothing was tuned on, 12 architectures x 6
 #   bash bench/gpu_verify.sh 17    # the held-out rows 16 did not reach, 16's long-text traces
-#   bash bench/gpu_verify.sh 18    # 15's runs
+#   bash bench/gpu_verify.sh 18    # 15's runs (the gradient-sum check ran in call 16: out of place on CUDA as
+#                                  #   on CPU; Gemma-3-like generation at P = 4096 not yet run)
 #   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
 #                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
@@ -37,6 +38,23 @@ export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
 # More than 8 files come back from the device only packed: pack NAME tars what $OUT holds into NAME.tgz
 pack() { (cd "$OUT" && files=$(ls | grep -v '\.tgz$') && tar czf "$1.tgz" $files && rm -rf $files); }
+# traces "NAME|measure args" ...: 3 measured steps with the allocator's history, then its trace
+# (bench/diag_snapshot.py --events-out) and peaks; the long-text dataset is /tmp/long.jsonl
+traces() {
+  (cd bench && $PY -c 'from gpu_measure_matrix import long_texts; from pathlib import Path; long_texts(Path("/tmp/long.jsonl"))')
+  for spec in "$@"; do
+    name=${spec%%|*}
+    timeout 90 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed \
+      --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
+    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 6 \
+      --events-out "$OUT/${name}_events.json.gz")" >> "$OUT/peaks.log"
+  done
+}
+LONG_TRACES=(
+  "qwen_lora_fp32|--model Qwen2.5-0.5B --precision fp32 --lora 16 --batch 4 --seq 512 --dataset /tmp/long.jsonl"
+  "llama_sgd_fp32|--model Llama-3.2-1B --precision fp32 --optimizer sgd --batch 4 --seq 512 --dataset /tmp/long.jsonl"
+  "qwen3_infer_bf16|--model bench/configs/qwen3-0_6b-like --mode infer --precision bf16-amp --batch 16 --seq 512 --dataset /tmp/long.jsonl"
+)
 has_flag() { $PY -m engine "$1" --help 2>/dev/null | grep -q -- "$2"; }
 
 gpu_facts() {
@@ -256,17 +274,7 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
   gpu_facts
   # allocator traces of the rows whose reserved the 2026-12-02 (fourth) build/workspace replay
   # moved most (Qwen LoRA +0.3 -> +10.6%, Llama SGD -4.5%, qwen3 inference -4.7%, bert-cls -3.4%)
-  (cd bench && $PY -c 'from gpu_measure_matrix import long_texts; from pathlib import Path; long_texts(Path("/tmp/long.jsonl"))')
-  for spec in "qwen_lora_fp32|--model Qwen2.5-0.5B --precision fp32 --lora 16 --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
-              "llama_sgd_fp32|--model Llama-3.2-1B --precision fp32 --optimizer sgd --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
-              "qwen3_infer_bf16|--model bench/configs/qwen3-0_6b-like --mode infer --precision bf16-amp --batch 16 --seq 512 --dataset /tmp/long.jsonl" \
-              "bertcls_bf16|--model bert-base-uncased --task classification --precision bf16-amp --batch 8 --seq 512 --dataset builtin"; do
-    name=${spec%%|*}
-    timeout 90 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed \
-      --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
-    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 6 \
-      --events-out "$OUT/${name}_events.json.gz")" >> "$OUT/peaks.log"
-  done
+  traces "${LONG_TRACES[@]}" "bertcls_bf16|--model bert-base-uncased --task classification --precision bf16-amp --batch 8 --seq 512 --dataset builtin"
   timeout 450 $PY bench/gpu_estimator_matrix.py --settings heldout -j 1 --steps 4 --budget-s 380 \
     --timeout-s 60 --out "$OUT/heldout_a.jsonl" > "$OUT/heldout_a.log" 2>&1
   tail -4 "$OUT/heldout_a.log"; cat "$OUT/peaks.log" | cut -c1-300
@@ -276,16 +284,7 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
   gpu_facts
   # 16's traces of the long-text rows (its text file was not written), then the held-out rows it
   # did not reach (HELDOUT_DONE: its output, in the tree)
-  (cd bench && $PY -c 'from gpu_measure_matrix import long_texts; from pathlib import Path; long_texts(Path("/tmp/long.jsonl"))')
-  for spec in "qwen_lora_fp32|--model Qwen2.5-0.5B --precision fp32 --lora 16 --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
-              "llama_sgd_fp32|--model Llama-3.2-1B --precision fp32 --optimizer sgd --batch 4 --seq 512 --dataset /tmp/long.jsonl" \
-              "qwen3_infer_bf16|--model bench/configs/qwen3-0_6b-like --mode infer --precision bf16-amp --batch 16 --seq 512 --dataset /tmp/long.jsonl"; do
-    name=${spec%%|*}
-    timeout 90 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed \
-      --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
-    echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 6 \
-      --events-out "$OUT/${name}_events.json.gz")" >> "$OUT/peaks.log"
-  done
+  traces "${LONG_TRACES[@]}"
   timeout 470 $PY bench/gpu_estimator_matrix.py --settings heldout -j 1 --steps 4 --budget-s 440 \
     --timeout-s 60 --skip-done ${HELDOUT_DONE:-} --out "$OUT/heldout_b.jsonl" > "$OUT/heldout_b.log" 2>&1
   tail -3 "$OUT/heldout_b.log"; cut -c1-200 "$OUT/peaks.log"
