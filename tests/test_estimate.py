@@ -682,13 +682,13 @@ def test_safe_softmax_makes_its_masks_as_on_cuda():
     from engine.estimate.traced import _Tracker
 
     x = torch.empty((2, 4, 64, 64), device="meta")
-    tracker = _Tracker(block_bytes=512, record=True)
+    tracker = _Tracker(cuda=True, block_bytes=512, record=True)
     with tracker:
         out = torch.ops.aten._safe_softmax(x, -1)
     sizes = [d for _u, d in tracker.events]
     assert sizes[0] == out.numel() * 4
     assert sizes[1:] == [x.numel(), 512, -512, -x.numel()]
-    cpu = _Tracker(block_bytes=0, record=True)  # a CPU target: the op alone
+    cpu = _Tracker(cuda=False, record=True)  # a CPU target: the op alone
     with cpu:
         kept = torch.ops.aten._safe_softmax(x, -1)
     assert [d for _u, d in cpu.events] == [kept.numel() * 4]

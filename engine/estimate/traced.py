@@ -100,9 +100,9 @@ def _cached_meta_model(key: tuple) -> tuple[torch.nn.Module, tuple]:
     tracker.detach()
     final: dict[int, int] = {}
     for t in (*model.parameters(), *model.buffers()):
-        entry = tracker._live.get(id(t.untyped_storage()))
-        if entry is not None and entry[0] not in final:
-            final[entry[0]] = len(final)
+        uid = tracker.allocation_id(t)
+        if uid is not None and uid not in final:
+            final[uid] = len(final)
     events = tuple((("__weight__", final[u]) if u in final else ("__build__", u), d)
                    for u, d in tracker.events)
     return model, events
@@ -148,15 +148,19 @@ _SAFE_SOFTMAX = _SAFE_SOFTMAX.default if _SAFE_SOFTMAX is not None else None
 
 
 class _Tracker(LiveBytesTracker):
-    """The live-bytes tracker that also notes, per phase mark, the event index after the phase's
-    first cuBLAS call (``_CUBLAS_OPS``)."""
+    """The live-bytes tracker of a trace; for a CUDA target (``cuda``) it also notes, per phase
+    mark, the event index after the phase's first cuBLAS call (``_CUBLAS_OPS``) and makes the
+    blocks ``_safe_softmax`` makes on CUDA."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, cuda: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.cuda = cuda
         self.first_cublas: dict[int, int] = {}  # index in phase_marks -> index in events
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _SAFE_SOFTMAX and self.block_bytes:
+        if not self.cuda:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        if func is _SAFE_SOFTMAX:
             return self._safe_softmax(func, types, args, kwargs)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if func.overloadpacket in _CUBLAS_OPS:
@@ -242,7 +246,7 @@ def trace_step(profile: Profile, batch_shape: tuple[int, int], *, has_padding: b
         emu = CudaEmulation(autocast_dtype=amp, target=target,
                             flash=gpus.for_profile(profile).flash_attention)
     # Storages rounded to the CUDA caching allocator's 512-byte blocks (kMinBlockSize) on CUDA.
-    tracker = _Tracker(block_bytes=512 if cuda else 0, labels=_LABELS,
+    tracker = _Tracker(cuda=cuda, block_bytes=512 if cuda else 0, labels=_LABELS,
                        layer_label=C.ACTIVATIONS.value, scalar=_Scalars(has_padding))
     weights = []
     for p in [t for m in (model, *extras) for t in (*m.parameters(), *m.buffers())]:

@@ -164,6 +164,12 @@ class LiveBytesTracker(TorchDispatchMode):
         if label is not None:
             self._relabel(uid, label)
 
+    def allocation_id(self, tensor):
+        """The allocation id of a live tensor's storage, or None when it is not tracked."""
+        st = self._storage(tensor)
+        entry = self._live.get(id(st)) if st is not None else None
+        return entry[0] if entry is not None else None
+
     def classify(self, tensor, label):
         """Raise the label of a live tensor's storage to ``label`` if that ranks higher."""
         st = self._storage(tensor)
