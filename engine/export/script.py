@@ -834,9 +834,12 @@ def _main_section(s: _Script, profile: Profile, model: ModelFacts, hooks) -> Non
         "    if args.output_dir:",
         "        model.save_pretrained(args.output_dir, safe_serialization=True)",
         # earlier output first, then the JSON line in one write: torchrun's ranks share one pipe
-        # (a line of at most PIPE_BUF bytes written at once is never interleaved with another's)
+        # (a line of at most PIPE_BUF bytes written at once is never interleaved with another's);
+        # print() writes the text and its newline apart, which unbuffered (write-through) stdout
+        # sends as two writes: another rank's line then lands between them
         "    sys.stdout.flush()",
-        "    print(json.dumps(result), flush=True)",
+        '    sys.stdout.write(json.dumps(result) + "\\n")',
+        "    sys.stdout.flush()",
     ]
     if dp:  # every rank prints its own line; FSDP2's shards are not saved whole here
         at = lines.index('        "profile": HEADROOM_PROFILE,  # the settings (non-defaults): Headroom checks them on import')
