@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import threading
@@ -89,6 +90,18 @@ HELDOUT_SETTINGS = (
     ("infer", "bf16-amp", False, "adamw", 32, 256, "builtin"),
     ("infer", "fp32", False, "adamw", 4, 1536, "long"),
 )
+#: ``--settings heldout2``: a second held-out set (2026-12-02, fifth session), run before any
+#: estimator change of that session: long sequences, fp32 checkpointing, pure bf16 and fp16
+#: autocast, large inference batches. Rows run in a fixed shuffled order so that a call cut short
+#: still covers every architecture.
+HELDOUT2_SETTINGS = (
+    ("train", "bf16-amp", False, "adamw", 2, 2048, "long"),
+    ("train", "fp32", True, "adamw", 8, 512, "builtin"),
+    ("train", "fp16-amp", False, "sgd", 8, 768, "builtin"),
+    ("train", "bf16", False, "adamw", 8, 512, "long"),
+    ("infer", "bf16-amp", False, "adamw", 8, 2048, "long"),
+    ("infer", "fp32", False, "adamw", 64, 128, "builtin"),
+)
 SMOKE_MODELS = (("tiny-gpt2", "tiny-gpt2", "auto"), ("tiny-llama", "tiny-llama", "auto"),
                 ("tiny-bert-cls", "tiny-bert", "classification"))
 ENCODER_MAX_SEQ = 512  # bert-base's positions; longer settings are clamped for it
@@ -122,6 +135,10 @@ def rows_for(models, smoke: bool, settings: str = "main") -> list[dict]:
 
     if settings == "heldout":
         return [row(*m, *setting) for m in models for setting in HELDOUT_SETTINGS]
+    if settings == "heldout2":
+        rows = [row(*m, *setting) for m in models for setting in HELDOUT2_SETTINGS]
+        random.Random(2).shuffle(rows)
+        return rows
     gqa = [m for m in models if m[0] in GQA_MODELS or (smoke and m[0] == "tiny-llama")]
     rows = [row(*m, *setting) for setting in GQA_SETTINGS for m in gqa
             if setting[-1] == 0 or m[0] in LORA_MODELS or smoke]
@@ -166,8 +183,9 @@ def main() -> int:
                     help="skip rows that ran (exit 0) in these earlier outputs: finish a matrix")
     ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny models and shapes (with --target cpu)")
-    ap.add_argument("--settings", choices=("main", "heldout"), default="main",
-                    help="heldout: the HELDOUT_SETTINGS shapes only (a check on rows nothing was tuned on)")
+    ap.add_argument("--settings", choices=("main", "heldout", "heldout2"), default="main",
+                    help="heldout / heldout2: the HELDOUT_SETTINGS / HELDOUT2_SETTINGS shapes only "
+                         "(checks on rows nothing was tuned on)")
     args = ap.parse_args()
 
     started = time.perf_counter()

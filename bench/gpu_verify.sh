@@ -28,23 +28,36 @@
 #   bash bench/gpu_verify.sh 17    # the held-out rows 16 did not reach, 16's long-text traces
 #   bash bench/gpu_verify.sh 18    # 15's runs (the gradient-sum check ran in call 16: out of place on CUDA as
 #                                  #   on CPU; Gemma-3-like generation at P = 4096 not yet run)
+#   bash bench/gpu_verify.sh 19    # (2026-12-02, fifth) the checkpointed bert masked-LM trace (no stacks:
+#                                  #   torch's stack capture fails in a checkpointed backward), the second
+#                                  #   held-out set (HELDOUT2_DONE: outputs to skip), Gemma-3-like P = 4096
 #   bash bench/gpu_verify.sh 11    # generation at P = 4096, the interleaved overhead A/B, and the
 #                                  #   matrix rows still left (MATRIX_DONE: more outputs to skip)
 # Each part writes JSON lines and logs to $OUT and skips what its code does not have yet.
 set -u
-part="${1:?usage: bash bench/gpu_verify.sh 1|2|...|11}"
+part="${1:?usage: bash bench/gpu_verify.sh 1|2|...|19}"
 : "${OUT:?set OUT to an output folder}"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 PY=python3
 # More than 8 files come back from the device only packed: pack NAME tars what $OUT holds into NAME.tgz
 pack() { (cd "$OUT" && files=$(ls | grep -v '\.tgz$') && tar czf "$1.tgz" $files && rm -rf $files); }
 # traces "NAME|measure args" ...: 3 measured steps with the allocator's history, then its trace
-# (bench/diag_snapshot.py --events-out) and peaks; the long-text dataset is /tmp/long.jsonl
+# (bench/diag_snapshot.py --events-out) and peaks; the long-text dataset is /tmp/long.jsonl.
+# NO_STACKS=1: record without Python stacks (context=None); with checkpointing, stack capture
+# makes run_backward fail with "SystemError: returned NULL without setting an exception".
+NO_STACKS_MEASURE='import runpy, sys, torch
+record = torch.cuda.memory._record_memory_history
+def no_stacks(enabled="all", **kw):
+    return record(enabled, **kw) if enabled is None else record(enabled, context=None, **kw)
+torch.cuda.memory._record_memory_history = no_stacks
+sys.argv = ["headroom"] + sys.argv[1:]
+runpy.run_module("engine", run_name="__main__")'
 traces() {
   (cd bench && $PY -c 'from gpu_measure_matrix import long_texts; from pathlib import Path; long_texts(Path("/tmp/long.jsonl"))')
   for spec in "$@"; do
     name=${spec%%|*}
-    timeout 90 $PY -m engine measure ${spec#*|} --steps 3 --target cuda --padding fixed \
+    if [ -n "${NO_STACKS:-}" ]; then run=(-c "$NO_STACKS_MEASURE"); else run=(-m engine); fi
+    timeout 90 $PY "${run[@]}" measure ${spec#*|} --steps 3 --target cuda --padding fixed \
       --json --snapshot "/tmp/$name.pickle" 2>/dev/null | tail -1 > "$OUT/$name.json"
     echo "$name: $(timeout 60 $PY bench/diag_snapshot.py "/tmp/$name.pickle" --compact --top 6 \
       --events-out "$OUT/${name}_events.json.gz")" >> "$OUT/peaks.log"
@@ -299,5 +312,18 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
   tail -6 "$OUT/generate.log"
   pack part18
   ;;
-*) echo "usage: bash bench/gpu_verify.sh 1|2|...|18"; exit 2 ;;
+19)
+  gpu_facts
+  NO_STACKS=1 traces "bertmlm_ckpt_bf16|--model bert-base-uncased --precision bf16-amp --checkpointing --batch 16 --seq 512 --dataset builtin"
+  timeout 330 $PY bench/gpu_estimator_matrix.py --settings heldout2 -j 1 --steps 4 --budget-s ${HELDOUT2_BUDGET:-260} \
+    --timeout-s 60 --skip-done ${HELDOUT2_DONE:-} --out "$OUT/heldout2.jsonl" > "$OUT/heldout2.log" 2>&1
+  if [ -n "${WITH_GENERATE:-}" ]; then
+    timeout 150 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 130 --gpu h200 --prompts 4096 \
+      --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
+    tail -6 "$OUT/generate.log"
+  fi
+  tail -3 "$OUT/heldout2.log"; cut -c1-300 "$OUT/peaks.log"
+  pack part19
+  ;;
+*) echo "usage: bash bench/gpu_verify.sh 1|2|...|19"; exit 2 ;;
 esac
