@@ -314,7 +314,7 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
   ;;
 19)
   gpu_facts
-  NO_STACKS=1 traces "bertmlm_ckpt_bf16|--model bert-base-uncased --precision bf16-amp --checkpointing --batch 16 --seq 512 --dataset builtin"
+  [ -n "${SKIP_TRACE:-}" ] || NO_STACKS=1 traces "bertmlm_ckpt_bf16|--model bert-base-uncased --precision bf16-amp --checkpointing --batch 16 --seq 512 --dataset builtin"
   b=${HELDOUT2_BUDGET:-260}; timeout $((b + 70)) $PY bench/gpu_estimator_matrix.py --settings heldout2 -j 1 --steps 4 --budget-s $b \
     --timeout-s 60 --skip-done ${HELDOUT2_DONE:-} --out "$OUT/heldout2.jsonl" > "$OUT/heldout2.log" 2>&1
   if [ -n "${WITH_GENERATE:-}" ]; then
