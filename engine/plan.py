@@ -90,8 +90,11 @@ def _with_value(profile: Profile, vary: str, value: int) -> Profile:
 
 def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
          progress: Callable[[float, str], None] | None = None,
-         should_stop: Callable[[], bool] | None = None, method: str = "analytic") -> PlanResult:
-    """Largest ``vary`` (batch or seq) whose estimated device memory fits ``budget_bytes``."""
+         should_stop: Callable[[], bool] | None = None, method: str = "analytic",
+         quick: bool = False) -> PlanResult:
+    """Largest ``vary`` (batch or seq) whose estimated device memory fits ``budget_bytes``.
+    ``quick``: reserved from the closed form (~1 ms an estimate instead of ~10: for a caller
+    that re-estimates what it keeps, as ``plan_search.fastest`` does)."""
     from engine.estimate import estimate
 
     started = time.perf_counter()
@@ -110,7 +113,8 @@ def plan(profile: Profile, budget_bytes: int, vary: str = "batch",
         if should_stop is not None and should_stop():
             raise Cancelled("plan cancelled")
         if value not in cache:
-            cache[value] = estimate(_with_value(profile, vary, value), method="analytic")
+            cache[value] = estimate(_with_value(profile, vary, value), method="analytic",
+                                    quick=quick)
             if progress is not None:
                 progress(min(0.95, len(cache) / 40), f"{vary}={value}: "
                          f"{cache[value].device_used_bytes / 2**30:.2f} GiB")

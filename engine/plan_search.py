@@ -16,6 +16,7 @@ the whole search is a few hundred estimates. Settings that change numerics (pure
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ def _largest_batch(profile: Profile, budget: int, estimate, should_stop) -> tupl
             if b == MAX_BATCH or used(b + 1) > budget:
                 return b, made
             break  # the line is low here: search properly
-    r = plan(profile, budget, "batch", should_stop=should_stop)
+    r = plan(profile, budget, "batch", should_stop=should_stop, quick=True)
     return r.value, made + int(r.extra.get("estimates", 0))
 
 
@@ -155,9 +156,14 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
             should_stop: Callable[[], bool] | None = None) -> FastestResult:
     """The settings with the highest estimated tokens/s whose estimated device memory fits."""
     from engine import gpus
-    from engine.estimate import estimate, speed
+    from engine.estimate import estimate as full_estimate
+    from engine.estimate import speed
     from engine.prepare import prepare
 
+    # The search's ~70 estimates take reserved from the closed form (quick); what it returns is
+    # re-estimated in full (reserved replayed in order, ~10 ms each), and a candidate that no
+    # longer fits gives way to the next.
+    estimate = functools.partial(full_estimate, quick=True)
     started = time.perf_counter()
     if profile.target != "cuda":
         raise BadInput("--goal fastest estimates GPU speed: use --target cuda (and --gpu NAME)")
@@ -254,6 +260,7 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
                 consider(alt.replace(**_resized(alt, b)), {**best.changes, "lora": r, "batch": b},
                          best.notes)
         found = sorted((c for c in seen.values() if c is not None), key=lambda c: -c.score)
+    found = _confirmed(found, top, budget_bytes, full_estimate)
     notes = []
     if not found:
         notes.append("nothing searched fits the budget (batch 1 with every setting tried)")
@@ -264,6 +271,40 @@ def fastest(profile: Profile, budget_bytes: int | None = None, top: int = TOP,
     return FastestResult(budget_bytes=int(budget_bytes), gpu=gpu.key, candidates=tuple(found[:top]),
                          searched=searched, elapsed_s=time.perf_counter() - started,
                          expected_error=speed.calibration().median_error, notes=tuple(notes))
+
+
+def _confirmed(found: list[Candidate], top: int, budget_bytes: int, estimate) -> list[Candidate]:
+    """The first ``top`` candidates re-estimated in full (reserved replayed in order). One that
+    no longer fits has its batch scaled down to the budget (memory is close to affine in the
+    batch: a try or two); it is dropped when even that does not fit."""
+    out: list[Candidate] = []
+    kept: set[tuple] = set()
+    for c in found:
+        if len(out) >= top:
+            break
+        p, changes = c.profile, dict(c.changes)
+        r = estimate(p, method="analytic")
+        tries = 0
+        while r.device_used_bytes > budget_bytes and p.batch > 1 and tries < 4:
+            tries += 1
+            scale = budget_bytes / r.device_used_bytes * 0.98
+            b = max(1, min(p.batch - 1, int(p.batch * scale)))
+            p = p.replace(**_resized(p, b))
+            changes["batch"] = b
+            if getattr(p, "max_tokens", 0):  # a token budget sets the batch's tokens: scale it too
+                p = p.replace(max_tokens=max(p.seq, int(p.max_tokens * scale)))
+                changes["max_tokens"] = p.max_tokens
+            r = estimate(p, method="analytic")
+        key = tuple(sorted(p.non_defaults().items()))
+        if r.device_used_bytes > budget_bytes or key in kept:
+            continue
+        kept.add(key)
+        out.append(dataclasses.replace(
+            c, profile=p, changes=changes, device_used_bytes=r.device_used_bytes,
+            margin_bytes=budget_bytes - r.device_used_bytes, tokens_per_s=r.tokens_per_s,
+            step_s=r.step_s, useful_tokens_per_s=float(r.extra.get("speed", {}).get(
+                "useful_tokens_per_s", 0.0)) or c.useful_tokens_per_s))
+    return sorted(out, key=lambda c: -c.score)
 
 
 def which_gpu(profile: Profile, progress: Callable[[float, str], None] | None = None,

@@ -25,7 +25,10 @@ def test_plan_finds_the_boundary(vary):
         assert r.value == r.limit
     values = [v for v, _ in r.curve]
     used = [u for _, u in r.curve]
-    assert values == sorted(values) and used == sorted(used)  # monotone
+    # monotone, up to one small 2 MiB segment: reserved comes from an allocator replay, in which
+    # a larger shape can pack its small blocks into one segment fewer
+    assert values == sorted(values)
+    assert all(b >= a - (2 << 20) for a, b in zip(used, used[1:]))
     assert r.extra["estimates"] < 40
 
 

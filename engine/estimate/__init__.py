@@ -130,15 +130,20 @@ def _layers(outcome_layers: dict[str, int], profile: Profile, weight_bytes: int,
     return tuple([embeddings] + blocks + tail)
 
 
-def _analytic(profile: Profile, shapes, should_stop) -> tuple:
+def _analytic(profile: Profile, shapes, should_stop, quick: bool = False) -> tuple:
+    """(outcome, shape, padded) of the shape with the largest peak; the candidates are compared
+    with the closed-form reserved, the winner's reserved replayed (unless ``quick``)."""
     from engine.estimate import analytic
 
     best = None
     for shape, padded in shapes:
         _check_stop(should_stop)
-        o = analytic.estimate_shape(profile, shape, padded)
+        o = analytic.estimate_shape(profile, shape, padded, reserved_model="sizes")
         if best is None or o.peak_allocated > best[0].peak_allocated:
             best = (o, shape, padded)
+    if not quick:
+        o, shape, padded = best
+        best = (analytic.estimate_shape(profile, shape, padded), shape, padded)
     return best
 
 
@@ -192,8 +197,13 @@ def _traced_reserved(profile: Profile, events) -> int:
 
 def estimate(profile: Profile, method: str = "auto",
              progress: Callable[[float, str], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> EstimateResult:
-    """Predict the peak memory of the profile's measured run (see module docstring)."""
+             should_stop: Callable[[], bool] | None = None,
+             quick: bool = False) -> EstimateResult:
+    """Predict the peak memory of the profile's measured run (see module docstring).
+
+    ``quick`` (analytic only): reserved from the closed form (``allocator.reserved_from_sizes``)
+    instead of the replayed stream (``analytic_stream``, ~5-15 ms): for searches that make many
+    estimates and re-estimate what they return (``plan_search``)."""
     started = time.perf_counter()
     if method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -207,7 +217,7 @@ def estimate(profile: Profile, method: str = "auto",
     _check_stop(should_stop)
     _progress(progress, 0.2, "analytic estimate")
     return _estimate_at(profile, method, shapes, [shape_note], started, progress, should_stop,
-                        plan_order=profile.padding != "fixed")
+                        plan_order=profile.padding != "fixed", quick=quick)
 
 
 def estimate_shape(profile: Profile, shape: tuple[int, int], padded: bool = True,
@@ -305,10 +315,10 @@ def _sharding_extra(profile: Profile) -> dict:
 
 
 def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
-                 plan_order: bool = False) -> EstimateResult:
+                 plan_order: bool = False, quick: bool = False) -> EstimateResult:
     """``plan_order``: the shapes come from a plan of several shapes; reserved accounts for its
     order (``fragmentation.py``)."""
-    a_out, shape, padded = _analytic(profile, shapes, should_stop)
+    a_out, shape, padded = _analytic(profile, shapes, should_stop, quick and method == "analytic")
     if method == "auto":
         from engine.estimate.analytic import arch_of
 

@@ -34,8 +34,11 @@ What it counts, for a batch of E = B x T tokens (micro-batch rows when accumulat
 
 Known limitations: unusual architectures are mapped to the nearest family; per-op transients
 inside a layer's backward are approximated by two MLP-intermediate tensors plus the attention
-kernel's workspace; fragmentation is modelled only through per-tensor segment rounding (the
-traced estimator replays the real order); local attention is modelled as flash-like on CUDA and
+kernel's workspace; reserved memory replays these sizes in the protocol's order through the
+allocator model (``analytic_stream``; the closed form ``reserved_from_sizes`` with expandable
+segments, a pre-reserved pool, max_split, micro-batches, sharding or a technique's extra terms,
+and for searches: ``reserved_model="sizes"``), coarser than the traced estimator's replay of the
+real operators; local attention is modelled as flash-like on CUDA and
 as blocked O(T·2W) on CPU; transformers versions before 4.48 copied shifted logits (not counted).
 """
 
@@ -105,6 +108,7 @@ class Arch:
     #: whether positions are rotary: what the speed estimate's host-op count is made of
     block_modules: tuple[tuple[str, int], ...] = ()
     rotary: bool = False
+    tied_head_bytes: int = 0  # a head tied to the embeddings: its own weight, made and dropped at build
 
 
 def module_kind(module) -> str:
@@ -256,6 +260,13 @@ def _arch(key: tuple) -> Arch:
     kinds = Counter(module_kind(m) for m in layers[0].modules() if not list(m.children()))
     kinds.pop("identity", None)
     rotary = any("rotary" in n.lower() for n, _m in model.named_modules())
+    tied_head_bytes = 0
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:
+            tied_head_bytes = out_emb.weight.numel() * out_emb.weight.element_size()
+    except (AttributeError, NotImplementedError):
+        pass
     return Arch(family=fam, task=task, layers=len(layers), hidden=h, heads=heads, kv_heads=kv,
                 head_dim=d, ffn=ffn, gated=gated, act=act, vocab=vocab, attn_dropout=attn_drop,
                 resid_dropout=resid_drop, params=count_parameters(model),
@@ -267,7 +278,7 @@ def _arch(key: tuple) -> Arch:
                 lora_names=tuple(lora_names),
                 matmul_tensors=tuple(matmul), qk_norm=qk_norm, block_norms=block_norms or 2,
                 proj_dim=proj if proj != h else 0, block_modules=tuple(sorted(kinds.items())),
-                rotary=rotary)
+                rotary=rotary, tied_head_bytes=tied_head_bytes)
 
 
 def arch_of(profile: Profile) -> Arch:
@@ -555,7 +566,8 @@ def _embedding_saved(arch: Arch, E: int, r: int, cuda: bool, training: bool) -> 
 
 
 def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training: bool):
-    """(saved for backward, forward transient at the loss, backward transient at the loss)."""
+    """(saved for backward, forward transient at the loss, backward transient at the loss), the
+    two transients as lists of tensor bytes (the reserved stream allocates them one by one)."""
     amp = precision in ("bf16-amp", "fp16-amp")
     half = precision != "fp32"
     e = 2 if half else 4
@@ -572,33 +584,97 @@ def _head_costs(arch: Arch, b: int, t: int, precision: str, cuda: bool, training
     if arch.task == "masked-lm" and arch.family in ("bert", "modernbert"):
         saved += [E * h * (2 if amp else r), E * h * e, E * h * e, E * h * 4, E * h * (2 if amp else r)]
     if arch.task == "classification":
-        logits = b * V * 4
-        return [_r(x, cuda) for x in saved], _r(logits, cuda) * 3, _r(logits, cuda) * 3
+        logits = _r(b * V * 4, cuda)
+        return [_r(x, cuda) for x in saved], [logits] * 3, [logits] * 3
     logits_e = e if (amp or half) else 4
     x1 = _r(E * V * logits_e, cuda)
     x32 = _r(E * V * 4, cuda)
     if not training:
-        return [_r(x, cuda) for x in saved], x1, 0
-    if arch.family in ("bert", "modernbert") and not amp:
-        # encoders call CrossEntropyLoss on the logits directly: no upcast outside autocast
-        ls = x1
-        fwd = x1 + ls
-        bwd = 3 * ls  # saved log-softmax, nll grad, log-softmax grad
+        return [_r(x, cuda) for x in saved], [x1], []
+    if arch.family == "bert" and not amp:
+        # BertForMaskedLM calls CrossEntropyLoss on the logits directly: no upcast outside
+        # autocast (ModernBERT's loss_function, ForMaskedLMLoss, upcasts: the branch below)
+        fwd = [x1, x1]
+        bwd = [x1] * 3  # saved log-softmax, nll grad, log-softmax grad
     elif arch.family == "bert" and cuda:
         # BertForMaskedLM's CrossEntropyLoss on half logits under CUDA autocast: a half
         # log-softmax and nll_loss's fp32 copy of it, kept for backward; at the backward's peak
         # those and the fp32 nll gradient (cuda_emulation._cross_entropy, measured on an H200)
-        fwd = x1 + x1 + x32
-        bwd = x1 + 2 * x32
+        fwd = [x1, x1, x32]
+        bwd = [x1, x32, x32]
     else:
-        fwd = x1 + (x32 if logits_e != 4 else 0) + x32  # logits, fp32 upcast, log-softmax
-        bwd = 3 * x32  # saved log-softmax, nll grad, log-softmax grad
+        fwd = [x1] + ([x32] if logits_e != 4 else []) + [x32]  # logits, fp32 upcast, log-softmax
+        bwd = [x32] * 3  # saved log-softmax, nll grad, log-softmax grad
     saved = [_r(x, cuda) for x in saved]
     return saved, fwd, bwd
 
 
-def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool = True) -> AnalyticOutcome:
-    """Peak memory of the measured protocol for one (B, T) batch shape."""
+def _streamed_reserved(arch: Arch, training: bool, alloc_opts: dict, c, weights_list, grads_list,
+                       state_list, *, inputs, cost, checkpointed, layer_in, head_saved, embed_saved,
+                       loss_fwd, loss_bwd, amp, opt_temp, hidden, final_fp32) -> int:
+    """Reserved bytes from the analytic sizes replayed in the protocol's order (analytic_stream)."""
+    from engine.estimate import allocator, analytic_stream
+
+    cuda = True
+    copies = [_r(n * 2, cuda) for n, s in arch.matmul_tensors if s == 4] if amp else []
+    per_layer = len(copies) // arch.layers if arch.layers else 0
+    head_saved = list(head_saved[len(embed_saved):])
+    co = analytic_stream.coalesce
+    z = analytic_stream.StreamSizes(
+        weights=co(list(weights_list) + ([_r(arch.buffer_bytes, cuda)] if arch.buffer_bytes else [])),
+        build_dropped=[_r(arch.tied_head_bytes, cuda)] if arch.tied_head_bytes else [],
+        inputs=inputs, workspace=c.cublas_workspace_bytes,
+        workspaces=c.workspace_handles_train if training else c.workspace_handles_infer,
+        layers=arch.layers, saved=co(cost.saved), layer_in=layer_in,
+        checkpointed=checkpointed, fwd_transient=[cost.fwd_transient],
+        bwd_transient=[cost.bwd_transient], embed_saved=embed_saved, head_saved=head_saved,
+        loss_fwd=list(loss_fwd), loss_bwd=list(loss_bwd),
+        layer_copies=co(copies[:per_layer]), head_copies=co(copies[per_layer * arch.layers:]))
+    if not training:
+        z.head_saved = [final_fp32] * 2  # the final norm's fp32 input and output
+        events = analytic_stream.inference_events(z, hidden)
+    else:
+        layer_grads, embed_grads, head_grads = _grads_by_block(arch, grads_list)
+        z.layer_grads = [co(g) for g in layer_grads]
+        z.embed_grads, z.head_grads = co(embed_grads), co(head_grads)
+        z.states = co([_r(x, cuda) for x in state_list])
+        if opt_temp and opt_temp == sum(grads_list):
+            z.opt_temp = co(grads_list)  # foreach: one temporary per parameter
+        elif opt_temp:
+            z.opt_temp = [opt_temp // 2, opt_temp - opt_temp // 2]
+        events = analytic_stream.training_events(z)
+    return allocator.simulate(events, **alloc_opts).peak_reserved
+
+
+def _grads_by_block(arch: Arch, grads_list: list[int]):
+    """(per-block gradient lists, those before the blocks, those after) from the trainable
+    tensors in module order and the blocks' trainable bytes."""
+    raw = [math.prod(s) * e for s, e in arch.trainable_tensors]
+    want = list(arch.layer_trainable_bytes)
+    if not want or not any(want):
+        return [[] for _ in range(arch.layers)], [], list(grads_list)
+    for start in range(len(raw)):
+        k, blocks, ok = start, [], True
+        for w in want:
+            j, acc = k, 0
+            while j < len(raw) and acc < w:
+                acc += raw[j]
+                j += 1
+            if acc != w:
+                ok = False
+                break
+            blocks.append(list(grads_list[k:j]))
+            k = j
+        if ok:
+            return blocks, list(grads_list[:start]), list(grads_list[k:])
+    return [[] for _ in range(arch.layers)], [], list(grads_list)
+
+
+def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool = True,
+                   reserved_model: str = "stream") -> AnalyticOutcome:
+    """Peak memory of the measured protocol for one (B, T) batch shape. ``reserved_model``:
+    "stream" replays the sizes in the protocol's order (``analytic_stream``), "sizes" is the
+    closed form (every tensor in its own reused block, no order: fast, for searches)."""
     cuda = profile.target == "cuda"
     arch = arch_of(profile)
     training = profile.mode == "train"
@@ -665,7 +741,8 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
             per_layer_saved.append(layer_in)
         else:
             per_layer_saved.append(full_layer)
-    head_saved, loss_fwd, loss_bwd = _head_costs(arch, b, t, precision, cuda, training)
+    head_saved, loss_fwd_parts, loss_bwd_parts = _head_costs(arch, b, t, precision, cuda, training)
+    loss_fwd, loss_bwd = sum(loss_fwd_parts), sum(loss_bwd_parts)
     head_saved_b = sum(head_saved)
     acts = sum(per_layer_saved) + head_saved_b
     layer_acts = {name: per_layer_saved[i] for i, name in enumerate(arch.layer_names)} \
@@ -762,12 +839,23 @@ def estimate_shape(profile: Profile, batch_shape: tuple[int, int], padded: bool 
             transient += head_saved + [loss_bwd // 3] * 3 + [cost.bwd_transient]
         else:
             transient = list(cost.saved) + [cost.fwd_transient, loss_fwd]
-        reserved_fb = reserved_from_sizes(persistent, transient,
-                                          expandable=setup.expandable,
-                                          pool_bytes=setup.pool_bytes,
-                                          max_split=setup.max_split,
-                                          small_page=c.expandable_small_page,
-                                          large_page=c.expandable_large_page)
+        alloc_opts = dict(expandable=setup.expandable, pool_bytes=setup.pool_bytes,
+                          max_split=setup.max_split, small_page=c.expandable_small_page,
+                          large_page=c.expandable_large_page)
+        # the replay where the H200 rows check it: the default allocator, one pass, no sharding
+        plain = not (setup.expandable or setup.pool_bytes or setup.max_split)
+        if reserved_model == "stream" and plain and rank is None and m == 1 and not terms:
+            reserved_fb = _streamed_reserved(
+                arch, training, alloc_opts, c, weights_list, grads_list, state_list,
+                inputs=[_r(B * T * 8, cuda)] * (3 if training else 2), cost=cost,
+                checkpointed=[ckpt and i % every == 0 for i in range(arch.layers)],
+                layer_in=layer_in, head_saved=head_saved,
+                embed_saved=[_r(x, cuda) for x in _embedding_saved(arch, b * t, r_bytes, cuda, training)],
+                loss_fwd=loss_fwd_parts, loss_bwd=loss_bwd_parts, amp=amp, opt_temp=opt_temp,
+                hidden=_r(b * t * arch.hidden * r_bytes, cuda),
+                final_fp32=_r(b * t * arch.hidden * 4, cuda))
+        else:
+            reserved_fb = reserved_from_sizes(persistent, transient, **alloc_opts)
         reserved = max(peak, reserved_fb)
         if setup.pool_bytes:
             reserved = max(reserved, -(-setup.pool_bytes // (2 << 20)) * (2 << 20))

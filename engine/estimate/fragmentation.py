@@ -194,7 +194,8 @@ def sequence_events(profile: Profile, worst: Shape, worst_events: Events,
 
     def metric(s: Shape) -> int:
         if s not in cache:
-            cache[s] = analytic.estimate_shape(profile, s[0], s[1]).peak_allocated
+            cache[s] = analytic.estimate_shape(profile, s[0], s[1],
+                                               reserved_model="sizes").peak_allocated
         return cache[s]
 
     recs = records(seq, metric)
