@@ -87,3 +87,17 @@ def test_should_stop_cancels_measure_in_child():
         measure_in_child(Profile(model="tiny-llama", target="cpu", steps=10_000, batch=2, seq=32),
                          should_stop=lambda: time.monotonic() - started > 0.5)
     assert time.monotonic() - started < 3.0
+
+
+def test_a_failed_torchrun_says_what_the_rank_raised():
+    # torchrun's stderr ends with a '=' banner and a ChildFailedError summary; the message picks
+    # the rank's own exception line, else the last line that is not a banner
+    from engine.measure.process import _torchrun_cause
+
+    lines = ["[rank1]: Traceback (most recent call last):",
+             "[rank1]: RuntimeError: Connection reset by peer",
+             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+             "=" * 40, "engine FAILED", "=" * 40]
+    assert _torchrun_cause(lines) == "[rank1]: RuntimeError: Connection reset by peer"
+    assert _torchrun_cause(["something went wrong", "=" * 40]) == "something went wrong"
+    assert _torchrun_cause([]) == ""

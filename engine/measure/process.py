@@ -296,6 +296,8 @@ class MeasureProcess:
         from engine.results import MeasureResult
 
         last = self._stderr[-1] if self._stderr else ""
+        if self.profile.shard != "none":
+            last = _torchrun_cause(self._stderr) or last
         if self.cancelled:
             self.error = Cancelled("measure cancelled")
         elif code in (0, 3) and obj is not None:
@@ -337,3 +339,20 @@ def measure_in_child(profile, progress: Callable[[float, str], None] | None = No
     """``run_measure`` in a fresh child process: a MeasureResult (OOM included) or an exception."""
     with MeasureProcess(profile, snapshot=snapshot) as proc:
         return proc.wait(progress=progress, should_stop=should_stop)
+
+
+def _torchrun_cause(lines: list[str]) -> str:
+    """The line of a failed torchrun's stderr that says why: torchrun ends with a banner of
+    '=' and a ChildFailedError summary; a rank's exception line (``[rank1]: SomeError: ...``)
+    says more."""
+    import re
+
+    error = re.compile(r"^\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b.*:")
+    picks = [lambda ln: ln.lstrip().startswith("[rank") and error.match(ln),
+             lambda ln: error.match(ln) and "ChildFailedError" not in ln,
+             lambda ln: ln.strip() and not set(ln.strip()) <= set("=-*")]
+    for pick in picks:
+        for line in reversed(lines):
+            if pick(line):
+                return line.strip()
+    return ""
