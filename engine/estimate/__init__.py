@@ -136,12 +136,13 @@ def _analytic(profile: Profile, shapes, should_stop, quick: bool = False) -> tup
     from engine.estimate import analytic
 
     best = None
+    model = "sizes" if quick or len(shapes) > 1 else "stream"
     for shape, padded in shapes:
         _check_stop(should_stop)
-        o = analytic.estimate_shape(profile, shape, padded, reserved_model="sizes")
+        o = analytic.estimate_shape(profile, shape, padded, reserved_model=model)
         if best is None or o.peak_allocated > best[0].peak_allocated:
             best = (o, shape, padded)
-    if not quick:
+    if model == "sizes" and not quick:
         o, shape, padded = best
         best = (analytic.estimate_shape(profile, shape, padded), shape, padded)
     return best

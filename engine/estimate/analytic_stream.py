@@ -29,6 +29,7 @@ total each), the build's first copies, the allocator's small pool beyond roundin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,6 +113,12 @@ class _Stream:
 
     def temporaries(self, sizes: Sequence[int]) -> None:
         self.free(self.allocs(sizes))
+
+
+def key_of(z: StreamSizes) -> tuple:
+    """A hashable key of everything the stream is made from."""
+    return tuple(tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, (list, tuple))
+                 else v for v in dataclasses.astuple(z))
 
 
 def training_events(z: StreamSizes, steps: int = 2) -> Events:
@@ -207,4 +214,4 @@ def inference_events(z: StreamSizes, hidden: int, steps: int = 2) -> Events:
     return s.events
 
 
-__all__ = ["StreamSizes", "inference_events", "training_events"]
+__all__ = ["StreamSizes", "coalesce", "inference_events", "key_of", "training_events"]
