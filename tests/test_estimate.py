@@ -720,15 +720,15 @@ def test_analytic_stream_frees_all_but_the_persistent_tensors():
         [3000, 7 << 20, 5 << 20, 64 << 20, 500]
 
 
-@pytest.mark.parametrize("label, precision, optimizer, ckpt, shape, data, was", [
-    # the H200's held-out rows (bench/results/verify_h200_2026-12-02), with the analytic reserved
-    # of the closed form before the replay
-    ("gemma-3-270m-like", "bf16", "adamw", False, (8, 512), "long", -0.183),
-    ("Llama-3.2-1B", "fp32", "sgd", False, (4, 512), "long", +0.180),
-    ("Qwen2.5-0.5B", "bf16-amp", "adamw", True, (8, 1024), "long", -0.089),
+@pytest.mark.parametrize("label, precision, optimizer, ckpt, shape, data, sign", [
+    # the H200's held-out rows (bench/results/verify_h200_2026-12-02), with the side on which the
+    # closed form (no order) misses them: -18%, +18% and -9% when the replay came in
+    ("gemma-3-270m-like", "bf16", "adamw", False, (8, 512), "long", -1),
+    ("Llama-3.2-1B", "fp32", "sgd", False, (4, 512), "long", +1),
+    ("Qwen2.5-0.5B", "bf16-amp", "adamw", True, (8, 1024), "long", -1),
 ])
 def test_analytic_reserved_replays_the_step_order_like_the_h200(label, precision, optimizer, ckpt,
-                                                                shape, data, was, tmp_path):
+                                                                shape, data, sign, tmp_path):
     # reserved from the analytic sizes in the protocol's order (analytic_stream): Gemma-3's
     # backward workspace in a freed 262k-vocabulary logits block costs step 2 a new one; SGD's
     # gradients reuse the activations' blocks; the closed form saw neither
@@ -757,5 +757,5 @@ def test_analytic_reserved_replays_the_step_order_like_the_h200(label, precision
                       target="cuda", gpu="h200", dataset=str(long_path))
     err = {m: analytic.estimate_shape(profile, shape, False, reserved_model=m).peak_reserved
            / row["peak_reserved_bytes"] - 1 for m in ("stream", "sizes")}
-    assert err["sizes"] == pytest.approx(was, abs=0.01)
+    assert err["sizes"] * sign > 0.07
     assert abs(err["stream"]) < 0.04
