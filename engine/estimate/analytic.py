@@ -438,8 +438,10 @@ def layer_cost(arch: Arch, b: int, t: int, precision: str, cuda: bool, attn: str
             # fp32 (and autocast's fp32 residual): pow and mul save the input, the weight's mul
             # the normalised fp32. Pure half weights: the fp32 upcast (pow and mul's input) and
             # the cast back (the weight's mul); the half input and the normalised fp32 are not
-            # saved (LlamaRMSNorm: traced and H200 rows, smollm-360m-like bf16 8x512 +13.6%)
-            return [E * h * 4, E * h * r]
+            # saved (LlamaRMSNorm: traced and H200 rows, smollm-360m-like bf16 8x512 +13.6%).
+            # Gemma's norm (the sandwich-norm family) scales in fp32 and casts back after: the
+            # upcast and the normalised fp32 (Gemma-3-like bf16 8x512: -3.6% with the cast back)
+            return [E * h * 4, E * h * (4 if arch.block_norms > 2 else r)]
         saved += rms() + lin_in(3)
         saved.append(E * hq * e)  # q (RoPE)
         if not (k != a and (padded or attn == "eager" or d > 256
