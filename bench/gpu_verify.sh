@@ -68,6 +68,20 @@ LONG_TRACES=(
   "llama_sgd_fp32|--model Llama-3.2-1B --precision fp32 --optimizer sgd --batch 4 --seq 512 --dataset /tmp/long.jsonl"
   "qwen3_infer_bf16|--model bench/configs/qwen3-0_6b-like --mode infer --precision bf16-amp --batch 16 --seq 512 --dataset /tmp/long.jsonl"
 )
+# heldout_rows SETTINGS NAME BUDGET_S [DONE.jsonl ...]: gpu_estimator_matrix.py's held-out rows one
+# process at a time into $OUT/NAME.jsonl, skipping those DONE files ran
+heldout_rows() {
+  local settings=$1 name=$2 budget=$3; shift 3
+  timeout $((budget + 70)) $PY bench/gpu_estimator_matrix.py --settings "$settings" -j 1 --steps 4 \
+    --budget-s "$budget" --timeout-s 60 --skip-done "$@" --out "$OUT/$name.jsonl" > "$OUT/$name.log" 2>&1
+  tail -3 "$OUT/$name.log"
+}
+# gemma_generate BUDGET_S: Gemma-3-like generation at P = 4096 (bench/gpu_generate.py)
+gemma_generate() {
+  timeout $(($1 + 40)) $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s "$1" --gpu h200 \
+    --prompts 4096 --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
+  tail -6 "$OUT/generate.log"
+}
 has_flag() { $PY -m engine "$1" --help 2>/dev/null | grep -q -- "$2"; }
 
 gpu_facts() {
@@ -279,18 +293,15 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
 15)
   gpu_facts
   timeout 60 $PY bench/diag_grad_accumulate.py 2>&1 | tee "$OUT/grad_accumulate.log"
-  timeout 300 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 260 --gpu h200 --prompts 4096 \
-    --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
-  tail -6 "$OUT/generate.log"
+  gemma_generate 260
   ;;
 16)
   gpu_facts
   # allocator traces of the rows whose reserved the 2026-12-02 (fourth) build/workspace replay
   # moved most (Qwen LoRA +0.3 -> +10.6%, Llama SGD -4.5%, qwen3 inference -4.7%, bert-cls -3.4%)
   traces "${LONG_TRACES[@]}" "bertcls_bf16|--model bert-base-uncased --task classification --precision bf16-amp --batch 8 --seq 512 --dataset builtin"
-  timeout 450 $PY bench/gpu_estimator_matrix.py --settings heldout -j 1 --steps 4 --budget-s 380 \
-    --timeout-s 60 --out "$OUT/heldout_a.jsonl" > "$OUT/heldout_a.log" 2>&1
-  tail -4 "$OUT/heldout_a.log"; cat "$OUT/peaks.log" | cut -c1-300
+  heldout_rows heldout heldout_a 380
+  cut -c1-300 "$OUT/peaks.log"
   pack part16
   ;;
 17)
@@ -298,31 +309,23 @@ from gpu_measure_matrix import long_texts; long_texts(Path(sys.argv[1]))' /tmp/l
   # 16's traces of the long-text rows (its text file was not written), then the held-out rows it
   # did not reach (HELDOUT_DONE: its output, in the tree)
   traces "${LONG_TRACES[@]}"
-  timeout 470 $PY bench/gpu_estimator_matrix.py --settings heldout -j 1 --steps 4 --budget-s 440 \
-    --timeout-s 60 --skip-done ${HELDOUT_DONE:-} --out "$OUT/heldout_b.jsonl" > "$OUT/heldout_b.log" 2>&1
-  tail -3 "$OUT/heldout_b.log"; cut -c1-200 "$OUT/peaks.log"
+  heldout_rows heldout heldout_b 440 ${HELDOUT_DONE:-}
+  cut -c1-200 "$OUT/peaks.log"
   pack part17
   ;;
 18)
   gpu_facts
   # 15's runs: in-place tied-gradient sums on CUDA, Gemma-3-like generation at P = 4096
   timeout 60 $PY bench/diag_grad_accumulate.py 2>&1 | tee "$OUT/grad_accumulate.log"
-  timeout 150 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 130 --gpu h200 --prompts 4096 \
-    --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
-  tail -6 "$OUT/generate.log"
+  gemma_generate 130
   pack part18
   ;;
 19)
   gpu_facts
   [ -n "${SKIP_TRACE:-}" ] || NO_STACKS=1 traces "bertmlm_ckpt_bf16|--model bert-base-uncased --precision bf16-amp --checkpointing --batch 16 --seq 512 --dataset builtin"
-  b=${HELDOUT2_BUDGET:-260}; timeout $((b + 70)) $PY bench/gpu_estimator_matrix.py --settings heldout2 -j 1 --steps 4 --budget-s $b \
-    --timeout-s 60 --skip-done ${HELDOUT2_DONE:-} --out "$OUT/heldout2.jsonl" > "$OUT/heldout2.log" 2>&1
-  if [ -n "${WITH_GENERATE:-}" ]; then
-    timeout 150 $PY bench/gpu_generate.py --out "$OUT/generate" --budget-s 130 --gpu h200 --prompts 4096 \
-      --models gemma-3-270m-like > "$OUT/generate.log" 2>&1
-    tail -6 "$OUT/generate.log"
-  fi
-  tail -3 "$OUT/heldout2.log"; cut -c1-300 "$OUT/peaks.log"
+  heldout_rows heldout2 heldout2 ${HELDOUT2_BUDGET:-260} ${HELDOUT2_DONE:-}
+  [ -z "${WITH_GENERATE:-}" ] || gemma_generate 130
+  [ ! -f "$OUT/peaks.log" ] || cut -c1-300 "$OUT/peaks.log"
   pack part19
   ;;
 *) echo "usage: bash bench/gpu_verify.sh 1|2|...|19"; exit 2 ;;

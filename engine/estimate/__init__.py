@@ -130,19 +130,20 @@ def _layers(outcome_layers: dict[str, int], profile: Profile, weight_bytes: int,
     return tuple([embeddings] + blocks + tail)
 
 
-def _analytic(profile: Profile, shapes, should_stop, quick: bool = False) -> tuple:
-    """(outcome, shape, padded) of the shape with the largest peak; the candidates are compared
-    with the closed-form reserved, the winner's reserved replayed (unless ``quick``)."""
+def _analytic(profile: Profile, shapes, should_stop, replay: bool = True) -> tuple:
+    """(outcome, shape, padded) of the shape with the largest peak. Shapes are compared with the
+    closed-form reserved; the winner's reserved is replayed in order (``analytic_stream``) when
+    ``replay``, i.e. when the analytic outcome is the answer."""
     from engine.estimate import analytic
 
     best = None
-    model = "sizes" if quick or len(shapes) > 1 else "stream"
+    model = "stream" if replay and len(shapes) == 1 else "sizes"
     for shape, padded in shapes:
         _check_stop(should_stop)
         o = analytic.estimate_shape(profile, shape, padded, reserved_model=model)
         if best is None or o.peak_allocated > best[0].peak_allocated:
             best = (o, shape, padded)
-    if model == "sizes" and not quick:
+    if replay and model == "sizes":
         o, shape, padded = best
         best = (analytic.estimate_shape(profile, shape, padded), shape, padded)
     return best
@@ -319,10 +320,16 @@ def _estimate_at(profile, method, shapes, notes, started, progress, should_stop,
                  plan_order: bool = False, quick: bool = False) -> EstimateResult:
     """``plan_order``: the shapes come from a plan of several shapes; reserved accounts for its
     order (``fragmentation.py``)."""
-    a_out, shape, padded = _analytic(profile, shapes, should_stop, quick and method == "analytic")
-    if method == "auto":
-        from engine.estimate.analytic import arch_of
+    from engine.estimate.analytic import arch_of
 
+    # the analytic reserved replay (5-15 ms) only where the analytic outcome is the answer: not
+    # for a traced estimate, nor a quick one (a technique's extra layers, a teacher's, turn the
+    # replay off themselves: analytic.estimate_shape)
+    traced_next = method == "traced" or (method == "auto"
+                                         and arch_of(profile).layers <= TRACED_MAX_LAYERS)
+    a_out, shape, padded = _analytic(profile, shapes, should_stop,
+                                     replay=not quick and not traced_next)
+    if method == "auto":
         layers = arch_of(profile).layers + a_out.extra_layers  # a teacher's blocks are traced too
         method = "traced" if layers <= TRACED_MAX_LAYERS else "analytic"
     from engine.estimate.notes import no_effect_notes
